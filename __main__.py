@@ -1,0 +1,3 @@
+from swarm.cli.app import main
+
+main()

@@ -1,0 +1,28 @@
+"""Model families, one module each, and the lookup from a transformers config to its family."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ...transport.errors import ConfigError
+from .base import ClientPrefixes, ModelFamily
+from .llama import LlamaFamily
+
+FAMILIES: tuple[ModelFamily, ...] = (LlamaFamily(),)
+
+
+def supported_architectures() -> list[str]:
+    return [arch for family in FAMILIES for arch in family.architectures]
+
+
+def family_for(config: Any) -> ModelFamily:
+    """The family that serves `config`, or a ConfigError naming the supported architectures."""
+    archs = list(getattr(config, "architectures", None) or [])
+    for family in FAMILIES:
+        if any(arch in family.architectures for arch in archs):
+            return family
+    shown = ", ".join(archs) or f"model_type {getattr(config, 'model_type', '?')!r}"
+    raise ConfigError(f"unsupported architecture {shown}; swarm supports: {', '.join(supported_architectures())}")
+
+
+__all__ = ["ClientPrefixes", "FAMILIES", "ModelFamily", "family_for", "supported_architectures"]

@@ -1,0 +1,142 @@
+"""The blocks a server holds, and the computations on them: forward, backward, and cached inference steps.
+
+`BlockSpan` loads blocks [start, end) of a model from its checkpoint (and nothing else), frozen, in one dtype. Each
+computation may run a sub-range of the span. Masks are built here from the padding mask and the family's attention
+window; position ids come from the padding mask (the count of real tokens before each one), as in transformers'
+`generate`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from ...transport.errors import ConfigError
+from ..models import ModelFamily
+from ..weights import ModelSource, assign_weights, strip_prefix
+from .cache import SessionCache
+
+log = logging.getLogger(__name__)
+
+
+def causal_mask(valid: torch.Tensor, query_slots: torch.Tensor, window: int | None, dtype: torch.dtype
+                ) -> torch.Tensor:
+    """Additive mask [batch, 1, queries, keys]: a query sees real keys at its slot or before (within `window`)."""
+    key_slots = torch.arange(valid.shape[1], device=valid.device)
+    allowed = key_slots[None, :] <= query_slots[:, None]
+    if window is not None:
+        allowed = allowed & (key_slots[None, :] > query_slots[:, None] - window)
+    allowed = allowed[None, :, :] & valid[:, None, :]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=valid.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None, :, :]
+
+
+def positions_from_mask(attention_mask: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """Position ids of new tokens: real tokens count up from `seen` (per row); padding gets position 1."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    if seen is not None:
+        positions = positions + seen[:, None]
+    return positions.masked_fill(attention_mask == 0, 1)
+
+
+class BlockSpan(torch.nn.Module):
+    """Blocks [start, end) of one model, frozen."""
+
+    def __init__(self, family: ModelFamily, config: Any, start: int, end: int, blocks: list[torch.nn.Module],
+                 shared: torch.nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.family, self.config, self.start, self.end, self.dtype = family, config, start, end, dtype
+        self.blocks = torch.nn.ModuleList(blocks)
+        self.shared = shared
+        self.windows = [family.attention_window(config, i) for i in range(start, end)]
+        self.kv_heads, self.head_dim = family.kv_shape(config)
+        self.requires_grad_(False)
+        self.eval()
+
+    @classmethod
+    def load(cls, source: ModelSource, start: int, end: int, dtype: torch.dtype) -> BlockSpan:
+        config = source.config()
+        family = source.family()
+        total = family.num_blocks(config)
+        if not 0 <= start < end <= total:
+            raise ConfigError(f"blocks {start}:{end} are outside the model's {total} blocks (0:{total})")
+        prefixes = [family.block_prefix(config, i) for i in range(start, end)]
+        tensors = source.load_tensors(prefixes, dtype=dtype)
+        blocks = []
+        for i, prefix in zip(range(start, end), prefixes, strict=True):
+            with torch.device("meta"):
+                block = family.build_block(config, i)
+            assign_weights(block, strip_prefix(tensors, prefix), f"block {i}")
+            blocks.append(block.to(dtype))
+        shared = family.build_shared(config).to(dtype)
+        return cls(family, config, start, end, blocks, shared, dtype)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    def _range(self, blocks: tuple[int, int] | None) -> range:
+        if blocks is None:
+            return range(len(self.blocks))
+        return range(blocks[0] - self.start, blocks[1] - self.start)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                blocks: tuple[int, int] | None = None) -> torch.Tensor:
+        """Run the blocks over whole sequences, no cache."""
+        batch, length, _ = hidden.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, length, dtype=torch.long, device=hidden.device)
+        hidden = hidden.to(self.dtype)
+        valid = attention_mask.bool()
+        positions = positions_from_mask(attention_mask)
+        slots = torch.arange(length, device=hidden.device)
+        inputs = self.family.block_inputs(self.shared, hidden, positions)
+        masks: dict[int | None, torch.Tensor] = {}
+        for j in self._range(blocks):
+            window = self.windows[j]
+            if window not in masks:
+                masks[window] = causal_mask(valid, slots, window, self.dtype)
+            hidden = self.family.run_block(self.blocks[j], hidden, masks[window], inputs, None)
+        return hidden
+
+    def new_cache(self, batch: int, max_length: int, blocks: tuple[int, int] | None = None) -> SessionCache:
+        layers = [self.start + j for j in self._range(blocks)]
+        device = next(self.parameters()).device
+        return SessionCache(layers, batch, max_length, self.kv_heads, self.head_dim, self.dtype, device)
+
+    @torch.inference_mode()
+    def step(self, hidden: torch.Tensor, cache: SessionCache, attention_mask: torch.Tensor | None = None
+             ) -> torch.Tensor:
+        """Run the cache's blocks over new tokens, appending their keys/values to the cache."""
+        batch, new, _ = hidden.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, new, dtype=torch.long, device=hidden.device)
+        hidden = hidden.to(self.dtype)
+        start = cache.length
+        cache.valid[:, start:start + new] = attention_mask.bool()
+        positions = positions_from_mask(attention_mask, cache.tokens_seen)
+        slots = torch.arange(start, start + new, device=hidden.device)
+        valid = cache.valid[:, :start + new]
+        inputs = self.family.block_inputs(self.shared, hidden, positions)
+        masks: dict[int | None, torch.Tensor] = {}
+        for layer in cache.layers:
+            j = layer - self.start
+            window = self.windows[j]
+            if window not in masks:
+                masks[window] = causal_mask(valid, slots, window, self.dtype)
+            hidden = self.family.run_block(self.blocks[j], hidden, masks[window], inputs, cache)
+        cache.tokens_seen += attention_mask.long().sum(dim=1)
+        cache.advance(new)
+        return hidden
+
+    def backward(self, hidden: torch.Tensor, grad_output: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 blocks: tuple[int, int] | None = None) -> torch.Tensor:
+        """Gradient of <forward(hidden), grad_output> w.r.t. hidden (weights stay frozen)."""
+        with torch.enable_grad():
+            inputs = hidden.detach().to(self.dtype).requires_grad_(True)
+            out = self.forward(inputs, attention_mask, blocks)
+            (grad,) = torch.autograd.grad(out, inputs, grad_output.to(out.dtype))
+        return grad

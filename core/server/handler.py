@@ -1,0 +1,296 @@
+"""The server's protocol: checks every request, answers cheap ones at once, queues compute on the worker.
+
+Requests (message type -> fields / tensors):
+- `ping` -> {}                                       (latency probes)
+- `info` -> model, span, dtype, protocol, free cache, ...
+- `forward` {blocks?, names} [hidden, attention_mask?] -> [hidden]
+- `backward` {blocks?, names} [hidden, grad_output, attention_mask?] -> [grad_input]
+- `open` {batch_size, max_length, blocks?} -> {session}
+- `step` {session, start?, names} [hidden, attention_mask?] -> [hidden]
+- `close` {session} -> {}
+Anything a peer sends is validated here and refused with a stable error code; nothing a peer sends can stop the
+server or touch another client's session.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ...transport.codec import PROTOCOL_VERSION
+from ...transport.errors import ProtocolError, RemoteError
+from ...transport.rpc import Request
+from .backend import BlockSpan
+from .cache import CacheBudget, SessionCache
+from .worker import PRIORITY_BACKWARD, PRIORITY_FORWARD, PRIORITY_STEP, ComputeWorker
+
+log = logging.getLogger(__name__)
+
+
+class Refused(RemoteError):
+    """Raised inside the server to answer a request with an error code."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message, code=code)
+        self.code = code
+
+    def __str__(self) -> str:
+        return self.remote_message
+
+
+@dataclass(frozen=True)
+class HandlerLimits:
+    max_batch: int = 1024  # sequences in one request or session
+    max_request_tokens: int = 1 << 16  # batch x length of one forward/backward/step
+    max_session_length: int = 1 << 17  # max_length of a session
+    session_timeout: float = 600.0  # seconds a session may stay idle before it is closed
+
+
+@dataclass
+class Session:
+    batch: int
+    max_length: int
+    blocks: tuple[int, int]
+    tokens: int  # cache tokens reserved in the budget
+    last_used: float = field(default_factory=time.monotonic)
+    cache: SessionCache | None = None
+
+
+class Handler:
+    """Turns requests into answers for one BlockSpan."""
+
+    def __init__(self, span: BlockSpan, worker: ComputeWorker, budget: CacheBudget, model_name: str,
+                 limits: HandlerLimits | None = None, extra_info: dict[str, Any] | None = None):
+        self.span, self.worker, self.budget = span, worker, budget
+        self.model_name = model_name
+        self.limits = limits or HandlerLimits()
+        self.extra_info = extra_info or {}
+        self.sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+        self.accepting = True
+
+    # --- the I/O thread's entry points -------------------------------------------------------------------------
+
+    def __call__(self, request: Request) -> None:
+        kind = request.message.type
+        if kind == "ping":
+            request.reply()
+        elif kind == "info":
+            request.reply(self.info())
+        elif kind == "open":
+            request.reply(self.open(request))
+        elif kind == "close":
+            self.close(_session_id(request))
+            request.reply()
+        elif kind == "step":
+            session_id = _session_id(request)
+            self._touch(session_id)
+            self.worker.submit(PRIORITY_STEP, request, lambda: self._step(session_id, request))
+        elif kind == "forward":
+            self._check_accepting()
+            self.worker.submit(PRIORITY_FORWARD, request, lambda: self._forward(request))
+        elif kind == "backward":
+            self._check_accepting()
+            self.worker.submit(PRIORITY_BACKWARD, request, lambda: self._backward(request))
+        else:
+            raise Refused("unknown_method", f"unknown request type {kind!r}")
+
+    def tick(self) -> None:
+        """Close sessions idle for longer than the session timeout."""
+        now = time.monotonic()
+        with self._lock:
+            expired = [sid for sid, s in self.sessions.items() if now - s.last_used > self.limits.session_timeout]
+        for sid in expired:
+            log.info("session %s expired after %.0f s idle", sid[:8], self.limits.session_timeout)
+            self.close(sid)
+
+    def info(self) -> dict[str, Any]:
+        span = self.span
+        with self._lock:
+            sessions = len(self.sessions)
+        return {
+            "model": self.model_name,
+            "family": span.family.name,
+            "start": span.start,
+            "end": span.end,
+            "num_blocks": span.family.num_blocks(span.config),
+            "hidden_size": span.hidden_size,
+            "dtype": str(span.dtype).removeprefix("torch."),
+            "protocol": PROTOCOL_VERSION,
+            "cache_tokens_total": self.budget.total,
+            "cache_tokens_free": self.budget.free,
+            "sessions": sessions,
+            "queue": self.worker.pending,
+            "accepting": self.accepting,
+            "max_batch": self.limits.max_batch,
+            "max_request_tokens": self.limits.max_request_tokens,
+            **self.extra_info,
+        }
+
+    def open(self, request: Request) -> dict[str, Any]:
+        self._check_accepting()
+        msg = request.message
+        batch = _int(msg.get("batch_size", 1), "batch_size", 1, self.limits.max_batch)
+        max_length = _int(msg.get("max_length"), "max_length", 1, self.limits.max_session_length)
+        blocks = self._blocks(msg.get("blocks"))
+        tokens = batch * max_length
+        if not self.budget.reserve(tokens):
+            raise Refused("cache_full", f"cache full: the session needs {tokens} cache tokens (batch {batch} x "
+                                        f"max_length {max_length}) and {self.budget.free} of "
+                                        f"{self.budget.total} are free; try a shorter max_length or another server")
+        session_id = secrets.token_hex(16)
+        with self._lock:
+            self.sessions[session_id] = Session(batch, max_length, blocks, tokens)
+        return {"session": session_id, "cache_tokens_free": self.budget.free}
+
+    def close(self, session_id: str) -> None:
+        with self._lock:
+            session = self.sessions.pop(session_id, None)
+        if session is not None:
+            self.budget.release(session.tokens)
+            session.cache = None
+
+    def close_all(self) -> None:
+        with self._lock:
+            ids = list(self.sessions)
+        for sid in ids:
+            self.close(sid)
+
+    # --- checks ------------------------------------------------------------------------------------------------
+
+    def _check_accepting(self) -> None:
+        if not self.accepting:
+            raise Refused("busy", "server is shutting down and takes no new work")
+
+    def _touch(self, session_id: str) -> None:
+        with self._lock:
+            session = self.sessions.get(session_id)
+            if session is not None:
+                session.last_used = time.monotonic()
+
+    def _blocks(self, value: Any) -> tuple[int, int]:
+        span = self.span
+        if value is None:
+            return span.start, span.end
+        if (not isinstance(value, (list, tuple)) or len(value) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+            raise Refused("bad_request", "blocks must be [start, end]")
+        start, end = value
+        if not span.start <= start < end <= span.end:
+            raise Refused("bad_request", f"blocks {start}:{end} are not within this server's span "
+                                         f"{span.start}:{span.end}")
+        return start, end
+
+    def _tensors(self, request: Request, required: tuple[str, ...], optional: tuple[str, ...] = ()
+                 ) -> dict[str, torch.Tensor]:
+        msg = request.message
+        names = msg.get("names", list(required[: len(msg.tensors)]))
+        if not isinstance(names, list) or len(names) != len(msg.tensors) or len(set(map(str, names))) != len(names):
+            raise Refused("bad_request", "field 'names' must name each tensor of the message once")
+        tensors = dict(zip(map(str, names), msg.tensors, strict=True))
+        missing = [n for n in required if n not in tensors]
+        unknown = [n for n in tensors if n not in required + optional]
+        if missing or unknown:
+            raise Refused("bad_request", f"expected tensors {list(required)} (optional {list(optional)}), "
+                                         f"got {list(tensors)}")
+        return tensors
+
+    def _hidden(self, hidden: torch.Tensor, name: str = "hidden") -> torch.Tensor:
+        if hidden.dim() != 3 or not hidden.is_floating_point():
+            raise Refused("bad_request", f"{name} must be a float tensor [batch, length, hidden], got "
+                                         f"{str(hidden.dtype).removeprefix('torch.')}{list(hidden.shape)}")
+        batch, length, size = hidden.shape
+        if size != self.span.hidden_size:
+            raise Refused("bad_request", f"{name} has hidden size {size}, this model's is {self.span.hidden_size}")
+        if batch < 1 or length < 1 or batch > self.limits.max_batch:
+            raise Refused("bad_request", f"{name} has batch {batch} and length {length}; both must be at least 1 "
+                                         f"and batch at most {self.limits.max_batch}")
+        if batch * length > self.limits.max_request_tokens:
+            raise Refused("bad_request", f"{batch * length} tokens in one request; the limit is "
+                                         f"{self.limits.max_request_tokens}")
+        if not torch.isfinite(hidden).all():
+            raise Refused("bad_request", f"{name} has NaN or infinite values")
+        return hidden
+
+    @staticmethod
+    def _mask(tensors: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor | None:
+        mask = tensors.get("attention_mask")
+        if mask is None:
+            return None
+        if mask.is_floating_point() or mask.shape != hidden.shape[:2]:
+            raise Refused("bad_request", f"attention_mask must be an integer tensor {list(hidden.shape[:2])}")
+        if ((mask != 0) & (mask != 1)).any():
+            raise Refused("bad_request", "attention_mask must hold only 0 and 1")
+        return mask.long()
+
+    # --- compute, on the worker thread -------------------------------------------------------------------------
+
+    def _forward(self, request: Request) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        tensors = self._tensors(request, ("hidden",), ("attention_mask",))
+        hidden = self._hidden(tensors["hidden"])
+        mask = self._mask(tensors, hidden)
+        blocks = self._blocks(request.message.get("blocks"))
+        with torch.inference_mode():
+            out = self.span(hidden, mask, blocks)
+        return {}, [out.to(hidden.dtype)]
+
+    def _backward(self, request: Request) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        tensors = self._tensors(request, ("hidden", "grad_output"), ("attention_mask",))
+        hidden = self._hidden(tensors["hidden"])
+        grad_output = self._hidden(tensors["grad_output"], "grad_output")
+        if grad_output.shape != hidden.shape:
+            raise Refused("bad_request", "grad_output must have the shape of hidden")
+        mask = self._mask(tensors, hidden)
+        blocks = self._blocks(request.message.get("blocks"))
+        grad = self.span.backward(hidden, grad_output, mask, blocks)
+        return {}, [grad.to(hidden.dtype)]
+
+    def _step(self, session_id: str, request: Request) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        with self._lock:
+            session = self.sessions.get(session_id)
+        if session is None:
+            raise Refused("unknown_session", f"unknown session {session_id[:8]} (it expired, was closed, or the "
+                                             "server restarted)")
+        tensors = self._tensors(request, ("hidden",), ("attention_mask",))
+        hidden = self._hidden(tensors["hidden"])
+        mask = self._mask(tensors, hidden)
+        if session.cache is None:
+            session.cache = self.span.new_cache(session.batch, session.max_length, session.blocks)
+        cache = session.cache
+        start = request.message.get("start")
+        if start is not None:
+            start = _int(start, "start", 0, cache.length)
+        batch, new, _ = hidden.shape
+        if batch != session.batch:
+            raise Refused("bad_request", f"the session has batch size {session.batch}, the step has {batch}")
+        position = cache.length if start is None else start
+        if position + new > session.max_length:
+            raise Refused("session_overflow", f"step of {new} tokens at position {position} goes past the "
+                                              f"session's max_length {session.max_length}")
+        if start is not None:
+            cache.rewind(start)
+        out = self.span.step(hidden, cache, mask)
+        session.last_used = time.monotonic()
+        return {"position": cache.length}, [out.to(hidden.dtype)]
+
+
+def _int(value: Any, name: str, low: int, high: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise Refused("bad_request", f"{name} must be an integer in [{low}, {high}], got {value!r}")
+    return value
+
+
+def _session_id(request: Request) -> str:
+    session_id = request.message.get("session")
+    if not isinstance(session_id, str) or not 0 < len(session_id) <= 64:
+        raise Refused("bad_request", "field 'session' must be a session id string")
+    return session_id
+
+
+__all__ = ["Handler", "HandlerLimits", "Refused", "ProtocolError"]

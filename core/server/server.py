@@ -1,0 +1,113 @@
+"""A swarm server: loads a span of blocks, answers requests on a ZeroMQ ROUTER socket, stops cleanly.
+
+`Server(config).start()` loads the blocks, starts the compute worker and the I/O loop, and returns; `endpoint` is
+the address clients use. `stop()` stops taking new sessions and work, finishes what is queued (bounded), and closes
+the socket. The CLI's `swarm serve` wraps this with signal handling.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from ... import __version__
+from ...transport.errors import ConfigError
+from ...transport.rpc import RpcServer, RpcServerConfig
+from ..weights import ModelSource, resolve_dtype
+from .backend import BlockSpan
+from .cache import CacheBudget, SessionCache
+from .handler import Handler, HandlerLimits
+from .worker import ComputeWorker
+
+log = logging.getLogger(__name__)
+
+
+def parse_blocks(text: str) -> tuple[int, int]:
+    """`START:END` (half-open, 0-based) -> (start, end); raises ConfigError on anything else."""
+    start_text, sep, end_text = text.partition(":")
+    if not sep or not start_text.strip().isdigit() or not end_text.strip().isdigit():
+        raise ConfigError(f"--blocks must be START:END with 0 <= START < END (half-open, like 20:40), got {text!r}")
+    start, end = int(start_text), int(end_text)
+    if start >= end:
+        raise ConfigError(f"--blocks {text}: START must be smaller than END (the span is half-open)")
+    return start, end
+
+
+@dataclass
+class ServerConfig:
+    model: str  # hub model id or local directory
+    blocks: tuple[int, int]  # [start, end) of the blocks to serve
+    host: str = "0.0.0.0"  # interface to bind
+    port: int = 0  # 0 = any free port
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    cache_tokens: int = 8192  # attention-cache budget (batch x max_length tokens) shared by all sessions
+    limits: HandlerLimits = field(default_factory=HandlerLimits)
+    initial_peers: list[str] = field(default_factory=list)  # used by discovery (next issue)
+    drain_timeout: float = 10.0  # seconds to finish queued work at shutdown
+    poll_ms: int = 100  # I/O loop tick (session expiry granularity)
+
+
+class Server:
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.source = ModelSource(config.model)
+        self.span: BlockSpan | None = None
+        self._rpc: RpcServer | None = None
+        self._worker: ComputeWorker | None = None
+        self.handler: Handler | None = None
+        self._stopped = threading.Event()
+
+    def start(self) -> Server:
+        config = self.config
+        if config.cache_tokens < 0:
+            raise ConfigError("--cache-tokens must be 0 or more")
+        model_config = self.source.config(config.dtype)
+        dtype = resolve_dtype(config.dtype, model_config)
+        started = time.perf_counter()
+        self.span = BlockSpan.load(self.source, *config.blocks, dtype=dtype)
+        log.info("loaded blocks %d:%d of %s (%s) in %.1f s", *config.blocks, config.model,
+                 str(dtype).removeprefix("torch."), time.perf_counter() - started)
+        per_token = SessionCache.bytes_per_token(len(self.span.blocks), self.span.kv_heads, self.span.head_dim, dtype)
+        self._worker = ComputeWorker().start()
+        self.handler = Handler(self.span, self._worker, CacheBudget(config.cache_tokens), config.model,
+                               config.limits, extra_info={"version": __version__,
+                                                          "cache_bytes_per_token": per_token})
+        self._rpc = RpcServer(self.handler, RpcServerConfig(host=config.host, port=config.port,
+                                                            poll_ms=config.poll_ms), tick=self.handler.tick)
+        self._rpc.start()
+        return self
+
+    @property
+    def endpoint(self) -> str:
+        if self._rpc is None:
+            raise RuntimeError("server is not started")
+        return self._rpc.endpoint
+
+    def stop(self) -> None:
+        """Stop taking work, finish what is queued (bounded by drain_timeout), close the socket."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        if self.handler is not None:
+            self.handler.accepting = False
+        if self._worker is not None:
+            self._worker.stop(self.config.drain_timeout)
+        if self._rpc is not None:
+            time.sleep(0.05)  # let the I/O thread flush replies of the last tasks
+            self._rpc.stop()
+        if self.handler is not None:
+            self.handler.close_all()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._stopped.wait(timeout)
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+__all__ = ["Server", "ServerConfig", "parse_blocks"]

@@ -1,0 +1,162 @@
+"""Model sources and partial weight loading.
+
+`ModelSource` resolves a model given as a local directory or a Hugging Face model id (through the hub and its cache;
+a server fetches only the shards that hold its blocks). `load_tensors` reads only the tensors under the requested
+key prefixes from safetensors files, single or sharded through `model.safetensors.index.json`, so a server of blocks
+0:2 never has the other blocks, the embeddings or the LM head in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from ..transport.errors import ConfigError
+from .models import ModelFamily, family_for
+
+log = logging.getLogger(__name__)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelSource:
+    """A model's files: a local directory, or a hub repository fetched file by file into the hub cache."""
+
+    def __init__(self, name_or_path: str | os.PathLike[str]):
+        self.name = str(name_or_path)
+        path = Path(self.name).expanduser()
+        self.local = path if path.is_dir() else None
+        if self.local is None and (path.exists() or self.name.startswith((".", "/", "~"))
+                                   or self.name.count("/") > 1):
+            raise ConfigError(f"model path {self.name!r} is not a directory with a model in it")
+        self._config: Any = None
+
+    def file(self, filename: str, required: bool = True) -> Path | None:
+        """Local path of one file of the model (downloaded into the hub cache when it is a hub id)."""
+        if self.local is not None:
+            path = self.local / filename
+            if path.is_file():
+                return path
+            if required:
+                raise ConfigError(f"{self.local} has no {filename}")
+            return None
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+        try:
+            return Path(hf_hub_download(self.name, filename))
+        except EntryNotFoundError:
+            if required:
+                raise ConfigError(f"model {self.name!r} has no {filename}") from None
+            return None
+        except LocalEntryNotFoundError:
+            raise ConfigError(f"model {self.name!r} is not in the local Hugging Face cache and the hub cannot be "
+                              "reached; pass a local model directory instead") from None
+        except Exception as e:  # repository not found, gated, network...
+            if not required and "404" in str(e):
+                return None
+            raise ConfigError(f"cannot get {filename} of model {self.name!r}: {e}") from None
+
+    @property
+    def path_for_transformers(self) -> str:
+        return str(self.local) if self.local is not None else self.name
+
+    def config(self, dtype: str = "auto") -> Any:
+        """The transformers config, with sdpa attention, the resolved `dtype` and eval-time settings."""
+        if self._config is None:
+            from transformers import AutoConfig
+
+            self.file("config.json")
+            try:
+                self._config = AutoConfig.from_pretrained(self.path_for_transformers)
+            except (OSError, ValueError, KeyError) as e:
+                raise ConfigError(f"cannot read the config of {self.name!r}: {e}") from None
+            self._config._attn_implementation = "sdpa"
+        config = self._config
+        config.dtype = resolve_dtype(dtype, config)
+        return config
+
+    def family(self) -> ModelFamily:
+        return family_for(self.config())
+
+    def weight_map(self) -> dict[str, str]:
+        """Tensor name -> safetensors file name."""
+        index = self.file(INDEX_FILE, required=False)
+        if index is not None:
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as e:
+                raise ConfigError(f"{index} is not a valid safetensors index: {e}") from None
+            return {str(k): str(v) for k, v in weight_map.items()}
+        single = self.file(SINGLE_FILE, required=False)
+        if single is None:
+            raise ConfigError(f"model {self.name!r} has no {SINGLE_FILE} nor {INDEX_FILE} (only safetensors "
+                              "checkpoints are supported)")
+        with safe_open(single, framework="pt") as f:
+            return {key: SINGLE_FILE for key in f.keys()}
+
+    def load_tensors(self, prefixes: Iterable[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Only the tensors whose names start with one of `prefixes`, read file by file, cast to `dtype`."""
+        prefixes = tuple(prefixes)
+        by_file: dict[str, list[str]] = {}
+        for key, filename in self.weight_map().items():
+            if key.startswith(prefixes):
+                by_file.setdefault(filename, []).append(key)
+        tensors: dict[str, torch.Tensor] = {}
+        for filename, keys in sorted(by_file.items()):
+            path = self.file(filename)
+            with safe_open(path, framework="pt") as f:
+                for key in keys:
+                    tensor = f.get_tensor(key)
+                    if dtype is not None and tensor.is_floating_point():
+                        tensor = tensor.to(dtype)
+                    tensors[key] = tensor
+        log.debug("loaded %d tensors of %s under %s", len(tensors), self.name, prefixes)
+        return tensors
+
+
+def resolve_dtype(dtype: str | torch.dtype, config: Any = None) -> torch.dtype:
+    """`auto` is the checkpoint's dtype (float32 when it says nothing, or float16 on a machine without CUDA)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in DTYPES:
+        return DTYPES[dtype]
+    if dtype != "auto":
+        raise ConfigError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
+    stored = getattr(config, "dtype", None) if config is not None else None
+    if isinstance(stored, str):
+        stored = DTYPES.get(stored.replace("torch.", ""))
+    if stored not in DTYPES.values():
+        return torch.float32
+    if stored == torch.float16 and not torch.cuda.is_available():
+        return torch.float32
+    return stored
+
+
+def strip_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def assign_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Load `tensors` into a module built on the meta device; a missing or unexpected tensor is a ConfigError."""
+    expected = set(module.state_dict().keys())
+    missing = sorted(expected - tensors.keys())
+    if missing:
+        raise ConfigError(f"the checkpoint lacks tensors of {what}: {', '.join(missing[:5])}"
+                          + (" ..." if len(missing) > 5 else ""))
+    unexpected = sorted(tensors.keys() - expected)
+    if unexpected:
+        log.debug("ignoring %d unexpected tensors of %s: %s", len(unexpected), what, unexpected[:5])
+    module.load_state_dict({k: tensors[k] for k in expected}, strict=True, assign=True)
+
+
+__all__: list[Any] = ["ModelSource", "resolve_dtype", "assign_weights", "strip_prefix", "DTYPES"]

@@ -1,0 +1,1 @@
+"""Weight quantization and wire compression (later issues). Knows tensors, nothing of sockets."""
