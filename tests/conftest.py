@@ -25,8 +25,14 @@ torch.set_num_threads(2)
 def make_tiny_model(path: Path, family: str = "llama", layers: int = 4, hidden: int = 64, seed: int = 0,
                     vocab: int = 128, **overrides) -> Path:
     """Save a tiny random causal LM of `family` (llama, mistral, qwen2) to `path` and return it."""
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     classes = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
                "qwen2": (Qwen2Config, Qwen2ForCausalLM)}

@@ -70,10 +70,10 @@ class RemoteSequential(torch.nn.Module):
                 problems.append(f"{endpoint}: {problem}")
                 continue
             peers[endpoint] = PeerInfo(endpoint, answer)
-        for problem in problems:
-            log.warning("leaving out peer %s", problem)
         if not peers:
             raise PeerUnreachable("no usable peer: " + "; ".join(problems))
+        for problem in problems:
+            log.warning("leaving out peer %s", problem)
         self.peers = peers
 
     def _check(self, info: dict[str, Any]) -> str | None:

@@ -1,0 +1,109 @@
+"""`swarm chat [MODEL] --initial-peers ...`: talk to a model served by the swarm, streaming tokens as they come.
+
+With no model and no peers it runs on the built-in default: a local swarm of two servers of swarm's demo model
+(random weights) on 127.0.0.1, started and stopped by this command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+import typer
+
+from ..core.chat import ChatSession
+from ..transport.errors import ConfigError
+from .common import collect_peers, err_console, setup_logging
+
+log = logging.getLogger("swarm.cli.chat")
+
+
+@contextlib.contextmanager
+def _demo_swarm() -> Iterator[tuple[str, list[str]]]:
+    from ..core.demo import ensure_demo_model
+    from ..core.local_swarm import LocalSwarm, even_spans
+
+    with err_console.status("preparing the demo model and starting a local swarm of 2 servers..."):
+        path = ensure_demo_model()
+        from ..core.demo import NUM_HIDDEN_LAYERS
+
+        swarm = LocalSwarm(path, even_spans(NUM_HIDDEN_LAYERS, 2), extra_args=["--log-level", "warning"]).start()
+    err_console.print(
+        "[yellow]This is swarm's built-in demo model: its weights are random, so its answers are gibberish.[/]\n"
+        f"It runs on a local swarm of 2 servers ({', '.join(swarm.endpoints)}).\n"
+        "To chat with a real model, serve it and point at the servers:\n"
+        "  swarm serve MODEL --blocks 0:16 --port 31330\n"
+        "  swarm serve MODEL --blocks 16:32 --port 31331\n"
+        "  swarm chat MODEL --initial-peers tcp://127.0.0.1:31330 tcp://127.0.0.1:31331", highlight=False)
+    try:
+        yield str(path), swarm.endpoints
+    finally:
+        swarm.stop()
+
+
+def chat(
+    ctx: typer.Context,
+    model: Annotated[str | None, typer.Argument(
+        help="Model id or directory (omit it, with no peers, for the built-in demo).")] = None,
+    initial_peers: Annotated[list[str] | None, typer.Option(
+        "--initial-peers", help="Server addresses, tcp://HOST:PORT (repeat the option or list them).")] = None,
+    prompt: Annotated[str | None, typer.Option(help="Answer this one message and exit.")] = None,
+    system: Annotated[str | None, typer.Option(help="System message at the start of the conversation.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 128,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 0.7,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling: smallest set of tokens with this mass.")] = 0.9,
+    max_length: Annotated[int, typer.Option(help="Tokens the conversation may hold on the servers.")] = 2048,
+    seed: Annotated[int | None, typer.Option(help="Random seed for sampling.")] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error.")] = None,
+) -> None:
+    """Chat with a model served by the swarm."""
+    setup_logging(log_level, default="WARNING")
+    extra = list(ctx.args)
+    if model is not None and model.startswith("tcp://"):
+        extra.insert(0, model)
+        model = None
+    peers = collect_peers(initial_peers, extra)
+    if max_new_tokens < 1 or max_length < 2:
+        raise ConfigError("--max-new-tokens must be at least 1 and --max-length at least 2")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ConfigError("--temperature must be >= 0 and --top-p in (0, 1]")
+    if model is None and peers:
+        raise ConfigError("name the model the peers serve: swarm chat MODEL --initial-peers ...")
+    if model is not None and not peers:
+        raise ConfigError("no peers to use: pass --initial-peers tcp://HOST:PORT ... (automatic discovery comes "
+                          "in a later version)")
+    context = _demo_swarm() if model is None else contextlib.nullcontext((model, peers))
+    with context as (model_path, endpoints):
+        with err_console.status("connecting to the swarm..."):
+            session = ChatSession.connect(model_path, endpoints, system=system, max_length=max_length,
+                                          max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                          seed=seed)
+        with session:
+            if prompt is not None:
+                _answer(session, prompt)
+                return
+            err_console.print("[dim]Type a message and press Enter; Ctrl-D to quit.[/]")
+            while True:
+                try:
+                    text = err_console.input("[bold cyan]you>[/] ")
+                except EOFError:
+                    err_console.print()
+                    return
+                if text.strip():
+                    _answer(session, text)
+
+
+def _answer(session: ChatSession, text: str) -> None:
+    def write(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    session.send(text, on_text=write)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+__all__: list[Any] = ["chat"]

@@ -1,0 +1,52 @@
+"""What every command shares: the stderr console, logging setup, error lines and exit codes."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from rich.console import Console
+from rich.logging import RichHandler
+
+from ..transport.errors import ConfigError
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+err_console = Console(stderr=True)
+
+
+class UsageError(ConfigError):
+    """A command-line argument is wrong (exit code 2)."""
+
+
+def setup_logging(level: str | None, default: str = "INFO") -> None:
+    """Rich logs on stderr; `level` (or $SWARM_LOG_LEVEL) for swarm's own loggers, warnings for libraries."""
+    name = (level or os.environ.get("SWARM_LOG_LEVEL") or default).upper()
+    if name not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise UsageError(f"--log-level must be one of debug, info, warning, error; got {level!r}")
+    handler = RichHandler(console=err_console, show_path=False, rich_tracebacks=False, log_time_format="[%X]")
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
+    logging.getLogger("swarm").setLevel(name)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def print_error(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+
+
+def collect_peers(values: list[str] | None, extra: list[str]) -> list[str]:
+    """Peers from `--initial-peers A B, C` forms: repeated options, extra words after it, commas.
+
+    Click options take one value each, so `--initial-peers A B` leaves B as an extra argument; such extras are
+    accepted when they look like addresses. Anything else left over is a usage error.
+    """
+    out: list[str] = []
+    for value in [*(values or []), *extra]:
+        for word in value.replace(",", " ").split():
+            if not (word.startswith("tcp://") or ":" in word):
+                raise UsageError(f"unexpected argument {word!r}")
+            out.append(word)
+    return out

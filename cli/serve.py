@@ -1,0 +1,74 @@
+"""`swarm serve MODEL --blocks START:END`: serve a span of transformer blocks until SIGTERM or Ctrl-C."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from typing import Annotated
+
+import typer
+
+from ..core.server import Server, ServerConfig, parse_blocks
+from ..core.server.handler import HandlerLimits
+from ..transport.errors import ConfigError
+from ..transport.rpc import normalize_endpoint
+from .common import EXIT_INTERRUPTED, UsageError, collect_peers, err_console, setup_logging
+
+log = logging.getLogger("swarm.cli.serve")
+
+
+def serve(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Argument(help="Hugging Face model id or local model directory.")],
+    blocks: Annotated[str, typer.Option("--blocks", help="Blocks to serve, START:END (half-open, 0-based).")],
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="Port to listen on; 0 picks a free one (printed on stdout).")] = 0,
+    dtype: Annotated[str, typer.Option(help="Weights and compute dtype: auto, float32, bfloat16, float16.")] = "auto",
+    cache_tokens: Annotated[int, typer.Option(
+        help="Attention-cache budget in tokens (batch x max length), shared by all sessions.")] = 8192,
+    session_timeout: Annotated[float, typer.Option(help="Seconds before an idle session is closed.")] = 600.0,
+    initial_peers: Annotated[list[str] | None, typer.Option(
+        "--initial-peers", help="Addresses of other servers (tcp://HOST:PORT), for discovery.")] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error.")] = None,
+) -> None:
+    """Serve a span of transformer blocks of MODEL to the swarm."""
+    setup_logging(log_level)
+    try:
+        span = parse_blocks(blocks)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    if not 0 <= port < 65536:
+        raise UsageError(f"--port must be in 0..65535, got {port}")
+    if cache_tokens < 0:
+        raise UsageError("--cache-tokens must be 0 or more")
+    if session_timeout <= 0:
+        raise UsageError("--session-timeout must be positive")
+    peers = [normalize_endpoint(p) for p in collect_peers(initial_peers, ctx.args)]
+    config = ServerConfig(model=model, blocks=span, host=host, port=port, dtype=dtype, cache_tokens=cache_tokens,
+                          limits=HandlerLimits(session_timeout=session_timeout), initial_peers=peers)
+    stop = threading.Event()
+    received: list[int] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        received.append(signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server = Server(config)
+    try:
+        server.start()
+        span_text = f"{span[0]}:{span[1]}"
+        print(server.endpoint, flush=True)  # data on stdout: the address clients use
+        err_console.print(f"[green]serving[/] blocks {span_text} of {model} at [bold]{server.endpoint}[/] "
+                          f"({server.span.dtype if server.span else dtype}, cache {cache_tokens} tokens); "
+                          "Ctrl-C to stop", highlight=False)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        log.info("shutting down")
+        server.stop()
+    if received and received[-1] == signal.SIGINT:
+        sys.exit(EXIT_INTERRUPTED)
