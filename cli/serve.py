@@ -58,8 +58,8 @@ def serve(
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     server = Server(config)
+    server.start()
     try:
-        server.start()
         span_text = f"{span[0]}:{span[1]}"
         print(server.endpoint, flush=True)  # data on stdout: the address clients use
         err_console.print(f"[green]serving[/] blocks {span_text} of {model} at [bold]{server.endpoint}[/] "

@@ -123,7 +123,7 @@ def decode_header(frame: Any) -> dict[str, Any]:
     if not isinstance(header, dict):
         raise ProtocolError("header must be a map")
     version = header.get("v")
-    if version != PROTOCOL_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version != PROTOCOL_VERSION:
         raise VersionMismatch(f"protocol version {version!r} is not supported (this peer speaks {PROTOCOL_VERSION})")
     if not isinstance(header.get("type"), str):
         raise ProtocolError("header has no message type")

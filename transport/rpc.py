@@ -23,7 +23,7 @@ import torch
 import zmq
 
 from .codec import Message, decode, decode_header, encode
-from .errors import PeerTimeout, PeerUnreachable, ProtocolError, SwarmError, error_for_code
+from .errors import ConfigError, PeerTimeout, PeerUnreachable, ProtocolError, SwarmError, error_for_code
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +99,17 @@ class RpcServer:
         self._router.setsockopt(zmq.SNDHWM, self.config.high_water_mark)
         self._router.setsockopt(zmq.RCVHWM, self.config.high_water_mark)
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        if self.config.port:
-            self._router.bind(f"tcp://{self.config.host}:{self.config.port}")
-            self.port = self.config.port
-        else:
-            self.port = self._router.bind_to_random_port(f"tcp://{self.config.host}")
+        try:
+            if self.config.port:
+                self._router.bind(f"tcp://{self.config.host}:{self.config.port}")
+                self.port = self.config.port
+            else:
+                self.port = self._router.bind_to_random_port(f"tcp://{self.config.host}")
+        except zmq.ZMQError as e:
+            self._router.close(linger=0)
+            if self._own_context:
+                self._ctx.term()
+            raise ConfigError(f"cannot listen on {self.config.host}:{self.config.port}: {e}") from None
         inproc = f"inproc://swarm-replies-{id(self)}"
         self._pull = self._ctx.socket(zmq.PULL)
         self._pull.setsockopt(zmq.LINGER, 0)

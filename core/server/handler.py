@@ -214,7 +214,7 @@ class Handler:
         if batch * length > self.limits.max_request_tokens:
             raise Refused("bad_request", f"{batch * length} tokens in one request; the limit is "
                                          f"{self.limits.max_request_tokens}")
-        if not torch.isfinite(hidden).all():
+        if not torch.isfinite(hidden.to(self.span.dtype)).all():
             raise Refused("bad_request", f"{name} has NaN or infinite values")
         return hidden
 

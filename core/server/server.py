@@ -60,6 +60,13 @@ class Server:
         self._stopped = threading.Event()
 
     def start(self) -> Server:
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> Server:
         config = self.config
         if config.cache_tokens < 0:
             raise ConfigError("--cache-tokens must be 0 or more")
