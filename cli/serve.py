@@ -61,9 +61,10 @@ def serve(
     server.start()
     try:
         span_text = f"{span[0]}:{span[1]}"
+        dtype_text = str(server.span.dtype).removeprefix("torch.") if server.span else dtype
         print(server.endpoint, flush=True)  # data on stdout: the address clients use
         err_console.print(f"[green]serving[/] blocks {span_text} of {model} at [bold]{server.endpoint}[/] "
-                          f"({server.span.dtype if server.span else dtype}, cache {cache_tokens} tokens); "
+                          f"({dtype_text}, cache {cache_tokens} tokens); "
                           "Ctrl-C to stop", highlight=False)
         while not stop.wait(0.5):
             pass
