@@ -15,8 +15,11 @@ from typing import Annotated, Any
 import typer
 
 from ..core.chat import ChatSession
+from ..core.coverage import models_served
+from ..transport.discovery import Discovery, DiscoveryConfig
 from ..transport.errors import ConfigError
-from .common import collect_peers, err_console, setup_logging
+from ..transport.mdns import MdnsSettings
+from .common import UsageError, collect_peers, err_console, setup_logging
 
 log = logging.getLogger("swarm.cli.chat")
 
@@ -30,7 +33,8 @@ def _demo_swarm() -> Iterator[tuple[str, list[str]]]:
         path = ensure_demo_model()
         from ..core.demo import NUM_HIDDEN_LAYERS
 
-        swarm = LocalSwarm(path, even_spans(NUM_HIDDEN_LAYERS, 2), extra_args=["--log-level", "warning"]).start()
+        swarm = LocalSwarm(path, even_spans(NUM_HIDDEN_LAYERS, 2),
+                           extra_args=["--log-level", "warning", "--no-mdns"]).start()
     err_console.print(
         "[yellow]This is swarm's built-in demo model: its weights are random, so its answers are gibberish.[/]\n"
         f"It runs on a local swarm of 2 servers ({', '.join(swarm.endpoints)}).\n"
@@ -57,6 +61,10 @@ def chat(
     top_p: Annotated[float, typer.Option(help="Nucleus sampling: smallest set of tokens with this mass.")] = 0.9,
     max_length: Annotated[int, typer.Option(help="Tokens the conversation may hold on the servers.")] = 2048,
     seed: Annotated[int | None, typer.Option(help="Random seed for sampling.")] = None,
+    mdns: Annotated[bool | None, typer.Option("--mdns/--no-mdns", help="Find servers on the LAN by mDNS "
+                                              "(default on; $SWARM_MDNS).")] = None,
+    mdns_interface: Annotated[str | None, typer.Option(help="Bind mDNS to this interface's IPv4 address "
+                                                       "($SWARM_MDNS_INTERFACE).")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error.")] = None,
 ) -> None:
     """Chat with a model served by the swarm."""
@@ -70,30 +78,57 @@ def chat(
         raise ConfigError("--max-new-tokens must be at least 1 and --max-length at least 2")
     if temperature < 0 or not 0 < top_p <= 1:
         raise ConfigError("--temperature must be >= 0 and --top-p in (0, 1]")
-    if model is None and peers:
-        raise ConfigError("name the model the peers serve: swarm chat MODEL --initial-peers ...")
-    if model is not None and not peers:
-        raise ConfigError("no peers to use: pass --initial-peers tcp://HOST:PORT ... (automatic discovery comes "
-                          "in a later version)")
-    context = _demo_swarm() if model is None else contextlib.nullcontext((model, peers))
-    with context as (model_path, endpoints):
+    options = dict(system=system, max_length=max_length, max_new_tokens=max_new_tokens, temperature=temperature,
+                   top_p=top_p, seed=seed)
+    settings = MdnsSettings.from_options(mdns, mdns_interface)
+    discovery: Discovery | None = None
+    try:
+        if model is None and (peers or settings.enabled):
+            discovery = Discovery(peers, DiscoveryConfig(mdns=settings)).start()
+            model = _pick_model(discovery, wait=5.0 if peers else 2.0)
+            if model is None and peers:
+                raise ConfigError(f"found no server through {', '.join(peers)}")
+        if model is None:  # nothing given, nothing found: the built-in demo
+            if discovery is not None:
+                discovery.stop()
+                discovery = None
+            with _demo_swarm() as (demo_path, endpoints):
+                _run(ChatSession.connect(demo_path, endpoints, mdns=False, **options), prompt)
+            return
+        if discovery is None:
+            discovery = Discovery(peers, DiscoveryConfig(mdns=settings)).start()
         with err_console.status("connecting to the swarm..."):
-            session = ChatSession.connect(model_path, endpoints, system=system, max_length=max_length,
-                                          max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                          seed=seed)
-        with session:
-            if prompt is not None:
-                _answer(session, prompt)
+            session = ChatSession.connect(model, peers, discovery=discovery, **options)
+        _run(session, prompt)
+    finally:
+        if discovery is not None:
+            discovery.stop()
+
+
+def _run(session: ChatSession, prompt: str | None) -> None:
+    with session:
+        if prompt is not None:
+            _answer(session, prompt)
+            return
+        err_console.print("[dim]Type a message and press Enter; Ctrl-D to quit.[/]")
+        while True:
+            try:
+                text = err_console.input("[bold cyan]you>[/] ")
+            except EOFError:
+                err_console.print()
                 return
-            err_console.print("[dim]Type a message and press Enter; Ctrl-D to quit.[/]")
-            while True:
-                try:
-                    text = err_console.input("[bold cyan]you>[/] ")
-                except EOFError:
-                    err_console.print()
-                    return
-                if text.strip():
-                    _answer(session, text)
+            if text.strip():
+                _answer(session, text)
+
+
+def _pick_model(discovery: Discovery, wait: float) -> str | None:
+    """The one model the swarm serves; None when none is found; a usage error listing them when several are."""
+    discovery.wait(lambda records: bool(models_served(records)), wait)
+    models = models_served(discovery.records())
+    if len(models) > 1:
+        listing = "; ".join(models)
+        raise UsageError(f"several models are served ({listing}); name one: swarm chat MODEL")
+    return models[0] if models else None
 
 
 def _answer(session: ChatSession, text: str) -> None:

@@ -12,7 +12,10 @@ import typer
 
 from ..core.server import Server, ServerConfig, parse_blocks
 from ..core.server.handler import HandlerLimits
+from ..transport.discovery import DiscoveryConfig
 from ..transport.errors import ConfigError
+from ..transport.gossip import GossipConfig
+from ..transport.mdns import MdnsSettings
 from ..transport.rpc import normalize_endpoint
 from .common import EXIT_INTERRUPTED, UsageError, collect_peers, err_console, setup_logging
 
@@ -30,7 +33,15 @@ def serve(
         help="Attention-cache budget in tokens (batch x max length), shared by all sessions.")] = 8192,
     session_timeout: Annotated[float, typer.Option(help="Seconds before an idle session is closed.")] = 600.0,
     initial_peers: Annotated[list[str] | None, typer.Option(
-        "--initial-peers", help="Addresses of other servers (tcp://HOST:PORT), for discovery.")] = None,
+        "--initial-peers", help="Other servers to gossip with (tcp://HOST:PORT), to join across networks.")] = None,
+    mdns: Annotated[bool | None, typer.Option("--mdns/--no-mdns", help="Announce and find servers on the LAN by "
+                                              "mDNS (default on; $SWARM_MDNS).")] = None,
+    mdns_interface: Annotated[str | None, typer.Option(help="Bind mDNS to this interface's IPv4 address "
+                                                       "($SWARM_MDNS_INTERFACE).")] = None,
+    model_id: Annotated[str | None, typer.Option(help="Model id to announce (default: the hub id, or the "
+                                                 "directory's name).")] = None,
+    gossip_period: Annotated[float, typer.Option(help="Seconds between gossip rounds.")] = 1.0,
+    record_ttl: Annotated[float, typer.Option(help="Seconds others keep this server's record without news.")] = 15.0,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error.")] = None,
 ) -> None:
     """Serve a span of transformer blocks of MODEL to the swarm."""
@@ -46,8 +57,14 @@ def serve(
     if session_timeout <= 0:
         raise UsageError("--session-timeout must be positive")
     peers = [normalize_endpoint(p) for p in collect_peers(initial_peers, ctx.args)]
+    if gossip_period <= 0 or record_ttl <= gossip_period:
+        raise UsageError("--gossip-period must be positive and --record-ttl longer than it")
+    discovery = DiscoveryConfig(mdns=MdnsSettings.from_options(mdns, mdns_interface),
+                                gossip=GossipConfig(period=gossip_period, suspect_after=3 * gossip_period),
+                                record_ttl=record_ttl)
     config = ServerConfig(model=model, blocks=span, host=host, port=port, dtype=dtype, cache_tokens=cache_tokens,
-                          limits=HandlerLimits(session_timeout=session_timeout), initial_peers=peers)
+                          limits=HandlerLimits(session_timeout=session_timeout), initial_peers=peers,
+                          discovery=discovery, model_id=model_id)
     stop = threading.Event()
     received: list[int] = []
 
@@ -63,7 +80,7 @@ def serve(
         span_text = f"{span[0]}:{span[1]}"
         dtype_text = str(server.span.dtype).removeprefix("torch.") if server.span else dtype
         print(server.endpoint, flush=True)  # data on stdout: the address clients use
-        err_console.print(f"[green]serving[/] blocks {span_text} of {model} at [bold]{server.endpoint}[/] "
+        err_console.print(f"[green]serving[/] blocks {span_text} of {server.model_id} at [bold]{server.endpoint}[/] "
                           f"({dtype_text}, cache {cache_tokens} tokens); "
                           "Ctrl-C to stop", highlight=False)
         while not stop.wait(0.5):

@@ -15,7 +15,9 @@ import torch
 from transformers import AutoTokenizer
 from transformers.generation.streamers import BaseStreamer
 
+from ..transport.discovery import Discovery
 from ..transport.errors import ConfigError
+from .aliases import resolve_alias
 from .client.config import ClientConfig
 from .client.model import AutoDistributedModelForCausalLM, DistributedModelForCausalLM
 from .weights import ModelSource
@@ -64,12 +66,12 @@ class ChatSession:
         self._session_cm: Any = None
 
     @classmethod
-    def connect(cls, model_name: str, peers: list[str], config: ClientConfig | None = None, **kwargs: Any
-                ) -> ChatSession:
-        model = AutoDistributedModelForCausalLM.from_pretrained(model_name, initial_peers=peers, config=config)
-        source = ModelSource(model_name)
+    def connect(cls, model_name: str, peers: list[str], config: ClientConfig | None = None,
+                discovery: Discovery | None = None, mdns: bool | None = None, **kwargs: Any) -> ChatSession:
+        model = AutoDistributedModelForCausalLM.from_pretrained(model_name, initial_peers=peers, config=config,
+                                                                discovery=discovery, mdns=mdns)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source.path_for_transformers)
+            tokenizer = AutoTokenizer.from_pretrained(ModelSource(resolve_alias(model_name)).path_for_transformers)
         except (OSError, ValueError) as e:
             model.blocks.close()
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

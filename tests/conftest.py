@@ -15,6 +15,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# mDNS stays off unless a test turns it on, and then only on loopback: never multicast on other interfaces
+os.environ["SWARM_MDNS"] = "0"
+os.environ["SWARM_MDNS_INTERFACE"] = "127.0.0.1"
 
 from swarm.core.server import Server, ServerConfig  # noqa: E402
 from swarm.core.server.handler import HandlerLimits  # noqa: E402
@@ -97,7 +100,8 @@ def swarm_env(tmp_path: Path) -> dict[str, str]:
     """Environment for subprocesses: offline, quiet, cache under tmp_path."""
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", SWARM_CACHE_DIR=str(tmp_path / "cache"), PYTHONUNBUFFERED="1",
-               TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false")
+               TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false", SWARM_MDNS="0",
+               SWARM_MDNS_INTERFACE="127.0.0.1")
     return env
 
 

@@ -64,9 +64,9 @@ def test_serve_stops_cleanly_on_sigterm_and_sigint(chat_model, serve_process):
     (["serve", "MODEL", "--blocks", "0:99"], "outside the model's 4 blocks", 1),
     (["serve", "/no/such/model", "--blocks", "0:2"], "not a directory with a model", 1),
     (["serve", "MODEL", "--blocks", "0:2", "--dtype", "int3"], "unknown dtype 'int3'", 1),
-    (["chat", "MODEL", "--initial-peers", "tcp://127.0.0.1:1", "--prompt", "hi"], "no usable peer", 1),
+    (["chat", "MODEL", "--initial-peers", "tcp://127.0.0.1:1", "--prompt", "hi"], "found no server", 1),
     (["chat", "MODEL", "--initial-peers", "not-an-address:x", "--prompt", "hi"], "bad peer address", 1),
-    (["chat", "MODEL", "--prompt", "hi"], "pass --initial-peers", 1),
+    (["chat", "MODEL", "--prompt", "hi"], "found no server", 1),
 ])
 def test_cli_errors_are_one_clear_line(chat_model, tmp_path, args, message, code):
     args = [str(chat_model) if a == "MODEL" else a for a in args]

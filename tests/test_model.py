@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from conftest import load_reference, make_tiny_model
 
 from swarm import AutoDistributedModelForCausalLM
+from swarm.core.client.config import ClientConfig
 from swarm.core.client.routing import MissingBlocks
 from swarm.transport.errors import CacheFull, ConfigError
 
@@ -167,17 +169,26 @@ def test_bfloat16_server_is_close(tiny_llama, tiny_llama_ref, start_server):
     torch.testing.assert_close(got, expected, atol=0.05, rtol=0.05)
 
 
-def test_missing_blocks_named(tiny_llama, start_server):
-    server = start_server(tiny_llama, (0, 2))
-    other = start_server(tiny_llama, (4, 6))
-    model = client(tiny_llama, [server.endpoint, other.endpoint])
+def isolated_copy(path, tmp_path):
+    """The same checkpoint under a name no other test's servers announce."""
+    copy = tmp_path / f"isolated-{tmp_path.name}"
+    shutil.copytree(path, copy)
+    return copy
+
+
+def test_missing_blocks_named(tiny_llama, start_server, tmp_path):
+    path = isolated_copy(tiny_llama, tmp_path)
+    server = start_server(path, (0, 2))
+    other = start_server(path, (4, 6))
+    model = client(path, [server.endpoint, other.endpoint], config=ClientConfig(connect_timeout=1.0))
     with pytest.raises(MissingBlocks, match="blocks 2:4"):
         model.generate(torch.tensor([[1, 2]]), max_new_tokens=2)
 
 
-def test_session_that_does_not_fit_is_refused_at_open(tiny_llama, start_server):
-    server = start_server(tiny_llama, (0, 6), cache_tokens=32)
-    model = client(tiny_llama, [server.endpoint])
+def test_session_that_does_not_fit_is_refused_at_open(tiny_llama, start_server, tmp_path):
+    path = isolated_copy(tiny_llama, tmp_path)
+    server = start_server(path, (0, 6), cache_tokens=32)
+    model = client(path, [server.endpoint])
     with pytest.raises(CacheFull, match="cache full"):
         with model.inference_session(max_length=100):
             model(torch.tensor([[1, 2, 3]]))

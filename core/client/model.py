@@ -19,7 +19,11 @@ import torch
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ...transport.errors import ConfigError
+from ...transport.discovery import Discovery, DiscoveryConfig
+from ...transport.errors import ConfigError, PeerUnreachable
+from ...transport.gossip import GossipConfig
+from ...transport.mdns import MdnsSettings
+from ..aliases import announced_id, matches, resolve_alias
 from ..models import ModelFamily
 from ..weights import ModelSource, assign_weights, resolve_dtype, strip_prefix
 from .config import ClientConfig
@@ -109,6 +113,16 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         total = kwargs.get("max_length", getattr(config, "max_length", None)) or 20
         return max(int(total), prompt_length + 1)
 
+    def close(self) -> None:
+        """Stop discovery and close connections (also done when the model is garbage-collected)."""
+        self.blocks.close()
+
+    def __enter__(self) -> DistributedModelForCausalLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # --- forward -----------------------------------------------------------------------------------------------
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -161,16 +175,40 @@ class AutoDistributedModelForCausalLM:
 
     @staticmethod
     def from_pretrained(name_or_path: str, initial_peers: list[str] | None = None, torch_dtype: Any = "auto",
-                        config: ClientConfig | None = None, **kwargs: Any) -> DistributedModelForCausalLM:
+                        config: ClientConfig | None = None, mdns: bool | None = None,
+                        mdns_interface: str | None = None, discovery: Discovery | None = None,
+                        **kwargs: Any) -> DistributedModelForCausalLM:
+        """Load the client's part of `name_or_path` (a hub id, alias, or local directory) and find its servers.
+
+        Servers are found through `initial_peers` (gossip) and mDNS on the local network (`mdns`, or $SWARM_MDNS;
+        `mdns_interface` or $SWARM_MDNS_INTERFACE binds it to one interface). A prepared `discovery` may be passed
+        instead (it is then not stopped by the model).
+        """
         if kwargs:
             raise ConfigError(f"unsupported arguments: {', '.join(kwargs)}")
-        source = ModelSource(name_or_path)
+        config = config or ClientConfig()
+        source = ModelSource(resolve_alias(name_or_path))
         model_config = source.config("auto")
         family = source.family()
         dtype = resolve_dtype("float32" if torch_dtype == "auto" else torch_dtype, model_config)
         model_config.dtype = dtype
-        blocks = RemoteSequential(family.num_blocks(model_config), int(model_config.hidden_size),
-                                  list(initial_peers or []), config)
+        owns = discovery is None
+        if discovery is None:
+            settings = DiscoveryConfig(mdns=MdnsSettings.from_options(mdns, mdns_interface),
+                                       gossip=GossipConfig(period=config.gossip_period))
+            discovery = Discovery(initial_peers or [], settings).start()
+        blocks = RemoteSequential(family.num_blocks(model_config), int(model_config.hidden_size), discovery,
+                                  lambda record: matches(name_or_path, record.model), config, owns_discovery=owns)
+        try:
+            if not blocks.wait_ready(config.connect_timeout) and not blocks.servers():
+                where = ", ".join(discovery.initial_peers) or "no initial peers"
+                mdns_text = "mDNS on" if discovery.config.mdns.enabled else "mDNS off"
+                raise PeerUnreachable(f"found no server of {announced_id(name_or_path)!r} within "
+                                      f"{config.connect_timeout:g} s ({where}; {mdns_text}); start one with "
+                                      "`swarm serve MODEL --blocks START:END` or check --initial-peers")
+        except BaseException:
+            blocks.close()
+            raise
         prefixes = family.client_prefixes(model_config)
         tensors = source.load_tensors([prefixes.embed, prefixes.norm, prefixes.lm_head], dtype=dtype)
         with torch.device("meta"):

@@ -1,101 +1,87 @@
 """The client's view of the servers, and running hidden states through a chain of them.
 
-`RemoteSequential` knows the peers (their spans, from `info`), plans chains with `routing.plan_chain`, and runs
-the model's blocks remotely: `forward` as a differentiable function (the backward pass asks each server for the
-gradient w.r.t. its inputs, in reverse order), and `InferenceSession` for generation with the attention cache kept
-on the servers. A session keeps every input it sent to each hop, so a lost server's cache can be rebuilt by replay.
+`RemoteSequential` knows the servers of its model (their records, from discovery), plans chains with
+`routing.plan_chain`, and runs the model's blocks remotely: `forward` as a differentiable function (the backward
+pass asks each server for the gradient w.r.t. its inputs, in reverse order), and `InferenceSession` for generation
+with the attention cache kept on the servers. A session keeps every input it sent to each hop, so a lost server's
+cache can be rebuilt by replay.
 """
 
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ...transport.codec import PROTOCOL_VERSION
-from ...transport.errors import ConfigError, PeerUnreachable, SwarmError
-from ...transport.rpc import RpcClient, RpcClientConfig, normalize_endpoint
+from ...transport.discovery import Discovery
+from ...transport.errors import ConfigError, SwarmError
+from ...transport.records import ServerRecord
+from ...transport.rpc import RpcClient, RpcClientConfig
 from .config import ClientConfig
-from .routing import Hop, SpanInfo, plan_chain
+from .routing import Hop, SpanInfo, missing_ranges, plan_chain
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class PeerInfo:
-    endpoint: str
-    info: dict[str, Any]
-
-    @property
-    def span(self) -> SpanInfo:
-        return SpanInfo(self.endpoint, int(self.info["start"]), int(self.info["end"]), float(self.info.get("queue", 0)))
-
-
 class RemoteSequential(torch.nn.Module):
-    """Blocks [0, num_blocks) of a model, run by the swarm."""
+    """Blocks [0, num_blocks) of a model, run by the servers that `discovery` knows of."""
 
-    def __init__(self, num_blocks: int, hidden_size: int, initial_peers: list[str],
-                 config: ClientConfig | None = None):
+    def __init__(self, num_blocks: int, hidden_size: int, discovery: Discovery,
+                 model_filter: Callable[[ServerRecord], bool] = lambda record: True,
+                 config: ClientConfig | None = None, owns_discovery: bool = True):
         super().__init__()
         self.num_blocks, self.hidden_size = num_blocks, hidden_size
         self.config = config or ClientConfig()
-        if not initial_peers:
-            raise ConfigError("no peers given: pass initial_peers=['tcp://HOST:PORT', ...] (or --initial-peers)")
-        endpoints = list(dict.fromkeys(normalize_endpoint(p) for p in initial_peers))
-        rpc = RpcClientConfig(timeout=self.config.request_timeout, connect_timeout=self.config.connect_timeout)
-        self._clients = {e: RpcClient(e, rpc) for e in endpoints}
-        self.peers: dict[str, PeerInfo] = {}
-        self.refresh()
+        self.discovery, self._model_filter, self._owns_discovery = discovery, model_filter, owns_discovery
+        self._rpc = RpcClientConfig(timeout=self.config.request_timeout, connect_timeout=self.config.connect_timeout)
+        self._clients: dict[str, RpcClient] = {}
+        self._warned: set[str] = set()
+        # a model dropped without close() still stops its discovery thread and sockets
+        self._finalizer = weakref.finalize(self, _release, self._clients, discovery if owns_discovery else None)
 
-    def refresh(self) -> None:
-        """Ask every known peer what it serves; peers that do not answer or serve another model are left out."""
-        def ask(endpoint: str) -> tuple[str, dict[str, Any] | Exception]:
-            try:
-                return endpoint, self._clients[endpoint].call("info", timeout=self.config.connect_timeout).fields
-            except SwarmError as e:
-                return endpoint, e
-
-        with ThreadPoolExecutor(max_workers=min(16, len(self._clients))) as pool:
-            answers = list(pool.map(ask, list(self._clients)))
-        peers, problems = {}, []
-        for endpoint, answer in answers:
-            if isinstance(answer, Exception):
-                problems.append(f"{endpoint}: {answer}")
+    def servers(self) -> list[ServerRecord]:
+        """Serving records of this model that this client can use."""
+        usable = []
+        for record in self.discovery.records(self._model_filter):
+            if record.state not in ("online", "joining"):
                 continue
-            problem = self._check(answer)
-            if problem:
-                problems.append(f"{endpoint}: {problem}")
-                continue
-            peers[endpoint] = PeerInfo(endpoint, answer)
-        if not peers:
-            raise PeerUnreachable("no usable peer: " + "; ".join(problems))
-        for problem in problems:
-            log.warning("leaving out peer %s", problem)
-        self.peers = peers
+            problem = self._check(record)
+            if problem is None:
+                usable.append(record)
+            elif record.peer_id not in self._warned:
+                self._warned.add(record.peer_id)
+                log.warning("leaving out server %s: %s", record.addresses[0], problem)
+        return usable
 
-    def _check(self, info: dict[str, Any]) -> str | None:
-        if info.get("protocol") != PROTOCOL_VERSION:
-            return f"speaks protocol {info.get('protocol')!r}, this client {PROTOCOL_VERSION}"
-        try:
-            start, end, total, hidden = (int(info[k]) for k in ("start", "end", "num_blocks", "hidden_size"))
-        except (KeyError, TypeError, ValueError):
-            return "sent an incomplete info record"
-        if total != self.num_blocks or hidden != self.hidden_size:
-            return (f"serves a model with {total} blocks of hidden size {hidden}, this one has {self.num_blocks} "
-                    f"blocks of hidden size {self.hidden_size}")
-        if not 0 <= start < end <= total:
-            return f"announces an invalid span {start}:{end}"
+    def _check(self, record: ServerRecord) -> str | None:
+        if record.protocol != PROTOCOL_VERSION:
+            return f"speaks protocol {record.protocol}, this client {PROTOCOL_VERSION}"
+        if record.num_blocks != self.num_blocks or record.hidden_size != self.hidden_size:
+            return (f"serves a model with {record.num_blocks} blocks of hidden size {record.hidden_size}, this one "
+                    f"has {self.num_blocks} blocks of hidden size {self.hidden_size}")
         return None
 
+    def covered(self) -> bool:
+        return not missing_ranges([_span(r) for r in self.servers()], 0, self.num_blocks)
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Wait (bounded) until the known servers cover every block."""
+        return self.discovery.wait(lambda _: self.covered(), timeout)
+
     def plan(self, start: int = 0, end: int | None = None) -> list[Hop]:
-        return plan_chain([p.span for p in self.peers.values()], start, self.num_blocks if end is None else end)
+        return plan_chain([_span(r) for r in self.servers()], start, self.num_blocks if end is None else end)
 
     def call(self, hop: Hop, msg_type: str, fields: dict[str, Any], tensors: list[torch.Tensor],
              timeout: float | None = None) -> Any:
-        return self._clients[hop.peer].call(msg_type, fields, tensors, timeout=timeout)
+        client = self._clients.get(hop.peer)
+        if client is None:
+            client = self._clients[hop.peer] = RpcClient(hop.peer, self._rpc)
+        return client.call(msg_type, fields, tensors, timeout=timeout)
 
     def hop_forward(self, hop: Hop, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         names, tensors = _named(hidden=hidden, attention_mask=mask)
@@ -116,8 +102,19 @@ class RemoteSequential(torch.nn.Module):
         return InferenceSession(self, max_length, batch_size)
 
     def close(self) -> None:
-        for client in self._clients.values():
-            client.close()
+        self._finalizer()
+
+
+def _release(clients: dict[str, RpcClient], discovery: Discovery | None) -> None:
+    for client in clients.values():
+        client.close()
+    clients.clear()
+    if discovery is not None:
+        discovery.stop()
+
+
+def _span(record: ServerRecord) -> SpanInfo:
+    return SpanInfo(record.addresses[0], record.start, record.end, -record.throughput)
 
 
 def _named(**tensors: torch.Tensor | None) -> tuple[list[str], list[torch.Tensor]]:

@@ -8,6 +8,7 @@ Requests (message type -> fields / tensors):
 - `open` {batch_size, max_length, blocks?} -> {session}
 - `step` {session, start?, names} [hidden, attention_mask?] -> [hidden]
 - `close` {session} -> {}
+- `gossip` {records} -> {records}                    (push-pull exchange of server records)
 Anything a peer sends is validated here and refused with a stable error code; nothing a peer sends can stop the
 server or touch another client's session.
 """
@@ -18,6 +19,7 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,11 +68,13 @@ class Handler:
     """Turns requests into answers for one BlockSpan."""
 
     def __init__(self, span: BlockSpan, worker: ComputeWorker, budget: CacheBudget, model_name: str,
-                 limits: HandlerLimits | None = None, extra_info: dict[str, Any] | None = None):
+                 limits: HandlerLimits | None = None, extra_info: dict[str, Any] | None = None,
+                 on_gossip: Callable[[dict[str, Any]], dict[str, Any]] | None = None):
         self.span, self.worker, self.budget = span, worker, budget
         self.model_name = model_name
         self.limits = limits or HandlerLimits()
         self.extra_info = extra_info or {}
+        self.on_gossip = on_gossip
         self.sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
         self.accepting = True
@@ -83,6 +87,8 @@ class Handler:
             request.reply()
         elif kind == "info":
             request.reply(self.info())
+        elif kind == "gossip" and self.on_gossip is not None:
+            request.reply(self.on_gossip(dict(request.message.fields)))
         elif kind == "open":
             request.reply(self.open(request))
         elif kind == "close":

@@ -8,13 +8,17 @@ the socket. The CLI's `swarm serve` wraps this with signal handling.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
 
 from ... import __version__
+from ...transport.discovery import Announcement, Discovery, DiscoveryConfig, local_endpoints
 from ...transport.errors import ConfigError
+from ...transport.records import ServerRecord
 from ...transport.rpc import RpcServer, RpcServerConfig
+from ..aliases import announced_id
 from ..weights import ModelSource, resolve_dtype
 from .backend import BlockSpan
 from .cache import CacheBudget, SessionCache
@@ -44,7 +48,9 @@ class ServerConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     cache_tokens: int = 8192  # attention-cache budget (batch x max_length tokens) shared by all sessions
     limits: HandlerLimits = field(default_factory=HandlerLimits)
-    initial_peers: list[str] = field(default_factory=list)  # used by discovery (next issue)
+    initial_peers: list[str] = field(default_factory=list)  # servers to gossip with (besides those mDNS finds)
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)  # mDNS and gossip settings
+    model_id: str | None = None  # id to announce (default: the hub id, or the local directory's name)
     drain_timeout: float = 10.0  # seconds to finish queued work at shutdown
     poll_ms: int = 100  # I/O loop tick (session expiry granularity)
 
@@ -57,6 +63,12 @@ class Server:
         self._rpc: RpcServer | None = None
         self._worker: ComputeWorker | None = None
         self.handler: Handler | None = None
+        self.discovery: Discovery | None = None
+        self.peer_id = secrets.token_hex(16)
+        self.model_id = config.model_id or announced_id(config.model)
+        self.throughput = 0.0
+        self._record: ServerRecord | None = None
+        self._record_lock = threading.Lock()
         self._stopped = threading.Event()
 
     def start(self) -> Server:
@@ -78,13 +90,44 @@ class Server:
                  str(dtype).removeprefix("torch."), time.perf_counter() - started)
         per_token = SessionCache.bytes_per_token(len(self.span.blocks), self.span.kv_heads, self.span.head_dim, dtype)
         self._worker = ComputeWorker().start()
-        self.handler = Handler(self.span, self._worker, CacheBudget(config.cache_tokens), config.model,
-                               config.limits, extra_info={"version": __version__,
-                                                          "cache_bytes_per_token": per_token})
+        self.throughput = measure_throughput(self.span)
+        self.handler = Handler(self.span, self._worker, CacheBudget(config.cache_tokens), self.model_id,
+                               config.limits, extra_info={"version": __version__, "peer_id": self.peer_id,
+                                                          "cache_bytes_per_token": per_token,
+                                                          "throughput": self.throughput},
+                               on_gossip=self._on_gossip)
         self._rpc = RpcServer(self.handler, RpcServerConfig(host=config.host, port=config.port,
                                                             poll_ms=config.poll_ms), tick=self.handler.tick)
         self._rpc.start()
+        self.addresses = local_endpoints(config.host, self._rpc.port)
+        self.discovery = Discovery(config.initial_peers, config.discovery, own_record=self.record,
+                                   announce=Announcement(self.peer_id, self._rpc.port, self.model_id, config.host))
+        self.discovery.start()
         return self
+
+    def record(self, state: str | None = None) -> ServerRecord:
+        """This server's record, republished (seq + 1) with fresh load figures."""
+        span, handler = self.span, self.handler
+        if span is None or handler is None:
+            raise RuntimeError("server is not started")
+        with self._record_lock:
+            changes = dict(state=state or ("online" if handler.accepting else "draining"),
+                           cache_tokens_free=handler.budget.free)
+            if self._record is None:
+                self._record = ServerRecord(
+                    peer_id=self.peer_id, model=self.model_id, start=span.start, end=span.end,
+                    num_blocks=span.family.num_blocks(span.config), hidden_size=span.hidden_size,
+                    addresses=self.addresses, throughput=self.throughput, cache_tokens_total=handler.budget.total,
+                    dtype=str(span.dtype).removeprefix("torch."), version=__version__,
+                    ttl=self.config.discovery.record_ttl, **changes)
+            else:
+                self._record = self._record.bump(**changes)
+            return self._record
+
+    def _on_gossip(self, fields: dict) -> dict:
+        if self.discovery is None:
+            return {"records": []}
+        return self.discovery.handle_gossip(fields)
 
     @property
     def endpoint(self) -> str:
@@ -99,6 +142,9 @@ class Server:
         self._stopped.set()
         if self.handler is not None:
             self.handler.accepting = False
+        if self.discovery is not None:  # tell the swarm first, so clients stop routing here
+            offline = self.record("offline") if self.span is not None and self.handler is not None else None
+            self.discovery.stop(offline=offline)
         if self._worker is not None:
             self._worker.stop(self.config.drain_timeout)
         if self._rpc is not None:
@@ -117,4 +163,18 @@ class Server:
         self.stop()
 
 
-__all__ = ["Server", "ServerConfig", "parse_blocks"]
+def measure_throughput(span: BlockSpan, tokens: int = 32, repeats: int = 3) -> float:
+    """Tokens/s of a forward pass through the whole span (best of a few short runs): a cheap speed figure."""
+    import torch
+
+    hidden = torch.randn(1, tokens, span.hidden_size, generator=torch.Generator().manual_seed(0)).to(span.dtype)
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(repeats):
+            started = time.perf_counter()
+            span(hidden)
+            best = min(best, time.perf_counter() - started)
+    return round(tokens / max(best, 1e-9), 1)
+
+
+__all__ = ["Server", "ServerConfig", "measure_throughput", "parse_blocks"]

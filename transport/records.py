@@ -1,0 +1,127 @@
+"""Server records: what a server says about itself to the swarm, small, versioned and validated on receipt.
+
+A record is plain data (it travels as a msgpack map inside gossip messages). `seq` grows every time the owner
+republishes, so newer records win when two disagree; `ttl` is how many seconds a receiver believes a record without
+hearing a newer one (measured on the receiver's own clock, so clock skew between machines does not matter).
+`record_from_wire` checks every field and its size and raises ProtocolError on anything malformed or oversized, so
+a bad record from a peer is dropped without touching what we know.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import msgpack
+
+from .errors import ProtocolError
+
+RECORD_VERSION = 1
+MAX_RECORD_BYTES = 4096  # one encoded record
+STATES = ("joining", "online", "draining", "offline")
+_PEER_ID = re.compile(r"^[0-9a-f]{8,64}$")
+
+
+@dataclass(frozen=True)
+class ServerRecord:
+    peer_id: str  # stable random hex id of the server (kept across restarts when it has a state directory)
+    model: str  # model id the server announces
+    start: int  # first block served
+    end: int  # one past the last block served
+    num_blocks: int  # blocks in the whole model
+    hidden_size: int
+    addresses: tuple[str, ...]  # tcp://HOST:PORT endpoints it can be reached at
+    state: str = "online"  # joining | online | draining | offline
+    throughput: float = 0.0  # tokens/s the server can process per block (a cheap measurement for now)
+    cache_tokens_free: int = 0
+    cache_tokens_total: int = 0
+    dtype: str = "float32"
+    quant: str = "none"  # weight quantization
+    adapters: tuple[str, ...] = ()
+    protocol: int = 1
+    version: str = ""  # swarm package version
+    seq: int = 0  # grows with every republish by the owner
+    updated_at: float = field(default_factory=time.time)  # owner's wall-clock time of publishing (informative)
+    ttl: float = 15.0  # seconds a receiver believes this record without hearing a newer one
+    record_version: int = RECORD_VERSION
+
+    def newer_than(self, other: ServerRecord | None) -> bool:
+        return other is None or self.seq > other.seq
+
+    def bump(self, **changes: Any) -> ServerRecord:
+        """The next version of this record (higher seq, published now), with `changes` applied."""
+        return replace(self, **changes, seq=self.seq + 1, updated_at=time.time())
+
+
+def record_to_wire(record: ServerRecord) -> dict[str, Any]:
+    data = asdict(record)
+    data["addresses"] = list(record.addresses)
+    data["adapters"] = list(record.adapters)
+    return data
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ProtocolError(f"bad record: {message}")
+
+
+def _str(data: dict[str, Any], key: str, limit: int, default: str | None = None) -> str:
+    value = data.get(key, default)
+    _check(isinstance(value, str) and len(value) <= limit, f"{key} must be a string of at most {limit} chars")
+    return value
+
+
+def _int(data: dict[str, Any], key: str, low: int = 0, high: int = 1 << 62, default: int | None = None) -> int:
+    value = data.get(key, default)
+    _check(isinstance(value, int) and not isinstance(value, bool) and low <= value <= high,
+           f"{key} must be an integer in [{low}, {high}]")
+    return value
+
+
+def _float(data: dict[str, Any], key: str, default: float | None = None) -> float:
+    value = data.get(key, default)
+    _check(isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+           and abs(value) < 1e18, f"{key} must be a finite number")
+    return float(value)
+
+
+def _positive(data: dict[str, Any], key: str) -> float:
+    value = _float(data, key)
+    _check(0 < value <= 86400, f"{key} must be in (0, 86400]")
+    return value
+
+
+def _strs(data: dict[str, Any], key: str, count: int, limit: int) -> tuple[str, ...]:
+    value = data.get(key, [])
+    _check(isinstance(value, (list, tuple)) and len(value) <= count
+           and all(isinstance(v, str) and len(v) <= limit for v in value),
+           f"{key} must be a list of at most {count} strings")
+    return tuple(value)
+
+
+def record_from_wire(data: Any) -> ServerRecord:
+    """A validated ServerRecord from a decoded map; raises ProtocolError when anything is off."""
+    _check(isinstance(data, dict), "a record must be a map")
+    size = len(msgpack.packb(data, use_bin_type=True))
+    _check(size <= MAX_RECORD_BYTES, f"{size} bytes is more than {MAX_RECORD_BYTES}")
+    peer_id = _str(data, "peer_id", 64)
+    _check(bool(_PEER_ID.match(peer_id)), "peer_id must be 8 to 64 lowercase hex digits")
+    num_blocks = _int(data, "num_blocks", 1, 1 << 20)
+    start = _int(data, "start", 0, num_blocks - 1)
+    end = _int(data, "end", start + 1, num_blocks)
+    state = _str(data, "state", 16)
+    _check(state in STATES, f"state must be one of {', '.join(STATES)}")
+    addresses = _strs(data, "addresses", 8, 200)
+    _check(bool(addresses) and all(a.startswith("tcp://") for a in addresses), "addresses must be tcp:// endpoints")
+    return ServerRecord(
+        peer_id=peer_id, model=_str(data, "model", 300), start=start, end=end, num_blocks=num_blocks,
+        hidden_size=_int(data, "hidden_size", 1, 1 << 20), addresses=addresses, state=state,
+        throughput=_float(data, "throughput", 0.0), cache_tokens_free=_int(data, "cache_tokens_free", default=0),
+        cache_tokens_total=_int(data, "cache_tokens_total", default=0), dtype=_str(data, "dtype", 32, "float32"),
+        quant=_str(data, "quant", 32, "none"), adapters=_strs(data, "adapters", 64, 200),
+        protocol=_int(data, "protocol", 0, 1 << 16, 1), version=_str(data, "version", 64, ""),
+        seq=_int(data, "seq"), updated_at=_float(data, "updated_at"), ttl=_positive(data, "ttl"),
+        record_version=_int(data, "record_version", 0, 1 << 16, RECORD_VERSION),
+    )
