@@ -30,31 +30,79 @@ def even_spans(num_blocks: int, servers: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
+class ServeProcess:
+    """One `swarm serve ARGS` subprocess: stderr goes to `log_path`, the endpoint it prints is read (bounded)."""
+
+    def __init__(self, args: Sequence[str], log_path: Path, env: dict[str, str] | None = None,
+                 start_timeout: float = 180.0):
+        env = dict(env if env is not None else os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        self.log_path = log_path
+        with open(log_path, "w") as log_file:
+            self.proc = subprocess.Popen([sys.executable, "-m", "swarm", "serve", *args], stdout=subprocess.PIPE,
+                                         stderr=log_file, stdin=subprocess.DEVNULL, text=True, env=env)
+        try:
+            self.endpoint = self._read_endpoint(start_timeout)
+        except BaseException:
+            self.stop(signal.SIGKILL)
+            raise
+
+    def _read_endpoint(self, timeout: float) -> str:
+        stdout = self.proc.stdout
+        if stdout is None:
+            raise SwarmError("the server's stdout is not a pipe")
+        sel = selectors.DefaultSelector()
+        sel.register(stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                if sel.select(timeout=0.2):
+                    line = stdout.readline()
+                    if line.startswith("tcp://"):
+                        return line.strip()
+                    if not line and self.proc.poll() is not None:
+                        break
+                elif self.proc.poll() is not None:
+                    break
+        finally:
+            sel.close()
+        err = self.log_path.read_text(errors="replace").strip()
+        last = err.splitlines()[-1] if err else "no output"
+        raise SwarmError(f"a local server did not start within {timeout:.0f} s: {last}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        """Send `sig` (SIGKILL after `timeout`) and return the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        return code
+
+
 class LocalSwarm:
     def __init__(self, model: str | Path, spans: Sequence[tuple[int, int]], extra_args: Sequence[str] = (),
                  start_timeout: float = 180.0, env: dict[str, str] | None = None):
         self.model, self.spans = str(model), list(spans)
         self.extra_args, self.start_timeout = list(extra_args), start_timeout
         self.env = env
-        self.processes: list[subprocess.Popen[str]] = []
+        self.servers: list[ServeProcess] = []
         self.endpoints: list[str] = []
-        self.logs: list[Path] = []  # each server's stderr (a pipe nobody reads could fill up and stall it)
         self._log_dir: tempfile.TemporaryDirectory[str] | None = None
 
     def start(self) -> LocalSwarm:
         try:
             self._log_dir = tempfile.TemporaryDirectory(prefix="swarm-local-")
             for start, end in self.spans:
-                cmd = [sys.executable, "-m", "swarm", "serve", self.model, "--blocks", f"{start}:{end}",
-                       "--host", "127.0.0.1", "--port", "0", *self.extra_args]
-                env = dict(self.env if self.env is not None else os.environ)
-                env.setdefault("PYTHONUNBUFFERED", "1")
+                args = [self.model, "--blocks", f"{start}:{end}", "--host", "127.0.0.1", "--port", "0",
+                        *self.extra_args]
                 log_path = Path(self._log_dir.name) / f"server-{start}-{end}.log"
-                with open(log_path, "w") as log_file:
-                    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, text=True, env=env)
-                self.processes.append(proc)
-                self.logs.append(log_path)
-            self.endpoints = [self._endpoint(p, path) for p, path in zip(self.processes, self.logs, strict=True)]
+                self.servers.append(ServeProcess(args, log_path, self.env, self.start_timeout))
+            self.endpoints = [server.endpoint for server in self.servers]
         except BaseException:
             self.stop()
             raise
@@ -62,41 +110,13 @@ class LocalSwarm:
                                                                                        strict=True)))
         return self
 
-    def _endpoint(self, proc: subprocess.Popen[str], log_path: Path) -> str:
-        assert proc.stdout is not None  # noqa: S101 - set by Popen(stdout=PIPE)
-        sel = selectors.DefaultSelector()
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        deadline = time.monotonic() + self.start_timeout
-        try:
-            while time.monotonic() < deadline:
-                if sel.select(timeout=0.2):
-                    line = proc.stdout.readline()
-                    if line.startswith("tcp://"):
-                        return line.strip()
-                    if not line and proc.poll() is not None:
-                        break
-                elif proc.poll() is not None:
-                    break
-        finally:
-            sel.close()
-        err = log_path.read_text(errors="replace")
-        last = err.strip().splitlines()[-1] if err.strip() else "no output"
-        raise SwarmError(f"a local server did not start within {self.start_timeout:.0f} s: {last}")
-
     def stop(self, grace: float = 15.0) -> None:
-        for proc in self.processes:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for proc in self.processes:
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-            if proc.stdout is not None:
-                proc.stdout.close()
-        self.processes = []
+        for server in self.servers:  # signal all first, so they shut down in parallel
+            if server.proc.poll() is None:
+                server.proc.send_signal(signal.SIGTERM)
+        for server in self.servers:
+            server.stop(signal.SIGTERM, grace)
+        self.servers = []
         if self._log_dir is not None:
             self._log_dir.cleanup()
             self._log_dir = None

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,6 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["SWARM_MDNS"] = "0"
 os.environ["SWARM_MDNS_INTERFACE"] = "127.0.0.1"
 
+from swarm.core.local_swarm import ServeProcess  # noqa: E402
 from swarm.core.server import Server, ServerConfig  # noqa: E402
 from swarm.core.server.handler import HandlerLimits  # noqa: E402
 
@@ -105,44 +104,7 @@ def swarm_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-class ServeProcess:
-    """`swarm serve` in a subprocess; reads the endpoint it prints on stdout (bounded wait)."""
-
-    def __init__(self, args: list[str], env: dict[str, str], timeout: float = 120.0):
-        self.proc = subprocess.Popen([sys.executable, "-m", "swarm", "serve", *args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, env=env, text=True)
-        _LIVE.append(self.proc)
-        self.endpoint = _read_endpoint(self.proc, timeout)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(5)
-
-
-def _read_endpoint(proc: subprocess.Popen, timeout: float) -> str:
-    import selectors
-    import time
-
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stderr.read()}")
-        if sel.select(timeout=0.5):
-            line = proc.stdout.readline().strip()
-            if line.startswith("tcp://"):
-                return line
-    proc.kill()
-    raise RuntimeError("server did not print its endpoint in time")
-
-
-_LIVE: list[subprocess.Popen] = []
+_LIVE: list[ServeProcess] = []
 
 
 @pytest.fixture
@@ -150,8 +112,9 @@ def serve_process(tmp_path) -> Iterator[Callable[..., ServeProcess]]:
     started: list[ServeProcess] = []
 
     def start(*args: str) -> ServeProcess:
-        proc = ServeProcess(list(args), swarm_env(tmp_path))
+        proc = ServeProcess(list(args), tmp_path / f"serve-{len(started)}.log", swarm_env(tmp_path), 120.0)
         started.append(proc)
+        _LIVE.append(proc)
         return proc
 
     try:
@@ -164,7 +127,6 @@ def serve_process(tmp_path) -> Iterator[Callable[..., ServeProcess]]:
 @pytest.fixture(scope="session", autouse=True)
 def _kill_leftover_children():
     yield
-    for proc in _LIVE:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
+    for server in _LIVE:
+        if server.proc.poll() is None:
+            server.stop(signal.SIGKILL)
