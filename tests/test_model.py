@@ -180,7 +180,8 @@ def test_missing_blocks_named(tiny_llama, start_server, tmp_path):
     path = isolated_copy(tiny_llama, tmp_path)
     server = start_server(path, (0, 2))
     other = start_server(path, (4, 6))
-    model = client(path, [server.endpoint, other.endpoint], config=ClientConfig(connect_timeout=1.0))
+    config = ClientConfig(connect_timeout=1.0, wait_for_blocks=1.0)
+    model = client(path, [server.endpoint, other.endpoint], config=config)
     with pytest.raises(MissingBlocks, match="blocks 2:4"):
         model.generate(torch.tensor([[1, 2]]), max_new_tokens=2)
 

@@ -11,6 +11,7 @@ wait bounded. After a timeout the socket is replaced, so a request that never le
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
@@ -21,6 +22,7 @@ from typing import Any
 
 import torch
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from .codec import Message, decode, decode_header, encode
 from .errors import ConfigError, PeerTimeout, PeerUnreachable, ProtocolError, SwarmError, error_for_code
@@ -29,6 +31,7 @@ log = logging.getLogger(__name__)
 
 ERROR = "error"  # message type of an error reply
 RESULT = "result"  # message type of a successful reply
+_LOST_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
 
 
 def normalize_endpoint(address: str) -> str:
@@ -235,20 +238,42 @@ class RpcClient:
         self._ctx = context or zmq.Context.instance()
         self._lock = threading.Lock()
         self._socket: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None
         self._closed = False
 
     def _connect(self) -> zmq.Socket:
         if self._socket is None:
             sock = self._ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
+            # connection events tell at once that a peer went away (ZeroMQ itself would only reconnect silently)
+            self._monitor = sock.get_monitor_socket(_LOST_EVENTS)
             sock.connect(self.endpoint)
             self._socket = sock
         return self._socket
 
     def _reset(self) -> None:
         if self._socket is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self._socket.disable_monitor()
             self._socket.close(linger=0)
             self._socket = None
+        if self._monitor is not None:
+            self._monitor.close(linger=0)
+            self._monitor = None
+
+    def _lost(self) -> str | None:
+        """Drain connection events; a description of the loss if the peer closed or refused the connection."""
+        lost = None
+        while self._monitor is not None:
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                lost = "closed the connection"
+            elif event["event"] == zmq.EVENT_CONNECT_RETRIED:
+                lost = "refused the connection"
+        return lost
 
     def call(self, msg_type: str, fields: dict[str, Any] | None = None, tensors: Sequence[torch.Tensor] = (),
              timeout: float | None = None) -> Message:
@@ -260,15 +285,25 @@ class RpcClient:
             if self._closed:
                 raise PeerUnreachable(f"connection to {self.endpoint} is closed")
             sock = self._connect()
+            self._lost()  # events from before this request do not concern it
             sock.send_multipart(frames, copy=False)
             poller = zmq.Poller()
             poller.register(sock, zmq.POLLIN)
+            if self._monitor is not None:
+                poller.register(self._monitor, zmq.POLLIN)
             end = time.monotonic() + timeout
             while True:
                 left = int((end - time.monotonic()) * 1000)
-                if left <= 0 or not poller.poll(left):
+                events = dict(poller.poll(left)) if left > 0 else {}
+                if not events:
                     self._reset()
                     raise PeerTimeout(f"{self.endpoint} did not answer {msg_type!r} within {timeout:g} s")
+                if sock not in events:
+                    lost = self._lost()
+                    if lost is not None:
+                        self._reset()
+                        raise PeerUnreachable(f"{self.endpoint} {lost} before answering {msg_type!r}")
+                    continue
                 reply = sock.recv_multipart(copy=False)
                 try:
                     message = decode(reply)

@@ -10,4 +10,7 @@ class ClientConfig:
     request_timeout: float = 60.0  # seconds to wait for a forward/backward/step reply
     connect_timeout: float = 5.0  # seconds to wait for servers covering the model when joining
     gossip_period: float = 1.0  # seconds between the client's refreshes of what it knows of the swarm
-    max_length: int | None = None  # default session length when generate() opens one itself (None: from the call)
+    ban_time: float = 2.0  # seconds a failing server is avoided after its first failure; doubles with each failure
+    max_ban_time: float = 120.0  # cap of that backoff
+    max_retries: int = 16  # replacement routes tried for one step or request before giving up
+    wait_for_blocks: float = 60.0  # seconds to wait for a server of blocks no live server covers, before failing

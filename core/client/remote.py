@@ -10,6 +10,7 @@ cache can be rebuilt by replay.
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,11 +20,19 @@ import torch
 
 from ...transport.codec import PROTOCOL_VERSION
 from ...transport.discovery import Discovery
-from ...transport.errors import ConfigError, SwarmError
+from ...transport.errors import (
+    ConfigError,
+    PeerTimeout,
+    PeerUnreachable,
+    ProtocolError,
+    ServerBusy,
+    SwarmError,
+    UnknownSession,
+)
 from ...transport.records import ServerRecord
 from ...transport.rpc import RpcClient, RpcClientConfig
 from .config import ClientConfig
-from .routing import Hop, SpanInfo, missing_ranges, plan_chain
+from .routing import Hop, MissingBlocks, SpanInfo, missing_ranges, plan_chain
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +50,16 @@ class RemoteSequential(torch.nn.Module):
         self._rpc = RpcClientConfig(timeout=self.config.request_timeout, connect_timeout=self.config.connect_timeout)
         self._clients: dict[str, RpcClient] = {}
         self._warned: set[str] = set()
+        self._bans: dict[str, tuple[float, int]] = {}  # peer endpoint -> (banned until, consecutive failures)
         # a model dropped without close() still stops its discovery thread and sockets
         self._finalizer = weakref.finalize(self, _release, self._clients, discovery if owns_discovery else None)
 
     def servers(self) -> list[ServerRecord]:
         """Serving records of this model that this client can use."""
         usable = []
+        now = time.monotonic()
         for record in self.discovery.records(self._model_filter):
-            if record.state not in ("online", "joining"):
+            if record.state not in ("online", "joining") or self._bans.get(record.addresses[0], (0, 0))[0] > now:
                 continue
             problem = self._check(record)
             if problem is None:
@@ -76,12 +87,52 @@ class RemoteSequential(torch.nn.Module):
     def plan(self, start: int = 0, end: int | None = None) -> list[Hop]:
         return plan_chain([_span(r) for r in self.servers()], start, self.num_blocks if end is None else end)
 
+    def ban(self, peer: str, error: BaseException) -> None:
+        """Avoid a failing server for a while (capped exponential backoff over consecutive failures)."""
+        _, failures = self._bans.get(peer, (0.0, 0))
+        delay = min(self.config.max_ban_time, self.config.ban_time * 2 ** min(failures, 30))
+        self._bans[peer] = (time.monotonic() + delay, failures + 1)
+        log.warning("server %s failed (%s); avoiding it for %.0f s", peer, error, delay)
+
+    def plan_or_wait(self, start: int, end: int) -> list[Hop]:
+        """A chain for [start, end); when some blocks have no live server, wait (bounded) for one to appear."""
+        deadline = time.monotonic() + self.config.wait_for_blocks
+        announced = False
+        while True:
+            try:
+                return self.plan(start, end)
+            except MissingBlocks as e:
+                if time.monotonic() >= deadline:
+                    raise MissingBlocks(e.missing, [(r.start, r.end) for r in self.servers()],
+                                        waited=self.config.wait_for_blocks) from None
+                if not announced:
+                    announced = True
+                    log.warning("waiting up to %.0f s for a server of blocks %s", self.config.wait_for_blocks,
+                                ", ".join(f"{a}:{b}" for a, b in e.missing))
+                self.discovery.wait(lambda _: not missing_ranges([_span(r) for r in self.servers()], start, end),
+                                    min(1.0, max(0.0, deadline - time.monotonic())))
+
+    def retry(self, attempt: Callable[[], Any], what: str) -> Any:
+        """Run `attempt` until it succeeds; each failure of a server bans it and tries again (bounded)."""
+        for _ in range(self.config.max_retries):
+            try:
+                return attempt()
+            except RECOVERABLE as e:
+                self.ban(getattr(e, "peer", None) or _peer_of(e), e)
+        raise SwarmError(f"{what} failed on {self.config.max_retries} routes in a row; giving up")
+
     def call(self, hop: Hop, msg_type: str, fields: dict[str, Any], tensors: list[torch.Tensor],
              timeout: float | None = None) -> Any:
         client = self._clients.get(hop.peer)
         if client is None:
             client = self._clients[hop.peer] = RpcClient(hop.peer, self._rpc)
-        return client.call(msg_type, fields, tensors, timeout=timeout)
+        try:
+            reply = client.call(msg_type, fields, tensors, timeout=timeout)
+        except RECOVERABLE as e:
+            raise _HopFailed(hop, e) from e
+        if hop.peer in self._bans:
+            self._bans[hop.peer] = (0.0, 0)  # it answers again: forget its failures
+        return reply
 
     def hop_forward(self, hop: Hop, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         names, tensors = _named(hidden=hidden, attention_mask=mask)
@@ -129,24 +180,68 @@ def _one_tensor(reply: Any, like: torch.Tensor) -> torch.Tensor:
     return reply.tensors[0].to(like.dtype)
 
 
+class _HopFailed(SwarmError):
+    """A server of a hop failed in a way another server can make up for."""
+
+    def __init__(self, hop: Hop, error: SwarmError):
+        super().__init__(f"{hop.peer} (blocks {hop.start}:{hop.end}): {error}")
+        self.hop, self.error, self.peer = hop, error, hop.peer
+
+
+# failures another server can make up for: the server is gone, stuck, restarted, draining, or broken
+# (a full cache is not one of them yet: the caller learns it at once instead of waiting for a server with room)
+RECOVERABLE = (_HopFailed, PeerTimeout, PeerUnreachable, UnknownSession, ServerBusy, ProtocolError)
+
+
+def _peer_of(error: BaseException) -> str:
+    return getattr(error, "peer", None) or "?"
+
+
+def _forward_span(seq: RemoteSequential, start: int, end: int, hidden: torch.Tensor, mask: torch.Tensor | None,
+                  ) -> tuple[torch.Tensor, list[tuple[Hop, torch.Tensor]]]:
+    """Run blocks [start, end) forward, retrying failed hops elsewhere; returns the output and each hop's input."""
+    def attempt() -> tuple[torch.Tensor, list[tuple[Hop, torch.Tensor]]]:
+        out, inputs = hidden, []
+        for hop in seq.plan_or_wait(start, end):
+            inputs.append((hop, out))
+            out = seq.hop_forward(hop, out, mask)
+        return out, inputs
+
+    return seq.retry(attempt, f"forward through blocks {start}:{end}")
+
+
 class _RemoteBlocks(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, mask: torch.Tensor | None, seq: RemoteSequential) -> torch.Tensor:
-        chain = seq.plan()
-        inputs = []
-        out = hidden.detach()
-        for hop in chain:
-            inputs.append(out)
-            out = seq.hop_forward(hop, out, mask)
-        ctx.seq, ctx.chain, ctx.inputs, ctx.mask = seq, chain, inputs, mask
+        out, inputs = _forward_span(seq, 0, seq.num_blocks, hidden.detach(), mask)
+        ctx.seq, ctx.inputs, ctx.mask = seq, inputs, mask
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         grad = grad.contiguous()
-        for hop, hidden in zip(reversed(ctx.chain), reversed(ctx.inputs), strict=True):
-            grad = ctx.seq.hop_backward(hop, hidden, grad, ctx.mask)
+        seq, mask = ctx.seq, ctx.mask
+        for hop, hidden in reversed(ctx.inputs):
+            grad = _backward_span(seq, hop, hidden, grad, mask)
         return grad, None, None
+
+
+def _backward_span(seq: RemoteSequential, hop: Hop, hidden: torch.Tensor, grad: torch.Tensor,
+                   mask: torch.Tensor | None) -> torch.Tensor:
+    """Gradient w.r.t. the input of `hop`'s blocks; when its server fails, recompute them on others and retry."""
+    try:
+        return seq.hop_backward(hop, hidden, grad, mask)
+    except RECOVERABLE as e:
+        seq.ban(_peer_of(e), e)
+
+    def attempt() -> torch.Tensor:
+        _, inputs = _forward_span(seq, hop.start, hop.end, hidden, mask)  # inputs of the replacement hops
+        g = grad
+        for sub_hop, sub_hidden in reversed(inputs):
+            g = seq.hop_backward(sub_hop, sub_hidden, g, mask)
+        return g
+
+    return seq.retry(attempt, f"backward through blocks {hop.start}:{hop.end}")
 
 
 @dataclass
@@ -157,7 +252,13 @@ class _HopSession:
 
 
 class InferenceSession:
-    """Generation state on the servers: each step sends only the new tokens' hidden states through the chain."""
+    """Generation state on the servers: each step sends only the new tokens' hidden states through the chain.
+
+    Every hop keeps the inputs it was sent. When a server fails (it vanished, timed out, lost the session, or is
+    shutting down), it is banned for a while, a replacement chain is found for its blocks only (waiting, bounded,
+    when none exists yet), the hop's history is replayed there step by step, exactly as it was first sent, so the
+    rebuilt cache is the same, and the step goes on. Sampling is untouched by recovery, so the tokens are the same.
+    """
 
     def __init__(self, seq: RemoteSequential, max_length: int, batch_size: int | None = None):
         if not isinstance(max_length, int) or max_length < 1:
@@ -166,21 +267,51 @@ class InferenceSession:
         self.position = 0  # tokens the servers hold
         self.hops: list[_HopSession] = []
         self.closed = False
+        self.recoveries = 0  # replacement chains built so far
 
     @property
     def route(self) -> list[Hop]:
         return [h.hop for h in self.hops]
 
-    def _open(self, batch: int) -> None:
-        self.batch_size = batch
-        self.hops = [_HopSession(hop) for hop in self.seq.plan()]
-        for hop_session in self.hops:
-            hop = hop_session.hop
-            reply = self.seq.call(hop, "open", {"batch_size": batch, "max_length": self.max_length,
-                                                "blocks": [hop.start, hop.end]}, [],
-                                  timeout=self.seq.config.connect_timeout)
-            hop_session.session_id = str(reply.get("session"))
-        log.info("inference session through %s", " -> ".join(f"{h.peer} [{h.start}:{h.end})" for h in self.route))
+    def _open_chain(self, start: int, end: int) -> list[_HopSession]:
+        chain = self.seq.plan_or_wait(start, end)
+        opened: list[_HopSession] = []
+        try:
+            for hop in chain:
+                reply = self.seq.call(hop, "open", {"batch_size": self.batch_size, "max_length": self.max_length,
+                                                    "blocks": [hop.start, hop.end]}, [],
+                                      timeout=self.seq.config.connect_timeout)
+                opened.append(_HopSession(hop, str(reply.get("session"))))
+        except BaseException:
+            self._close_sessions(opened)
+            raise
+        return opened
+
+    def _step_hop(self, hop_session: _HopSession, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        names, tensors = _named(hidden=hidden, attention_mask=mask)
+        reply = self.seq.call(hop_session.hop, "step", {"session": hop_session.session_id, "names": names}, tensors)
+        out = _one_tensor(reply, hidden)
+        hop_session.history.append((hidden, mask))
+        return out
+
+    def _replacement(self, failed: _HopSession) -> list[_HopSession]:
+        """New hops for the failed hop's blocks, with its history replayed into their caches."""
+        def attempt() -> list[_HopSession]:
+            hops = self._open_chain(failed.hop.start, failed.hop.end)
+            try:
+                for hidden, mask in failed.history:
+                    for hop_session in hops:
+                        hidden = self._step_hop(hop_session, hidden, mask)
+            except BaseException:
+                self._close_sessions(hops)
+                raise
+            return hops
+
+        hops = self.seq.retry(attempt, f"recovering blocks {failed.hop.start}:{failed.hop.end}")
+        self.recoveries += 1
+        log.info("recovered blocks %d:%d on %s (replayed %d steps)", failed.hop.start, failed.hop.end,
+                 ", ".join(h.hop.peer for h in hops), len(failed.history))
+        return hops
 
     def step(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Run new tokens' hidden states [batch, new, hidden] through every hop; returns the last hop's output."""
@@ -193,29 +324,44 @@ class InferenceSession:
             raise ConfigError(f"the session holds {self.position} tokens; {new} more would pass its max_length "
                               f"{self.max_length}: open it with a larger max_length")
         if not self.hops:
-            self._open(batch)
+            self.batch_size = batch
+            self.hops = self.seq.retry(lambda: self._open_chain(0, self.seq.num_blocks), "opening a session")
+            log.info("inference session through %s",
+                     " -> ".join(f"{h.peer} [{h.start}:{h.end})" for h in self.route))
         mask = None if attention_mask is None else attention_mask.to(torch.int8)
         out = hidden.detach()
-        for hop_session in self.hops:
-            hop_session.history.append((out, mask))
-            names, tensors = _named(hidden=out, attention_mask=mask)
-            reply = self.seq.call(hop_session.hop, "step", {"session": hop_session.session_id, "names": names},
-                                  tensors)
-            out = _one_tensor(reply, out)
+        i, failures = 0, 0
+        while i < len(self.hops):
+            hop_session = self.hops[i]
+            try:
+                out_next = self._step_hop(hop_session, out, mask)
+            except RECOVERABLE as e:
+                failures += 1
+                if failures > self.seq.config.max_retries:
+                    raise SwarmError(f"giving up after {failures - 1} recoveries in one step: {e}") from e
+                self.seq.ban(hop_session.hop.peer, e)
+                self._close_sessions([hop_session])
+                self.hops[i:i + 1] = self._replacement(hop_session)
+                continue
+            out = out_next
+            i += 1
         self.position += new
         return out
+
+    def _close_sessions(self, hops: list[_HopSession]) -> None:
+        for hop_session in hops:
+            if hop_session.session_id is None:
+                continue
+            try:
+                self.seq.call(hop_session.hop, "close", {"session": hop_session.session_id}, [], timeout=1.0)
+            except SwarmError as e:  # the server may be gone; its session expires on its own
+                log.debug("closing a session on %s failed: %s", hop_session.hop.peer, e)
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        for hop_session in self.hops:
-            if hop_session.session_id is None:
-                continue
-            try:
-                self.seq.call(hop_session.hop, "close", {"session": hop_session.session_id}, [], timeout=2.0)
-            except SwarmError as e:  # the server may be gone; its session expires on its own
-                log.debug("closing a session on %s failed: %s", hop_session.hop.peer, e)
+        self._close_sessions(self.hops)
 
     def __enter__(self) -> InferenceSession:
         return self

@@ -17,11 +17,12 @@ class MissingBlocks(SwarmError):
 
     code = "missing_blocks"
 
-    def __init__(self, missing: list[tuple[int, int]], known: Sequence[tuple[int, int]]):
+    def __init__(self, missing: list[tuple[int, int]], known: Sequence[tuple[int, int]], waited: float = 0.0):
         gaps = ", ".join(f"{a}:{b}" for a, b in missing)
         served = ", ".join(f"{a}:{b}" for a, b in sorted(set(known))) or "nothing"
-        super().__init__(f"no server covers blocks {gaps} (known servers cover {served}); start a server with "
-                         f"`swarm serve MODEL --blocks {missing[0][0]}:{missing[0][1]}` or point at more peers")
+        after = f" after waiting {waited:g} s" if waited else ""
+        super().__init__(f"no server covers blocks {gaps}{after} (live servers cover {served}); start a server "
+                         f"with `swarm serve MODEL --blocks {missing[0][0]}:{missing[0][1]}` or point at more peers")
         self.missing = missing
 
 
