@@ -1,0 +1,163 @@
+"""Fault tolerance: servers SIGKILLed in the middle of generate() and of forward/backward; exact recovery."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from conftest import load_reference, make_tiny_model
+
+from swarm import AutoDistributedModelForCausalLM
+from swarm.core.client.config import ClientConfig
+from swarm.core.client.routing import MissingBlocks
+
+FAST = ["--host", "127.0.0.1", "--no-mdns", "--gossip-period", "0.2", "--record-ttl", "3"]
+PROMPT = torch.tensor([[7, 3, 9, 1, 4, 4, 2]])
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    return make_tiny_model(tmp_path / f"ft-{tmp_path.name[-10:]}", layers=4, seed=21)
+
+
+def start_all(serve_process, model_dir, spans, peers=()):
+    """Start servers for `spans` at once (each gossips with `peers`); returns them in order."""
+    extra = ["--initial-peers", *peers] if peers else []
+    with ThreadPoolExecutor(len(spans)) as pool:
+        return list(pool.map(lambda span: serve_process(str(model_dir), "--blocks", f"{span[0]}:{span[1]}",
+                                                         *FAST, *extra), spans))
+
+
+def connect(model_dir, first, expected_servers, **config):
+    config = ClientConfig(gossip_period=0.2, **{"wait_for_blocks": 30.0, **config})
+    model = AutoDistributedModelForCausalLM.from_pretrained(str(model_dir), initial_peers=[first.endpoint],
+                                                            config=config)
+    assert model.blocks.discovery.wait(lambda _: len(model.blocks.servers()) == expected_servers, 15)
+    return model
+
+
+class KillDuring:
+    """SIGKILLs the server that holds `block` in a session's route, during the steps numbered in `at` (0 = first),
+    after the step's request is on its way to the hops before it: the server dies mid-step."""
+
+    def __init__(self, session, servers, at, block=2, then=None):
+        self.by_endpoint, self.at, self.block, self.then = {s.endpoint: s for s in servers}, set(at), block, then
+        self.steps, self.killed = 0, []
+        real_step, real_step_hop = session.step, session._step_hop
+
+        def step(hidden, mask=None):
+            try:
+                return real_step(hidden, mask)
+            finally:
+                self.steps += 1
+
+        def step_hop(hop_session, hidden, mask):
+            hop = hop_session.hop
+            if self.steps in self.at and hop.start <= self.block < hop.end and hop.peer in self.by_endpoint:
+                self.by_endpoint[hop.peer].stop(signal.SIGKILL)
+                self.killed.append(hop.peer)
+                self.at.discard(self.steps)  # once per listed step
+                if self.then is not None:
+                    self.then()
+            return real_step_hop(hop_session, hidden, mask)
+
+        session.step, session._step_hop = step, step_hop
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("at,batch", [(0, 1), (5, 2), (9, 1)], ids=["first-step", "middle-batch2", "last-step"])
+def test_generation_survives_a_killed_server(model_dir, serve_process, at, batch):
+    ref = load_reference(model_dir)
+    first = serve_process(str(model_dir), "--blocks", "0:2", *FAST)
+    others = start_all(serve_process, model_dir, [(2, 4), (2, 4)], [first.endpoint])
+    model = connect(model_dir, first, 3)
+    ids = PROMPT if batch == 1 else torch.tensor([[0, 0, 5, 6, 7, 8, 9], [7, 3, 9, 1, 4, 4, 2]])
+    mask = torch.ones_like(ids) if batch == 1 else torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7])
+    kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    expected = ref.generate(ids, **kwargs)
+    with model, model.inference_session(max_length=32) as session:
+        killer = KillDuring(session, others, at=[at])
+        got = model.generate(ids, **kwargs)
+        assert session.recoveries == 1 and killer.steps == 10
+    assert len(killer.killed) == 1
+    assert got.tolist() == expected.tolist()
+
+
+@pytest.mark.slow
+def test_two_failures_in_one_generation_and_sampling_is_unchanged(model_dir, serve_process):
+    first = serve_process(str(model_dir), "--blocks", "0:2", *FAST)
+    others = start_all(serve_process, model_dir, [(2, 4), (2, 4), (2, 4)], [first.endpoint])
+    model = connect(model_dir, first, 4)
+    sample = dict(max_new_tokens=12, do_sample=True, top_p=0.9, temperature=0.9)
+    with model:
+        torch.manual_seed(5)
+        clean = model.generate(PROMPT, **sample)
+        with model.inference_session(max_length=32) as session:
+            killer = KillDuring(session, others, at=[3, 8])
+            torch.manual_seed(5)
+            recovered = model.generate(PROMPT, **sample)
+            assert session.recoveries == 2
+    assert len(set(killer.killed)) == 2
+    assert recovered.tolist() == clean.tolist()
+
+
+@pytest.mark.slow
+def test_replacement_that_appears_after_the_failure(model_dir, serve_process):
+    ref = load_reference(model_dir)
+    first = serve_process(str(model_dir), "--blocks", "0:2", *FAST)
+    (only,) = start_all(serve_process, model_dir, [(2, 4)], [first.endpoint])
+    model = connect(model_dir, first, 2)
+    expected = ref.generate(PROMPT, max_new_tokens=8, do_sample=False)
+    started: list = []
+
+    def late_replacement():  # starts only once the only server of blocks 2:4 is dead
+        started.append(serve_process(str(model_dir), "--blocks", "2:4", *FAST, "--initial-peers", first.endpoint))
+
+    thread = threading.Thread(target=late_replacement)
+    with model, model.inference_session(max_length=32) as session:
+        KillDuring(session, [only], at=[3], then=thread.start)
+        got = model.generate(PROMPT, max_new_tokens=8, do_sample=False)
+        assert session.recoveries == 1
+    thread.join(120)
+    assert started and got.tolist() == expected.tolist()
+
+
+@pytest.mark.slow
+def test_no_server_left_is_a_clear_error_after_the_wait(model_dir, serve_process):
+    first = serve_process(str(model_dir), "--blocks", "0:2", *FAST)
+    (only,) = start_all(serve_process, model_dir, [(2, 4)], [first.endpoint])
+    model = connect(model_dir, first, 2, wait_for_blocks=1.5)
+    with model, model.inference_session(max_length=32) as session:
+        KillDuring(session, [only], at=[2])
+        with pytest.raises(MissingBlocks, match=r"blocks 2:4 after waiting 1.5 s"):
+            model.generate(PROMPT, max_new_tokens=6, do_sample=False)
+
+
+@pytest.mark.slow
+def test_forward_and_backward_retry_on_another_server(model_dir, serve_process):
+    ref = load_reference(model_dir)
+    first = serve_process(str(model_dir), "--blocks", "0:2", *FAST)
+    others = start_all(serve_process, model_dir, [(2, 4), (2, 4)], [first.endpoint])
+    model = connect(model_dir, first, 3)
+    ids = PROMPT
+    with model:
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        by_endpoint = {s.endpoint: s for s in others}
+        planned = next(h for h in model.blocks.plan() if h.start == 2)
+        by_endpoint[planned.peer].stop(signal.SIGKILL)  # dies before the forward pass
+        out = model(inputs_embeds=embeds, labels=ids)
+        # the server that ran the forward pass dies before the backward pass: it is recomputed elsewhere
+        (survivor,) = [s for s in others if s.proc.poll() is None]
+        third = serve_process(str(model_dir), "--blocks", "2:4", *FAST, "--initial-peers", first.endpoint)
+        assert model.blocks.discovery.wait(lambda _: third.endpoint in {h.peer for h in model.blocks.plan()}
+                                           or len(model.blocks.servers()) == 3, 15)
+        survivor.stop(signal.SIGKILL)
+        out.loss.backward()
+    ref_embeds = ref.get_input_embeddings()(ids).detach().requires_grad_(True)
+    ref_out = ref(inputs_embeds=ref_embeds, labels=ids)
+    ref_out.loss.backward()
+    torch.testing.assert_close(out.logits, ref_out.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(embeds.grad, ref_embeds.grad, atol=1e-6, rtol=1e-4)
