@@ -245,6 +245,8 @@ class RpcClient:
         if self._socket is None:
             sock = self._ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.RECONNECT_IVL, 20)  # ms: a refused reconnect (peer gone) shows up quickly
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
             # connection events tell at once that a peer went away (ZeroMQ itself would only reconnect silently)
             self._monitor = sock.get_monitor_socket(_LOST_EVENTS)
             sock.connect(self.endpoint)

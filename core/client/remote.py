@@ -340,7 +340,8 @@ class InferenceSession:
                 if failures > self.seq.config.max_retries:
                     raise SwarmError(f"giving up after {failures - 1} recoveries in one step: {e}") from e
                 self.seq.ban(hop_session.hop.peer, e)
-                self._close_sessions([hop_session])
+                if not isinstance(getattr(e, "error", e), (PeerUnreachable, PeerTimeout)):
+                    self._close_sessions([hop_session])  # it still answers: free its cache now
                 self.hops[i:i + 1] = self._replacement(hop_session)
                 continue
             out = out_next
