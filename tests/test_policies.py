@@ -2,26 +2,53 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from swarm.core.aliases import ALIASES, announced_id, matches, resolve_alias
-from swarm.core.client.routing import Hop, MissingBlocks, SpanInfo, plan_chain
+from swarm.core.client.routing import Hop, MissingBlocks, SpanInfo, plan_forward, plan_inference
 from swarm.core.coverage import model_coverage, models_served
 from swarm.transport.records import ServerRecord
 
 
+def span(peer, start, end, rtt=0.001, throughput=1000.0, cache_free=None):
+    return SpanInfo(peer, start, end, rtt=rtt, throughput=throughput, cache_free=cache_free)
+
+
 @pytest.mark.parametrize("spans,expected", [
-    ([("a", 0, 8)], [("a", 0, 8)]),
-    ([("a", 0, 4), ("b", 4, 8)], [("a", 0, 4), ("b", 4, 8)]),
-    # the furthest-reaching server wins, and a later hop may start inside another's span
-    ([("a", 0, 3), ("b", 0, 5), ("c", 3, 8)], [("b", 0, 5), ("c", 5, 8)]),
-    ([("a", 0, 2), ("b", 1, 6), ("c", 2, 8)], [("a", 0, 2), ("c", 2, 8)]),
-    # equal reach: the less loaded one
-    ([("busy", 0, 8, 5.0), ("idle", 0, 8, 1.0)], [("idle", 0, 8)]),
+    ([span("a", 0, 8)], [("a", 0, 8)]),
+    ([span("a", 0, 4), span("b", 4, 8)], [("a", 0, 4), ("b", 4, 8)]),
+    # one fast server for everything beats two hops
+    ([span("a", 0, 4), span("b", 4, 8), span("c", 0, 8)], [("c", 0, 8)]),
+    # a far server (100 ms round trip) is avoided when near ones cover the blocks
+    ([span("far", 0, 8, rtt=0.1), span("a", 0, 4), span("b", 4, 8)], [("a", 0, 4), ("b", 4, 8)]),
+    # a slow server (10 tokens/s through its span) is avoided, even at the cost of a hop
+    ([span("slow", 0, 8, throughput=10), span("a", 0, 4), span("b", 4, 8)], [("a", 0, 4), ("b", 4, 8)]),
+    # a hop may use part of a server's span: blocks 0:2 on a, the rest on fast b
+    ([span("a", 0, 4, throughput=50), span("b", 2, 8, throughput=5000)], [("a", 0, 2), ("b", 2, 8)]),
+    # unmeasured round trips count as DEFAULT_RTT
+    ([span("unknown", 0, 8, rtt=None), span("near", 0, 8, rtt=0.0001)], [("near", 0, 8)]),
 ])
-def test_plan_chain(spans, expected):
-    infos = [SpanInfo(*s) for s in spans]
-    assert plan_chain(infos, 0, 8) == [Hop(*e) for e in expected]
+def test_plan_inference_lowest_expected_step_time(spans, expected):
+    assert plan_inference(spans, 0, 8) == [Hop(*e) for e in expected]
+
+
+def test_plan_inference_prefers_servers_with_cache_room():
+    spans = [span("full", 0, 8, cache_free=10), span("roomy", 0, 8, rtt=0.05, cache_free=10_000)]
+    assert plan_inference(spans, 0, 8, cache_needed=512) == [Hop("roomy", 0, 8)]
+    # when only full servers cover a block, they are tried anyway (their open answers whether they are full)
+    spans = [span("full", 0, 8, cache_free=10), span("roomy", 0, 4, cache_free=10_000)]
+    assert plan_inference(spans, 0, 8, cache_needed=512) == [Hop("full", 0, 8)]
+
+
+def test_plan_forward_spreads_by_throughput():
+    spans = [span("fast", 0, 8, throughput=3000), span("slow", 0, 8, throughput=1000)]
+    rng = random.Random(0)
+    picks = [plan_forward(spans, 0, 8, rng)[0].peer for _ in range(2000)]
+    assert 0.7 < picks.count("fast") / len(picks) < 0.8
+    chain = plan_forward([span("a", 0, 3), span("b", 3, 8)], 0, 8, rng)
+    assert chain == [Hop("a", 0, 3), Hop("b", 3, 8)]
 
 
 @pytest.mark.parametrize("spans,missing", [
@@ -29,9 +56,10 @@ def test_plan_chain(spans, expected):
     ([("a", 0, 3), ("b", 5, 8)], [(3, 5)]),
     ([("a", 1, 7)], [(0, 1), (7, 8)]),
 ])
-def test_plan_chain_names_missing_blocks(spans, missing):
+@pytest.mark.parametrize("planner", [plan_inference, plan_forward])
+def test_planners_name_missing_blocks(spans, missing, planner):
     with pytest.raises(MissingBlocks) as info:
-        plan_chain([SpanInfo(*s) for s in spans], 0, 8)
+        planner([span(*s) for s in spans], 0, 8)
     assert info.value.missing == missing
     assert f"{missing[0][0]}:{missing[0][1]}" in str(info.value)
 

@@ -12,7 +12,7 @@ from conftest import load_reference, make_tiny_model
 
 from swarm import AutoDistributedModelForCausalLM
 from swarm.core.client.config import ClientConfig
-from swarm.core.client.routing import MissingBlocks
+from swarm.core.client.routing import Hop, MissingBlocks
 
 FAST = ["--host", "127.0.0.1", "--no-mdns", "--gossip-period", "0.2", "--record-ttl", "3"]
 PROMPT = torch.tensor([[7, 3, 9, 1, 4, 4, 2]])
@@ -145,17 +145,27 @@ def test_forward_and_backward_retry_on_another_server(model_dir, serve_process):
     ids = PROMPT
     with model:
         embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-        by_endpoint = {s.endpoint: s for s in others}
-        planned = next(h for h in model.blocks.plan() if h.start == 2)
-        by_endpoint[planned.peer].stop(signal.SIGKILL)  # dies before the forward pass
+        dead, alive = others
+        dead.stop(signal.SIGKILL)  # dies before the forward pass, while its record is still fresh
+        real_plan = model.blocks.plan
+        planned = []
+
+        def plan_dead_first(start=0, end=None, kind="inference", cache_needed=0):
+            chain = real_plan(start, end, kind, cache_needed)
+            if kind == "forward" and not planned:  # the first forward chain goes through the dead server
+                chain = [Hop(dead.endpoint, h.start, h.end) if h.start == 2 else h for h in chain]
+            planned.append(chain)
+            return chain
+
+        model.blocks.plan = plan_dead_first
         out = model(inputs_embeds=embeds, labels=ids)
         # the server that ran the forward pass dies before the backward pass: it is recomputed elsewhere
-        (survivor,) = [s for s in others if s.proc.poll() is None]
         third = serve_process(str(model_dir), "--blocks", "2:4", *FAST, "--initial-peers", first.endpoint)
-        assert model.blocks.discovery.wait(lambda _: third.endpoint in {h.peer for h in model.blocks.plan()}
-                                           or len(model.blocks.servers()) == 3, 15)
-        survivor.stop(signal.SIGKILL)
+        assert model.blocks.discovery.wait(
+            lambda _: third.endpoint in {r.addresses[0] for r in model.blocks.servers()}, 15)
+        alive.stop(signal.SIGKILL)
         out.loss.backward()
+        assert dead.endpoint in model.blocks._bans and len(planned) >= 2
     ref_embeds = ref.get_input_embeddings()(ids).detach().requires_grad_(True)
     ref_out = ref(inputs_embeds=ref_embeds, labels=ids)
     ref_out.loss.backward()

@@ -366,7 +366,10 @@ class GossipNode:
             if not targets:
                 return 0
             deadline = time.monotonic() + self.config.request_timeout
-            futures = [self._pool.submit(self._exchange, addr, deadline) for addr in targets]
+            try:
+                futures = [self._pool.submit(self._exchange, addr, deadline) for addr in targets]
+            except RuntimeError:  # the pool is gone: the interpreter is exiting
+                return 0
             done, _ = wait_futures(futures, timeout=self.config.request_timeout + 1.0)
             return sum(f.result() for f in done)
 

@@ -13,4 +13,5 @@ class ClientConfig:
     ban_time: float = 2.0  # seconds a failing server is avoided after its first failure; doubles with each failure
     max_ban_time: float = 120.0  # cap of that backoff
     max_retries: int = 16  # replacement routes tried for one step or request before giving up
+    ping_period: float = 10.0  # seconds between background round-trip measurements of the known servers
     wait_for_blocks: float = 60.0  # seconds to wait for a server of blocks no live server covers, before failing

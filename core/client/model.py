@@ -206,6 +206,7 @@ class AutoDistributedModelForCausalLM:
                 raise PeerUnreachable(f"found no server of {announced_id(name_or_path)!r} within "
                                       f"{config.connect_timeout:g} s ({where}; {mdns_text}); start one with "
                                       "`swarm serve MODEL --blocks START:END` or check --initial-peers")
+            blocks.start_pinging()
         except BaseException:
             blocks.close()
             raise

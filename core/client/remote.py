@@ -1,7 +1,7 @@
 """The client's view of the servers, and running hidden states through a chain of them.
 
 `RemoteSequential` knows the servers of its model (their records, from discovery), plans chains with
-`routing.plan_chain`, and runs the model's blocks remotely: `forward` as a differentiable function (the backward
+`routing`, and runs the model's blocks remotely: `forward` as a differentiable function (the backward
 pass asks each server for the gradient w.r.t. its inputs, in reverse order), and `InferenceSession` for generation
 with the attention cache kept on the servers. A session keeps every input it sent to each hop, so a lost server's
 cache can be rebuilt by replay.
@@ -10,9 +10,11 @@ cache can be rebuilt by replay.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import weakref
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +34,7 @@ from ...transport.errors import (
 from ...transport.records import ServerRecord
 from ...transport.rpc import RpcClient, RpcClientConfig
 from .config import ClientConfig
-from .routing import Hop, MissingBlocks, SpanInfo, missing_ranges, plan_chain
+from .routing import Hop, MissingBlocks, SpanInfo, missing_ranges, plan_forward, plan_inference
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +53,49 @@ class RemoteSequential(torch.nn.Module):
         self._clients: dict[str, RpcClient] = {}
         self._warned: set[str] = set()
         self._bans: dict[str, tuple[float, int]] = {}  # peer endpoint -> (banned until, consecutive failures)
-        # a model dropped without close() still stops its discovery thread and sockets
-        self._finalizer = weakref.finalize(self, _release, self._clients, discovery if owns_discovery else None)
+        self.rtt: dict[str, float] = {}  # peer endpoint -> measured round trip (seconds, moving average)
+        self._stop_pings = threading.Event()
+        self._pinger = threading.Thread(target=self._ping_loop, name="swarm-ping", daemon=True)
+        # a model dropped without close() still stops its threads and sockets
+        self._finalizer = weakref.finalize(self, _release, self._clients, discovery if owns_discovery else None,
+                                           self._stop_pings)
+
+    def _client(self, peer: str) -> RpcClient:
+        client = self._clients.get(peer)
+        if client is None:
+            client = self._clients[peer] = RpcClient(peer, self._rpc)
+        return client
+
+    def ping_all(self, timeout: float = 1.0) -> None:
+        """Measure the round trip to every known server (in parallel, bounded by `timeout`)."""
+        peers = list({r.addresses[0] for r in self.servers()})
+        if not peers:
+            return
+
+        def ping(peer: str) -> tuple[str, float]:
+            started = time.perf_counter()
+            try:
+                self._client(peer).call("ping", timeout=timeout)
+            except SwarmError:
+                return peer, UNREACHABLE_RTT
+            return peer, time.perf_counter() - started
+
+        with ThreadPoolExecutor(max_workers=min(16, len(peers))) as pool:
+            for peer, rtt in pool.map(ping, peers):
+                old = self.rtt.get(peer)
+                self.rtt[peer] = rtt if old is None or rtt >= UNREACHABLE_RTT else 0.7 * old + 0.3 * rtt
+
+    def _ping_loop(self) -> None:
+        while not self._stop_pings.wait(self.config.ping_period):
+            try:
+                self.ping_all()
+            except Exception:  # the pinger must not die of one bad round
+                log.debug("ping round failed", exc_info=True)
+
+    def start_pinging(self) -> None:
+        self.ping_all()
+        if not self._pinger.is_alive() and not self._stop_pings.is_set():
+            self._pinger.start()
 
     def servers(self) -> list[ServerRecord]:
         """Serving records of this model that this client can use."""
@@ -84,8 +127,17 @@ class RemoteSequential(torch.nn.Module):
         """Wait (bounded) until the known servers cover every block."""
         return self.discovery.wait(lambda _: self.covered(), timeout)
 
-    def plan(self, start: int = 0, end: int | None = None) -> list[Hop]:
-        return plan_chain([_span(r) for r in self.servers()], start, self.num_blocks if end is None else end)
+    def spans(self) -> list[SpanInfo]:
+        """A snapshot of the usable servers, as routing sees them."""
+        return [_span(r, self.rtt.get(r.addresses[0])) for r in self.servers()]
+
+    def plan(self, start: int = 0, end: int | None = None, kind: str = "inference", cache_needed: int = 0
+             ) -> list[Hop]:
+        """A chain for blocks [start, end): the fastest for inference, a throughput-weighted draw for forward."""
+        end = self.num_blocks if end is None else end
+        if kind == "forward":
+            return plan_forward(self.spans(), start, end)
+        return plan_inference(self.spans(), start, end, cache_needed)
 
     def ban(self, peer: str, error: BaseException) -> None:
         """Avoid a failing server for a while (capped exponential backoff over consecutive failures)."""
@@ -94,13 +146,13 @@ class RemoteSequential(torch.nn.Module):
         self._bans[peer] = (time.monotonic() + delay, failures + 1)
         log.warning("server %s failed (%s); avoiding it for %.0f s", peer, error, delay)
 
-    def plan_or_wait(self, start: int, end: int) -> list[Hop]:
+    def plan_or_wait(self, start: int, end: int, kind: str = "inference", cache_needed: int = 0) -> list[Hop]:
         """A chain for [start, end); when some blocks have no live server, wait (bounded) for one to appear."""
         deadline = time.monotonic() + self.config.wait_for_blocks
         announced = False
         while True:
             try:
-                return self.plan(start, end)
+                return self.plan(start, end, kind, cache_needed)
             except MissingBlocks as e:
                 if time.monotonic() >= deadline:
                     raise MissingBlocks(e.missing, [(r.start, r.end) for r in self.servers()],
@@ -123,11 +175,8 @@ class RemoteSequential(torch.nn.Module):
 
     def call(self, hop: Hop, msg_type: str, fields: dict[str, Any], tensors: list[torch.Tensor],
              timeout: float | None = None) -> Any:
-        client = self._clients.get(hop.peer)
-        if client is None:
-            client = self._clients[hop.peer] = RpcClient(hop.peer, self._rpc)
         try:
-            reply = client.call(msg_type, fields, tensors, timeout=timeout)
+            reply = self._client(hop.peer).call(msg_type, fields, tensors, timeout=timeout)
         except RECOVERABLE as e:
             raise _HopFailed(hop, e) from e
         if hop.peer in self._bans:
@@ -156,7 +205,8 @@ class RemoteSequential(torch.nn.Module):
         self._finalizer()
 
 
-def _release(clients: dict[str, RpcClient], discovery: Discovery | None) -> None:
+def _release(clients: dict[str, RpcClient], discovery: Discovery | None, stop_pings: threading.Event) -> None:
+    stop_pings.set()
     for client in clients.values():
         client.close()
     clients.clear()
@@ -164,8 +214,9 @@ def _release(clients: dict[str, RpcClient], discovery: Discovery | None) -> None
         discovery.stop()
 
 
-def _span(record: ServerRecord) -> SpanInfo:
-    return SpanInfo(record.addresses[0], record.start, record.end, -record.throughput)
+def _span(record: ServerRecord, rtt: float | None = None) -> SpanInfo:
+    return SpanInfo(record.addresses[0], record.start, record.end, rtt=rtt, throughput=record.throughput,
+                    cache_free=record.cache_tokens_free)
 
 
 def _named(**tensors: torch.Tensor | None) -> tuple[list[str], list[torch.Tensor]]:
@@ -188,6 +239,8 @@ class _HopFailed(SwarmError):
         self.hop, self.error, self.peer = hop, error, hop.peer
 
 
+UNREACHABLE_RTT = 1.0  # seconds counted for a server whose ping failed
+
 # failures another server can make up for: the server is gone, stuck, restarted, draining, or broken
 # (a full cache is not one of them yet: the caller learns it at once instead of waiting for a server with room)
 RECOVERABLE = (_HopFailed, PeerTimeout, PeerUnreachable, UnknownSession, ServerBusy, ProtocolError)
@@ -202,7 +255,7 @@ def _forward_span(seq: RemoteSequential, start: int, end: int, hidden: torch.Ten
     """Run blocks [start, end) forward, retrying failed hops elsewhere; returns the output and each hop's input."""
     def attempt() -> tuple[torch.Tensor, list[tuple[Hop, torch.Tensor]]]:
         out, inputs = hidden, []
-        for hop in seq.plan_or_wait(start, end):
+        for hop in seq.plan_or_wait(start, end, kind="forward"):
             inputs.append((hop, out))
             out = seq.hop_forward(hop, out, mask)
         return out, inputs
@@ -274,7 +327,7 @@ class InferenceSession:
         return [h.hop for h in self.hops]
 
     def _open_chain(self, start: int, end: int) -> list[_HopSession]:
-        chain = self.seq.plan_or_wait(start, end)
+        chain = self.seq.plan_or_wait(start, end, "inference", (self.batch_size or 1) * self.max_length)
         opened: list[_HopSession] = []
         try:
             for hop in chain:
