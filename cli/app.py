@@ -12,7 +12,7 @@ from typing import Any
 import typer
 
 from ..transport.errors import SwarmError
-from . import chat, completions, serve, status
+from . import bench, chat, completions, serve, status
 from .common import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, UsageError, print_error
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -43,6 +43,7 @@ PEER_ARGS = {"allow_extra_args": True}
 app.command(context_settings=PEER_ARGS)(command(serve.serve))
 app.command(context_settings=PEER_ARGS)(command(chat.chat))
 app.command(context_settings=PEER_ARGS)(command(status.status))
+app.command(context_settings=PEER_ARGS)(command(bench.bench))
 app.command(name="completions")(command(completions.make_command(app)))
 
 

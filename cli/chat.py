@@ -19,7 +19,7 @@ from ..core.coverage import models_served
 from ..transport.discovery import Discovery, DiscoveryConfig
 from ..transport.errors import ConfigError
 from ..transport.mdns import MdnsSettings
-from .common import UsageError, collect_peers, err_console, setup_logging
+from .common import UsageError, err_console, model_and_peers, setup_logging
 
 log = logging.getLogger("swarm.cli.chat")
 
@@ -65,15 +65,12 @@ def chat(
                                               "(default on; $SWARM_MDNS).")] = None,
     mdns_interface: Annotated[str | None, typer.Option(help="Bind mDNS to this interface's IPv4 address "
                                                        "($SWARM_MDNS_INTERFACE).")] = None,
+    show_route: Annotated[bool, typer.Option(help="Print which servers run which blocks after each answer.")] = False,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error.")] = None,
 ) -> None:
     """Chat with a model served by the swarm."""
     setup_logging(log_level, default="WARNING")
-    extra = list(ctx.args)
-    if model is not None and model.startswith("tcp://"):
-        extra.insert(0, model)
-        model = None
-    peers = collect_peers(initial_peers, extra)
+    model, peers = model_and_peers(model, initial_peers, list(ctx.args))
     if max_new_tokens < 1 or max_length < 2:
         raise ConfigError("--max-new-tokens must be at least 1 and --max-length at least 2")
     if temperature < 0 or not 0 < top_p <= 1:
@@ -93,22 +90,22 @@ def chat(
                 discovery.stop()
                 discovery = None
             with _demo_swarm() as (demo_path, endpoints):
-                _run(ChatSession.connect(demo_path, endpoints, mdns=False, **options), prompt)
+                _run(ChatSession.connect(demo_path, endpoints, mdns=False, **options), prompt, show_route)
             return
         if discovery is None:
             discovery = Discovery(peers, DiscoveryConfig(mdns=settings)).start()
         with err_console.status("connecting to the swarm..."):
             session = ChatSession.connect(model, peers, discovery=discovery, **options)
-        _run(session, prompt)
+        _run(session, prompt, show_route)
     finally:
         if discovery is not None:
             discovery.stop()
 
 
-def _run(session: ChatSession, prompt: str | None) -> None:
+def _run(session: ChatSession, prompt: str | None, show_route: bool) -> None:
     with session:
         if prompt is not None:
-            _answer(session, prompt)
+            _answer(session, prompt, show_route)
             return
         err_console.print("[dim]Type a message and press Enter; Ctrl-D to quit.[/]")
         while True:
@@ -118,7 +115,7 @@ def _run(session: ChatSession, prompt: str | None) -> None:
                 err_console.print()
                 return
             if text.strip():
-                _answer(session, text)
+                _answer(session, text, show_route)
 
 
 def _pick_model(discovery: Discovery, wait: float) -> str | None:
@@ -131,7 +128,7 @@ def _pick_model(discovery: Discovery, wait: float) -> str | None:
     return models[0] if models else None
 
 
-def _answer(session: ChatSession, text: str) -> None:
+def _answer(session: ChatSession, text: str, show_route: bool = False) -> None:
     def write(piece: str) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -139,6 +136,10 @@ def _answer(session: ChatSession, text: str) -> None:
     session.send(text, on_text=write)
     sys.stdout.write("\n")
     sys.stdout.flush()
+    active = session.model.active_session
+    if show_route and active is not None:
+        route = " -> ".join(f"{hop.peer}[{hop.start}:{hop.end}]" for hop in active.route)
+        err_console.print(f"[dim]route: {route}[/]", highlight=False, soft_wrap=True)
 
 
 __all__: list[Any] = ["chat"]

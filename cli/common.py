@@ -50,3 +50,11 @@ def collect_peers(values: list[str] | None, extra: list[str]) -> list[str]:
                 raise UsageError(f"unexpected argument {word!r}")
             out.append(word)
     return out
+
+
+def model_and_peers(model: str | None, values: list[str] | None, extra: list[str]) -> tuple[str | None, list[str]]:
+    """Like `collect_peers`, for commands whose MODEL argument is optional: in `--initial-peers A B` Click takes B
+    for MODEL, so a MODEL that looks like an address is a peer."""
+    if model is not None and model.startswith("tcp://"):
+        return None, collect_peers(values, [model, *extra])
+    return model, collect_peers(values, extra)

@@ -18,7 +18,7 @@ from ..transport.discovery import Discovery, DiscoveryConfig
 from ..transport.gossip import GossipConfig
 from ..transport.mdns import MdnsSettings
 from ..transport.records import ServerRecord, record_to_wire
-from .common import UsageError, collect_peers, err_console, setup_logging
+from .common import UsageError, err_console, model_and_peers, setup_logging
 
 STATE_STYLE = {"online": "green", "joining": "cyan", "draining": "yellow", "offline": "red"}
 
@@ -100,7 +100,7 @@ def status(
 ) -> None:
     """What the swarm serves, and how well."""
     setup_logging(log_level, default="WARNING")
-    peers = collect_peers(initial_peers, list(ctx.args))
+    model, peers = model_and_peers(model, initial_peers, list(ctx.args))
     if wait < 0:
         raise UsageError("--wait must be 0 or more")
     settings = DiscoveryConfig(mdns=MdnsSettings.from_options(mdns, mdns_interface), gossip=GossipConfig(period=0.5))

@@ -4,11 +4,12 @@ _swarm_completion() {
     cur="${COMP_WORDS[COMP_CWORD]}"
     cmd="${COMP_WORDS[1]}"
     if [ "$COMP_CWORD" -eq 1 ]; then
-        COMPREPLY=($(compgen -W "chat completions serve status --help" -- "$cur"))
+        COMPREPLY=($(compgen -W "bench chat completions serve status --help" -- "$cur"))
         return
     fi
     case "$cmd" in
-        chat) opts="--help --initial-peers --log-level --max-length --max-new-tokens --mdns --mdns-interface --prompt --seed --system --temperature --top-p" ;;
+        bench) opts="--all-routes --batch --help --initial-peers --json --length --log-level --mdns --mdns-interface --steps --wait" ;;
+        chat) opts="--help --initial-peers --log-level --max-length --max-new-tokens --mdns --mdns-interface --prompt --seed --show-route --system --temperature --top-p" ;;
         completions) opts="--help --write" ;;
         serve) opts="--blocks --cache-tokens --dtype --gossip-period --help --host --initial-peers --log-level --mdns --mdns-interface --model-id --port --record-ttl --session-timeout" ;;
         status) opts="--help --initial-peers --json --log-level --mdns --mdns-interface --wait --watch" ;;

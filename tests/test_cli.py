@@ -36,8 +36,10 @@ def test_chat_prompt_through_subprocess_servers(chat_model, serve_process, tmp_p
     a = serve_process(str(chat_model), "--blocks", "0:2", "--host", "127.0.0.1", "--port", "0")
     b = serve_process(str(chat_model), "--blocks", "2:4", "--host", "127.0.0.1")
     result = run_swarm("chat", str(chat_model), "--initial-peers", a.endpoint, b.endpoint, "--prompt",
-                       "Hello, swarm!", "--temperature", "0", "--max-new-tokens", "12", env=swarm_env(tmp_path))
+                       "Hello, swarm!", "--temperature", "0", "--max-new-tokens", "12", "--show-route",
+                       env=swarm_env(tmp_path))
     assert result.returncode == 0, result.stderr
+    assert f"route: {a.endpoint}[0:2] -> {b.endpoint}[2:4]" in result.stderr
 
     from transformers import AutoTokenizer
 

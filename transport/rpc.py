@@ -225,6 +225,15 @@ class RpcServer:
 class RpcClientConfig:
     timeout: float = 30.0  # seconds to wait for a reply unless a call says otherwise
     connect_timeout: float = 5.0  # seconds for the first reply from a peer (used by callers that probe peers)
+    link_delay: float = 0.0  # simulated one-way latency added to each request and each reply (benchmarks)
+    link_bandwidth: float | None = None  # simulated link speed in bytes/s (None: as fast as loopback)
+
+    def link_time(self, frames: Sequence[Any]) -> float:
+        """Seconds a message of `frames` spends on the simulated link."""
+        if self.link_bandwidth is None:
+            return self.link_delay
+        size = sum(len(f.buffer) if hasattr(f, "buffer") else len(f) for f in frames)
+        return self.link_delay + size / self.link_bandwidth
 
 
 class RpcClient:
@@ -288,6 +297,9 @@ class RpcClient:
                 raise PeerUnreachable(f"connection to {self.endpoint} is closed")
             sock = self._connect()
             self._lost()  # events from before this request do not concern it
+            simulated = self.config.link_delay > 0 or self.config.link_bandwidth is not None
+            if simulated:
+                time.sleep(self.config.link_time(frames))
             sock.send_multipart(frames, copy=False)
             poller = zmq.Poller()
             poller.register(sock, zmq.POLLIN)
@@ -313,6 +325,8 @@ class RpcClient:
                     self._reset()
                     raise ProtocolError(f"{self.endpoint} sent a malformed reply: {e}") from None
                 if message.id == request_id:
+                    if simulated:
+                        time.sleep(self.config.link_time(reply))
                     break
                 log.debug("dropping a stale reply %d from %s", message.id, self.endpoint)
         if message.type == ERROR:

@@ -49,7 +49,8 @@ class RemoteSequential(torch.nn.Module):
         self.num_blocks, self.hidden_size = num_blocks, hidden_size
         self.config = config or ClientConfig()
         self.discovery, self._model_filter, self._owns_discovery = discovery, model_filter, owns_discovery
-        self._rpc = RpcClientConfig(timeout=self.config.request_timeout, connect_timeout=self.config.connect_timeout)
+        self._rpc = RpcClientConfig(timeout=self.config.request_timeout, connect_timeout=self.config.connect_timeout,
+                                    link_delay=self.config.link_delay, link_bandwidth=self.config.link_bandwidth)
         self._clients: dict[str, RpcClient] = {}
         self._warned: set[str] = set()
         self._bans: dict[str, tuple[float, int]] = {}  # peer endpoint -> (banned until, consecutive failures)
