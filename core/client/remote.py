@@ -147,6 +147,11 @@ class RemoteSequential(torch.nn.Module):
         self._bans[peer] = (time.monotonic() + delay, failures + 1)
         log.warning("server %s failed (%s); avoiding it for %.0f s", peer, error, delay)
 
+    def ban_failed(self, error: BaseException) -> None:
+        peer = getattr(error, "peer", None)
+        if peer:
+            self.ban(peer, error)
+
     def plan_or_wait(self, start: int, end: int, kind: str = "inference", cache_needed: int = 0) -> list[Hop]:
         """A chain for [start, end); when some blocks have no live server, wait (bounded) for one to appear."""
         deadline = time.monotonic() + self.config.wait_for_blocks
@@ -171,7 +176,7 @@ class RemoteSequential(torch.nn.Module):
             try:
                 return attempt()
             except RECOVERABLE as e:
-                self.ban(getattr(e, "peer", None) or _peer_of(e), e)
+                self.ban_failed(e)
         raise SwarmError(f"{what} failed on {self.config.max_retries} routes in a row; giving up")
 
     def call(self, hop: Hop, msg_type: str, fields: dict[str, Any], tensors: list[torch.Tensor],
@@ -247,10 +252,6 @@ UNREACHABLE_RTT = 1.0  # seconds counted for a server whose ping failed
 RECOVERABLE = (_HopFailed, PeerTimeout, PeerUnreachable, UnknownSession, ServerBusy, ProtocolError)
 
 
-def _peer_of(error: BaseException) -> str:
-    return getattr(error, "peer", None) or "?"
-
-
 def _forward_span(seq: RemoteSequential, start: int, end: int, hidden: torch.Tensor, mask: torch.Tensor | None,
                   ) -> tuple[torch.Tensor, list[tuple[Hop, torch.Tensor]]]:
     """Run blocks [start, end) forward, retrying failed hops elsewhere; returns the output and each hop's input."""
@@ -286,7 +287,7 @@ def _backward_span(seq: RemoteSequential, hop: Hop, hidden: torch.Tensor, grad: 
     try:
         return seq.hop_backward(hop, hidden, grad, mask)
     except RECOVERABLE as e:
-        seq.ban(_peer_of(e), e)
+        seq.ban_failed(e)
 
     def attempt() -> torch.Tensor:
         _, inputs = _forward_span(seq, hop.start, hop.end, hidden, mask)  # inputs of the replacement hops
