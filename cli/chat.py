@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from ..core.chat import ChatSession
+from ..core.client.config import ClientConfig
 from ..core.coverage import models_served
 from ..transport.discovery import Discovery, DiscoveryConfig
 from ..transport.errors import ConfigError
@@ -66,6 +67,8 @@ def chat(
     mdns_interface: Annotated[str | None, typer.Option(help="Bind mDNS to this interface's IPv4 address "
                                                        "($SWARM_MDNS_INTERFACE).")] = None,
     show_route: Annotated[bool, typer.Option(help="Print which servers run which blocks after each answer.")] = False,
+    relay: Annotated[bool, typer.Option(help="Servers pass each step along the chain themselves (one round trip "
+                                        "from here per step instead of one per server).")] = False,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error.")] = None,
 ) -> None:
     """Chat with a model served by the swarm."""
@@ -76,7 +79,7 @@ def chat(
     if temperature < 0 or not 0 < top_p <= 1:
         raise ConfigError("--temperature must be >= 0 and --top-p in (0, 1]")
     options = dict(system=system, max_length=max_length, max_new_tokens=max_new_tokens, temperature=temperature,
-                   top_p=top_p, seed=seed)
+                   top_p=top_p, seed=seed, config=ClientConfig(relay=relay))
     settings = MdnsSettings.from_options(mdns, mdns_interface)
     discovery: Discovery | None = None
     try:

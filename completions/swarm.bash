@@ -9,7 +9,7 @@ _swarm_completion() {
     fi
     case "$cmd" in
         bench) opts="--all-routes --batch --help --initial-peers --json --length --log-level --mdns --mdns-interface --steps --wait" ;;
-        chat) opts="--help --initial-peers --log-level --max-length --max-new-tokens --mdns --mdns-interface --prompt --seed --show-route --system --temperature --top-p" ;;
+        chat) opts="--help --initial-peers --log-level --max-length --max-new-tokens --mdns --mdns-interface --prompt --relay --seed --show-route --system --temperature --top-p" ;;
         completions) opts="--help --write" ;;
         serve) opts="--blocks --cache-tokens --dtype --gossip-period --help --host --initial-peers --log-level --mdns --mdns-interface --model-id --port --record-ttl --session-timeout" ;;
         status) opts="--help --initial-peers --json --log-level --mdns --mdns-interface --wait --watch" ;;

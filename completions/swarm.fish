@@ -19,6 +19,7 @@ complete -c swarm -n '__fish_seen_subcommand_from chat' -l max-new-tokens
 complete -c swarm -n '__fish_seen_subcommand_from chat' -l mdns
 complete -c swarm -n '__fish_seen_subcommand_from chat' -l mdns-interface
 complete -c swarm -n '__fish_seen_subcommand_from chat' -l prompt
+complete -c swarm -n '__fish_seen_subcommand_from chat' -l relay
 complete -c swarm -n '__fish_seen_subcommand_from chat' -l seed
 complete -c swarm -n '__fish_seen_subcommand_from chat' -l show-route
 complete -c swarm -n '__fish_seen_subcommand_from chat' -l system

@@ -23,6 +23,7 @@ import torch
 from ...transport.codec import PROTOCOL_VERSION
 from ...transport.discovery import Discovery
 from ...transport.errors import (
+    BadRequest,
     ConfigError,
     PeerTimeout,
     PeerUnreachable,
@@ -30,6 +31,7 @@ from ...transport.errors import (
     ServerBusy,
     SwarmError,
     UnknownSession,
+    error_for_code,
 )
 from ...transport.records import ServerRecord
 from ...transport.rpc import RpcClient, RpcClientConfig
@@ -237,6 +239,20 @@ def _one_tensor(reply: Any, like: torch.Tensor) -> torch.Tensor:
     return reply.tensors[0].to(like.dtype)
 
 
+class _RelayBroken(SwarmError):
+    """A relayed step stopped at hop `index` (whose input is `hidden`), because that hop's server failed."""
+
+    def __init__(self, index: int, hidden: torch.Tensor, error: SwarmError):
+        super().__init__(str(error))
+        self.index, self.hidden, self.error = index, hidden, error
+
+
+def _checked(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if tensor.shape != like.shape:
+        raise SwarmError(f"a server answered a tensor of shape {list(tensor.shape)}, expected {list(like.shape)}")
+    return tensor.to(like.dtype)
+
+
 class _HopFailed(SwarmError):
     """A server of a hop failed in a way another server can make up for."""
 
@@ -323,6 +339,7 @@ class InferenceSession:
         self.hops: list[_HopSession] = []
         self.closed = False
         self.recoveries = 0  # replacement chains built so far
+        self._no_relay = False  # set when a server refuses to relay
 
     @property
     def route(self) -> list[Hop]:
@@ -387,22 +404,64 @@ class InferenceSession:
         out = hidden.detach()
         i, failures = 0, 0
         while i < len(self.hops):
-            hop_session = self.hops[i]
             try:
-                out_next = self._step_hop(hop_session, out, mask)
+                if self.seq.config.relay and not self._no_relay and i + 1 < len(self.hops):
+                    try:
+                        out, i = self._relayed(i, out, mask)
+                        continue
+                    except BadRequest as e:  # e.g. the servers do not know each other: go hop by hop
+                        if "relay" not in str(e):
+                            raise
+                        log.warning("relay refused (%s); stepping hop by hop", e)
+                        self._no_relay = True
+                out = self._step_hop(self.hops[i], out, mask)
+                i += 1
+            except _RelayBroken as broken:
+                out, i = broken.hidden, broken.index
+                failures = self._recover(i, broken.error, failures)
             except RECOVERABLE as e:
-                failures += 1
-                if failures > self.seq.config.max_retries:
-                    raise SwarmError(f"giving up after {failures - 1} recoveries in one step: {e}") from e
-                self.seq.ban(hop_session.hop.peer, e)
-                if not isinstance(getattr(e, "error", e), (PeerUnreachable, PeerTimeout)):
-                    self._close_sessions([hop_session])  # it still answers: free its cache now
-                self.hops[i:i + 1] = self._replacement(hop_session)
-                continue
-            out = out_next
-            i += 1
+                failures = self._recover(i, e, failures)
         self.position += new
         return out
+
+    def _recover(self, i: int, error: BaseException, failures: int) -> int:
+        """Replace hop `i` after its server failed; returns the updated failure count of this step."""
+        failures += 1
+        if failures > self.seq.config.max_retries:
+            raise SwarmError(f"giving up after {failures - 1} recoveries in one step: {error}") from error
+        hop_session = self.hops[i]
+        self.seq.ban(hop_session.hop.peer, error)
+        if not isinstance(getattr(error, "error", error), (PeerUnreachable, PeerTimeout)):
+            self._close_sessions([hop_session])  # it still answers: free its cache now
+        self.hops[i:i + 1] = self._replacement(hop_session)
+        return failures
+
+    def _relayed(self, i: int, hidden: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+        """One step from hop `i` to the end, servers passing it along; returns the output and the next hop index."""
+        first, rest = self.hops[i], self.hops[i + 1:]
+        names, tensors = _named(hidden=hidden, attention_mask=mask)
+        fields = {"session": first.session_id, "names": names,
+                  "relay": [{"peer": h.hop.peer, "session": h.session_id} for h in rest]}
+        reply = self.seq.call(first.hop, "step", fields, tensors)
+        named = dict(zip(reply.get("names", []), reply.tensors, strict=False))
+        inputs = [named.get(f"inputs_{j}") for j in range(len(rest))]
+        first.history.append((hidden, mask))
+        failed = reply.get("relay_failed")
+        if isinstance(failed, dict):
+            index = failed.get("index")
+            if not isinstance(index, int) or not 0 <= index < len(rest) or inputs[index] is None:
+                raise SwarmError(f"{first.hop.peer} sent a malformed relay answer")
+            for hop_session, x in zip(rest[:index], inputs[:index], strict=True):
+                hop_session.history.append((_checked(x, hidden), mask))
+            code, message = str(failed.get("code", "internal")), str(failed.get("message", ""))
+            error = _HopFailed(rest[index].hop, error_for_code(code, message, rest[index].hop.peer)
+                               if code not in ("timeout", "unreachable") else PeerUnreachable(message))
+            raise _RelayBroken(i + 1 + index, _checked(inputs[index], hidden), error)
+        if "hidden" not in named or any(x is None for x in inputs):
+            raise SwarmError(f"{first.hop.peer} sent a malformed relay answer")
+        for hop_session, x in zip(rest, inputs, strict=True):
+            hop_session.history.append((_checked(x, hidden), mask))
+        return _checked(named["hidden"], hidden), len(self.hops)
 
     def _close_sessions(self, hops: list[_HopSession]) -> None:
         for hop_session in hops:

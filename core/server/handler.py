@@ -6,7 +6,7 @@ Requests (message type -> fields / tensors):
 - `forward` {blocks?, names} [hidden, attention_mask?] -> [hidden]
 - `backward` {blocks?, names} [hidden, grad_output, attention_mask?] -> [grad_input]
 - `open` {batch_size, max_length, blocks?} -> {session}
-- `step` {session, start?, names} [hidden, attention_mask?] -> [hidden]
+- `step` {session, start?, names, relay?} [hidden, attention_mask?] -> [hidden]  (relay: see relay.py)
 - `close` {session} -> {}
 - `gossip` {records} -> {records}                    (push-pull exchange of server records)
 Anything a peer sends is validated here and refused with a stable error code; nothing a peer sends can stop the
@@ -30,6 +30,7 @@ from ...transport.errors import ProtocolError, RemoteError
 from ...transport.rpc import Request
 from .backend import BlockSpan
 from .cache import CacheBudget, SessionCache
+from .relay import Relay, parse_relay
 from .worker import PRIORITY_BACKWARD, PRIORITY_FORWARD, PRIORITY_STEP, ComputeWorker
 
 log = logging.getLogger(__name__)
@@ -69,12 +70,14 @@ class Handler:
 
     def __init__(self, span: BlockSpan, worker: ComputeWorker, budget: CacheBudget, model_name: str,
                  limits: HandlerLimits | None = None, extra_info: dict[str, Any] | None = None,
-                 on_gossip: Callable[[dict[str, Any]], dict[str, Any]] | None = None):
+                 on_gossip: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                 relay: Relay | None = None, relay_allowed: Callable[[str], bool] = lambda peer: False):
         self.span, self.worker, self.budget = span, worker, budget
         self.model_name = model_name
         self.limits = limits or HandlerLimits()
         self.extra_info = extra_info or {}
         self.on_gossip = on_gossip
+        self.relay, self.relay_allowed = relay, relay_allowed
         self.sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
         self.accepting = True
@@ -257,7 +260,7 @@ class Handler:
         grad = self.span.backward(hidden, grad_output, mask, blocks)
         return {}, [grad.to(hidden.dtype)]
 
-    def _step(self, session_id: str, request: Request) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    def _step(self, session_id: str, request: Request) -> tuple[dict[str, Any], list[torch.Tensor]] | None:
         with self._lock:
             session = self.sessions.get(session_id)
         if session is None:
@@ -279,11 +282,18 @@ class Handler:
         if position + new > session.max_length:
             raise Refused("session_overflow", f"step of {new} tokens at position {position} goes past the "
                                               f"session's max_length {session.max_length}")
+        relay = request.message.get("relay")
+        hops = parse_relay(relay, self.relay_allowed) if relay is not None and self.relay is not None else None
+        if relay is not None and self.relay is None:
+            raise Refused("bad_request", "this server does not relay")
         if start is not None:
             cache.rewind(start)
-        out = self.span.step(hidden, cache, mask)
+        out = self.span.step(hidden, cache, mask).to(hidden.dtype)
         session.last_used = time.monotonic()
-        return {"position": cache.length}, [out.to(hidden.dtype)]
+        if hops:
+            self.relay.submit(request, out, mask, hops, {"position": cache.length})
+            return None  # the relay answers once the rest of the chain has
+        return {"position": cache.length}, [out]
 
 
 def _int(value: Any, name: str, low: int, high: int) -> int:

@@ -23,6 +23,7 @@ from ..weights import ModelSource, resolve_dtype
 from .backend import BlockSpan
 from .cache import CacheBudget, SessionCache
 from .handler import Handler, HandlerLimits
+from .relay import Relay
 from .worker import ComputeWorker
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class Server:
         self.throughput = 0.0
         self._record: ServerRecord | None = None
         self._record_lock = threading.Lock()
+        self._relay = Relay(timeout=config.limits.session_timeout)
         self._stopped = threading.Event()
 
     def start(self) -> Server:
@@ -95,7 +97,7 @@ class Server:
                                config.limits, extra_info={"version": __version__, "peer_id": self.peer_id,
                                                           "cache_bytes_per_token": per_token,
                                                           "throughput": self.throughput},
-                               on_gossip=self._on_gossip)
+                               on_gossip=self._on_gossip, relay=self._relay, relay_allowed=self._known_peer)
         self._rpc = RpcServer(self.handler, RpcServerConfig(host=config.host, port=config.port,
                                                             poll_ms=config.poll_ms), tick=self.handler.tick)
         self._rpc.start()
@@ -124,6 +126,12 @@ class Server:
                 self._record = self._record.bump(**changes)
             return self._record
 
+    def _known_peer(self, endpoint: str) -> bool:
+        """Whether `endpoint` is a server of this model that discovery knows (the only relay targets)."""
+        if self.discovery is None:
+            return False
+        return any(endpoint in r.addresses for r in self.discovery.records(lambda r: r.model == self.model_id))
+
     def _on_gossip(self, fields: dict) -> dict:
         if self.discovery is None:
             return {"records": []}
@@ -150,6 +158,7 @@ class Server:
         if self._rpc is not None:
             time.sleep(0.05)  # let the I/O thread flush replies of the last tasks
             self._rpc.stop()
+        self._relay.close()
         if self.handler is not None:
             self.handler.close_all()
 

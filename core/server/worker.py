@@ -25,7 +25,7 @@ PRIORITY_STEP = 0
 PRIORITY_FORWARD = 1
 PRIORITY_BACKWARD = 2
 
-Task = Callable[[], tuple[dict[str, Any], list[torch.Tensor]]]
+Task = Callable[[], tuple[dict[str, Any], list[torch.Tensor]] | None]
 
 
 class ComputeWorker:
@@ -58,11 +58,12 @@ class ComputeWorker:
             if task is None or request is None:
                 return
             try:
-                fields, tensors = task()
+                result = task()
             except SwarmError as e:
                 request.fail(e.code, str(e))
             except Exception as e:
                 log.exception("task %s failed", request.message.type)
                 request.fail("internal", f"{type(e).__name__}: {e}")
             else:
-                request.reply(fields, tensors)
+                if result is not None:  # None: the task hands its answer to someone else (e.g. a relay)
+                    request.reply(*result)

@@ -1,0 +1,98 @@
+"""Relay gain: inference steps/s with and without server-to-server relay, at 0, 20 and 100 ms of added round trip.
+
+A local swarm of 3 `swarm serve` subprocesses on 127.0.0.1 (a random Llama, hidden 256, 6 blocks, 2 blocks each)
+serves one client. The added round trip is simulated on the client's links only (`ClientConfig.link_delay`, half of
+it each way; the servers' links to each other stay on loopback), as for a client far from servers that sit close to
+each other. Without relay a step costs one client round trip per hop; with relay, one per step. Tokens are checked
+against the run without relay.
+
+    .venv/bin/python benchmarks/bench_relay.py [--rtts 0,20,100] [--steps 16] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("SWARM_MDNS", "0")
+
+from swarm import AutoDistributedModelForCausalLM  # noqa: E402
+from swarm.core.client.config import ClientConfig  # noqa: E402
+from swarm.core.local_swarm import ServeProcess  # noqa: E402
+
+ARGS = ["--host", "127.0.0.1", "--no-mdns", "--gossip-period", "0.2", "--log-level", "warning"]
+
+
+def measure(model_dir: Path, peer: str, rtt_ms: float, relay: bool, steps: int) -> tuple[float, list[int]]:
+    config = ClientConfig(gossip_period=0.2, relay=relay, link_delay=rtt_ms / 2000)
+    model = AutoDistributedModelForCausalLM.from_pretrained(str(model_dir), initial_peers=[peer], config=config)
+    with model:
+        model.blocks.discovery.wait(lambda _: len(model.blocks.servers()) == 3, 15)
+        prompt = torch.tensor([[5, 17, 99, 3, 42, 7, 1, 8]])
+        times = []
+        with model.inference_session(max_length=prompt.shape[1] + steps + 1) as session:
+            ids = prompt
+            for _ in range(steps + 1):
+                started = time.perf_counter()
+                logits = model(ids).logits[:, -1]
+                times.append(time.perf_counter() - started)
+                ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+            assert len(session.route) == 3
+    return 1.0 / statistics.median(times[1:]), ids[0].tolist()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rtts", default="0,20,100", help="added client round trips, ms")
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    rtts = [float(x) for x in args.rtts.split(",")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="swarm-bench-relay-") as tmp:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        model_dir = Path(tmp) / "model"
+        LlamaForCausalLM(LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=6,
+                                     num_attention_heads=4, vocab_size=1024, initializer_range=0.1)
+                         ).save_pretrained(model_dir)
+        first = ServeProcess([str(model_dir), "--blocks", "0:2", *ARGS], Path(tmp) / "a.log", env)
+        others = [ServeProcess([str(model_dir), "--blocks", span, *ARGS, "--initial-peers", first.endpoint],
+                               Path(tmp) / f"{span}.log", env) for span in ("2:4", "4:6")]
+        try:
+            time.sleep(1.0)  # a few gossip periods: servers must know each other to relay
+            for rtt in rtts:
+                plain, plain_ids = measure(model_dir, first.endpoint, rtt, False, args.steps)
+                relayed, relay_ids = measure(model_dir, first.endpoint, rtt, True, args.steps)
+                rows.append({"rtt_ms": rtt, "steps_per_s": plain, "relay_steps_per_s": relayed,
+                             "gain": relayed / plain, "tokens_equal": plain_ids == relay_ids})
+        finally:
+            for server in [first, *others]:
+                server.stop()
+    table = Table(title="inference steps/s through 3 servers, with and without relay (client links delayed)")
+    for column in ("added RTT ms", "hop by hop", "relay", "relay / hop by hop", "tokens equal"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        table.add_row(f"{r['rtt_ms']:g}", f"{r['steps_per_s']:.1f}", f"{r['relay_steps_per_s']:.1f}",
+                      f"{r['gain']:.2f}", "yes" if r["tokens_equal"] else "NO")
+    Console().print(table)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
