@@ -42,6 +42,8 @@ def serve(
                                                  "directory's name).")] = None,
     gossip_period: Annotated[float, typer.Option(help="Seconds between gossip rounds.")] = 1.0,
     record_ttl: Annotated[float, typer.Option(help="Seconds others keep this server's record without news.")] = 15.0,
+    simulate_rtt_ms: Annotated[float, typer.Option(help="Benchmarks: add this round trip (ms) to this server's "
+                                                   "links to other servers.")] = 0.0,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error.")] = None,
 ) -> None:
     """Serve a span of transformer blocks of MODEL to the swarm."""
@@ -64,7 +66,7 @@ def serve(
                                 record_ttl=record_ttl)
     config = ServerConfig(model=model, blocks=span, host=host, port=port, dtype=dtype, cache_tokens=cache_tokens,
                           limits=HandlerLimits(session_timeout=session_timeout), initial_peers=peers,
-                          discovery=discovery, model_id=model_id)
+                          discovery=discovery, model_id=model_id, link_delay=max(0.0, simulate_rtt_ms) / 2000)
     stop = threading.Event()
     received: list[int] = []
 

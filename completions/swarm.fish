@@ -41,6 +41,7 @@ complete -c swarm -n '__fish_seen_subcommand_from serve' -l model-id
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l port
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l record-ttl
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l session-timeout
+complete -c swarm -n '__fish_seen_subcommand_from serve' -l simulate-rtt-ms
 complete -c swarm -n '__fish_seen_subcommand_from status' -l help
 complete -c swarm -n '__fish_seen_subcommand_from status' -l initial-peers
 complete -c swarm -n '__fish_seen_subcommand_from status' -l json

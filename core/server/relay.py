@@ -58,10 +58,10 @@ def _bad(message: str) -> SwarmError:
 
 
 class Relay:
-    def __init__(self, timeout: float = 60.0, threads: int = 8):
+    def __init__(self, timeout: float = 60.0, threads: int = 8, link_delay: float = 0.0):
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="swarm-relay")
         self._clients: dict[str, RpcClient] = {}
-        self._config = RpcClientConfig(timeout=timeout)
+        self._config = RpcClientConfig(timeout=timeout, link_delay=link_delay)
 
     def submit(self, request: Request, out: torch.Tensor, mask: torch.Tensor | None, hops: list[RelayHop],
                fields: dict[str, Any]) -> None:

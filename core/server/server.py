@@ -54,6 +54,7 @@ class ServerConfig:
     model_id: str | None = None  # id to announce (default: the hub id, or the local directory's name)
     drain_timeout: float = 10.0  # seconds to finish queued work at shutdown
     poll_ms: int = 100  # I/O loop tick (session expiry granularity)
+    link_delay: float = 0.0  # simulated one-way latency on this server's links to other servers (benchmarks)
 
 
 class Server:
@@ -70,7 +71,7 @@ class Server:
         self.throughput = 0.0
         self._record: ServerRecord | None = None
         self._record_lock = threading.Lock()
-        self._relay = Relay(timeout=config.limits.session_timeout)
+        self._relay = Relay(timeout=config.limits.session_timeout, link_delay=config.link_delay)
         self._stopped = threading.Event()
 
     def start(self) -> Server:
