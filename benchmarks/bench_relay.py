@@ -1,10 +1,11 @@
 """Relay gain: inference steps/s with and without server-to-server relay, at 0, 20 and 100 ms of added round trip.
 
 A local swarm of 3 `swarm serve` subprocesses on 127.0.0.1 (a random Llama, hidden 256, 6 blocks, 2 blocks each)
-serves one client. The added round trip is simulated on every link, half of it each way: the client's
-(`ClientConfig.link_delay`) and the servers' links to each other (`swarm serve --simulate-rtt-ms`), as in the Petals
-paper's settings (e.g. 100 ms between every pair). Without relay a step costs one client round trip per hop; with
-relay, one trip per hop along the chain and one back. Tokens are checked against the run without relay.
+serves one client. The added round trip is simulated, half of it each way, in two settings: on the client's links
+only (`ClientConfig.link_delay`: a client far from servers that sit close to each other), and on every link (also
+the servers' links to each other, `swarm serve --simulate-rtt-ms`, as in the Petals paper's settings). Without relay
+a step costs one client round trip per hop; with relay, one client round trip plus a round trip per server-to-server
+link (results come back along the chain). Tokens are checked against the run without relay.
 
     .venv/bin/python benchmarks/bench_relay.py [--rtts 0,20,100] [--steps 16] [--json out.json]
 """
@@ -70,8 +71,8 @@ def main() -> None:
         LlamaForCausalLM(LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=6,
                                      num_attention_heads=4, vocab_size=1024, initializer_range=0.1)
                          ).save_pretrained(model_dir)
-        for rtt in rtts:
-            link = ["--simulate-rtt-ms", str(rtt)]
+        for rtt, where in [(r, w) for w in ("client", "all") for r in rtts]:
+            link = ["--simulate-rtt-ms", str(rtt if where == "all" else 0)]
             first = ServeProcess([str(model_dir), "--blocks", "0:2", *ARGS, *link], Path(tmp) / "a.log", env)
             others = [ServeProcess([str(model_dir), "--blocks", span, *ARGS, *link, "--initial-peers",
                                     first.endpoint], Path(tmp) / f"{span}.log", env) for span in ("2:4", "4:6")]
@@ -79,16 +80,16 @@ def main() -> None:
                 time.sleep(1.0)  # a few gossip periods: servers must know each other to relay
                 plain, plain_ids = measure(model_dir, first.endpoint, rtt, False, args.steps)
                 relayed, relay_ids = measure(model_dir, first.endpoint, rtt, True, args.steps)
-                rows.append({"rtt_ms": rtt, "steps_per_s": plain, "relay_steps_per_s": relayed,
+                rows.append({"links": where, "rtt_ms": rtt, "steps_per_s": plain, "relay_steps_per_s": relayed,
                              "gain": relayed / plain, "tokens_equal": plain_ids == relay_ids})
             finally:
                 for server in [first, *others]:
                     server.stop()
-    table = Table(title="inference steps/s through 3 servers, with and without relay (every link delayed)")
-    for column in ("added RTT ms", "hop by hop", "relay", "relay / hop by hop", "tokens equal"):
+    table = Table(title="inference steps/s through 3 servers, with and without relay")
+    for column in ("delayed links", "added RTT ms", "hop by hop", "relay", "relay / hop by hop", "tokens equal"):
         table.add_column(column, justify="right")
     for r in rows:
-        table.add_row(f"{r['rtt_ms']:g}", f"{r['steps_per_s']:.1f}", f"{r['relay_steps_per_s']:.1f}",
+        table.add_row(r["links"], f"{r['rtt_ms']:g}", f"{r['steps_per_s']:.1f}", f"{r['relay_steps_per_s']:.1f}",
                       f"{r['gain']:.2f}", "yes" if r["tokens_equal"] else "NO")
     Console().print(table)
     if args.json:
