@@ -15,23 +15,31 @@ from ..transport.discovery import Discovery, DiscoveryConfig
 from ..transport.errors import SwarmError
 from ..transport.gossip import GossipConfig
 from ..transport.mdns import MdnsSettings
-from .common import UsageError, err_console, model_and_peers, setup_logging
+from .common import (
+    InitialPeersOption,
+    LogLevelOption,
+    MdnsInterfaceOption,
+    MdnsOption,
+    UsageError,
+    err_console,
+    model_and_peers,
+    setup_logging,
+)
 
 
 def bench(
     ctx: typer.Context,
     model: Annotated[str | None, typer.Argument(help="Model to measure (default: the one the swarm serves).")] = None,
-    initial_peers: Annotated[list[str] | None, typer.Option(
-        "--initial-peers", help="Server addresses to ask, tcp://HOST:PORT.")] = None,
-    mdns: Annotated[bool | None, typer.Option("--mdns/--no-mdns", help="Find servers on the LAN by mDNS.")] = None,
-    mdns_interface: Annotated[str | None, typer.Option(help="Bind mDNS to this interface's IPv4 address.")] = None,
+    initial_peers: InitialPeersOption = None,
+    mdns: MdnsOption = None,
+    mdns_interface: MdnsInterfaceOption = None,
     wait: Annotated[float, typer.Option(help="Seconds to listen for servers first.")] = 2.0,
     steps: Annotated[int, typer.Option(help="Inference steps timed per server and per route.")] = 20,
     batch: Annotated[int, typer.Option(help="Batch size of the forward measurement.")] = 8,
     length: Annotated[int, typer.Option(help="Sequence length of the forward measurement.")] = 128,
     all_routes: Annotated[bool, typer.Option(help="Also measure every alternative route.")] = False,
     json_: Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of tables.")] = False,
-    log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error.")] = None,
+    log_level: LogLevelOption = None,
 ) -> None:
     """Measure pings, per-server step latency, and steps/s and tokens/s through the routes a client would use."""
     setup_logging(log_level, default="WARNING")

@@ -20,7 +20,16 @@ from ..core.coverage import models_served
 from ..transport.discovery import Discovery, DiscoveryConfig
 from ..transport.errors import ConfigError
 from ..transport.mdns import MdnsSettings
-from .common import UsageError, err_console, model_and_peers, setup_logging
+from .common import (
+    InitialPeersOption,
+    LogLevelOption,
+    MdnsInterfaceOption,
+    MdnsOption,
+    UsageError,
+    err_console,
+    model_and_peers,
+    setup_logging,
+)
 
 log = logging.getLogger("swarm.cli.chat")
 
@@ -53,8 +62,7 @@ def chat(
     ctx: typer.Context,
     model: Annotated[str | None, typer.Argument(
         help="Model id or directory (omit it, with no peers, for the built-in demo).")] = None,
-    initial_peers: Annotated[list[str] | None, typer.Option(
-        "--initial-peers", help="Server addresses, tcp://HOST:PORT (repeat the option or list them).")] = None,
+    initial_peers: InitialPeersOption = None,
     prompt: Annotated[str | None, typer.Option(help="Answer this one message and exit.")] = None,
     system: Annotated[str | None, typer.Option(help="System message at the start of the conversation.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 128,
@@ -62,14 +70,12 @@ def chat(
     top_p: Annotated[float, typer.Option(help="Nucleus sampling: smallest set of tokens with this mass.")] = 0.9,
     max_length: Annotated[int, typer.Option(help="Tokens the conversation may hold on the servers.")] = 2048,
     seed: Annotated[int | None, typer.Option(help="Random seed for sampling.")] = None,
-    mdns: Annotated[bool | None, typer.Option("--mdns/--no-mdns", help="Find servers on the LAN by mDNS "
-                                              "(default on; $SWARM_MDNS).")] = None,
-    mdns_interface: Annotated[str | None, typer.Option(help="Bind mDNS to this interface's IPv4 address "
-                                                       "($SWARM_MDNS_INTERFACE).")] = None,
+    mdns: MdnsOption = None,
+    mdns_interface: MdnsInterfaceOption = None,
     show_route: Annotated[bool, typer.Option(help="Print which servers run which blocks after each answer.")] = False,
     relay: Annotated[bool, typer.Option(help="Servers pass each step along the chain themselves (one round trip "
                                         "from here per step instead of one per server).")] = False,
-    log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error.")] = None,
+    log_level: LogLevelOption = None,
 ) -> None:
     """Chat with a model served by the swarm."""
     setup_logging(log_level, default="WARNING")

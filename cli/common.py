@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Annotated
 
+import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
 from ..transport.errors import ConfigError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+# options every command that talks to the swarm takes
+InitialPeersOption = Annotated[list[str] | None, typer.Option(
+    "--initial-peers", help="Addresses of servers already in the swarm, tcp://HOST:PORT (needed across networks).")]
+MdnsOption = Annotated[bool | None, typer.Option(
+    "--mdns/--no-mdns", help="Find (and, for servers, announce) servers on the LAN by mDNS (default on; $SWARM_MDNS).")]
+MdnsInterfaceOption = Annotated[str | None, typer.Option(
+    help="Bind mDNS to this interface's IPv4 address ($SWARM_MDNS_INTERFACE).")]
+LogLevelOption = Annotated[str | None, typer.Option(help="debug, info, warning or error.")]
 
 err_console = Console(stderr=True)
 

@@ -17,7 +17,17 @@ from ..transport.errors import ConfigError
 from ..transport.gossip import GossipConfig
 from ..transport.mdns import MdnsSettings
 from ..transport.rpc import normalize_endpoint
-from .common import EXIT_INTERRUPTED, UsageError, collect_peers, err_console, setup_logging
+from .common import (
+    EXIT_INTERRUPTED,
+    InitialPeersOption,
+    LogLevelOption,
+    MdnsInterfaceOption,
+    MdnsOption,
+    UsageError,
+    collect_peers,
+    err_console,
+    setup_logging,
+)
 
 log = logging.getLogger("swarm.cli.serve")
 
@@ -32,19 +42,16 @@ def serve(
     cache_tokens: Annotated[int, typer.Option(
         help="Attention-cache budget in tokens (batch x max length), shared by all sessions.")] = 8192,
     session_timeout: Annotated[float, typer.Option(help="Seconds before an idle session is closed.")] = 600.0,
-    initial_peers: Annotated[list[str] | None, typer.Option(
-        "--initial-peers", help="Other servers to gossip with (tcp://HOST:PORT), to join across networks.")] = None,
-    mdns: Annotated[bool | None, typer.Option("--mdns/--no-mdns", help="Announce and find servers on the LAN by "
-                                              "mDNS (default on; $SWARM_MDNS).")] = None,
-    mdns_interface: Annotated[str | None, typer.Option(help="Bind mDNS to this interface's IPv4 address "
-                                                       "($SWARM_MDNS_INTERFACE).")] = None,
+    initial_peers: InitialPeersOption = None,
+    mdns: MdnsOption = None,
+    mdns_interface: MdnsInterfaceOption = None,
     model_id: Annotated[str | None, typer.Option(help="Model id to announce (default: the hub id, or the "
                                                  "directory's name).")] = None,
     gossip_period: Annotated[float, typer.Option(help="Seconds between gossip rounds.")] = 1.0,
     record_ttl: Annotated[float, typer.Option(help="Seconds others keep this server's record without news.")] = 15.0,
     simulate_rtt_ms: Annotated[float, typer.Option(help="Benchmarks: add this round trip (ms) to this server's "
                                                    "links to other servers.")] = 0.0,
-    log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error.")] = None,
+    log_level: LogLevelOption = None,
 ) -> None:
     """Serve a span of transformer blocks of MODEL to the swarm."""
     setup_logging(log_level)

@@ -18,7 +18,16 @@ from ..transport.discovery import Discovery, DiscoveryConfig
 from ..transport.gossip import GossipConfig
 from ..transport.mdns import MdnsSettings
 from ..transport.records import ServerRecord, record_to_wire
-from .common import UsageError, err_console, model_and_peers, setup_logging
+from .common import (
+    InitialPeersOption,
+    LogLevelOption,
+    MdnsInterfaceOption,
+    MdnsOption,
+    UsageError,
+    err_console,
+    model_and_peers,
+    setup_logging,
+)
 
 STATE_STYLE = {"online": "green", "joining": "cyan", "draining": "yellow", "offline": "red"}
 
@@ -89,14 +98,13 @@ def render(records: list[ServerRecord], coverages: list[ModelCoverage], discover
 def status(
     ctx: typer.Context,
     model: Annotated[str | None, typer.Argument(help="Show only this model (id, alias or directory).")] = None,
-    initial_peers: Annotated[list[str] | None, typer.Option(
-        "--initial-peers", help="Server addresses to ask, tcp://HOST:PORT.")] = None,
-    mdns: Annotated[bool | None, typer.Option("--mdns/--no-mdns", help="Find servers on the LAN by mDNS.")] = None,
-    mdns_interface: Annotated[str | None, typer.Option(help="Bind mDNS to this interface's IPv4 address.")] = None,
+    initial_peers: InitialPeersOption = None,
+    mdns: MdnsOption = None,
+    mdns_interface: MdnsInterfaceOption = None,
     wait: Annotated[float, typer.Option(help="Seconds to listen before showing the swarm.")] = 2.0,
     json_: Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of tables.")] = False,
     watch: Annotated[bool, typer.Option(help="Refresh the view live until Ctrl-C.")] = False,
-    log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error.")] = None,
+    log_level: LogLevelOption = None,
 ) -> None:
     """What the swarm serves, and how well."""
     setup_logging(log_level, default="WARNING")
