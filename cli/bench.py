@@ -11,10 +11,7 @@ from rich.table import Table
 from ..core.aliases import matches
 from ..core.bench import Bench, as_dicts
 from ..core.coverage import models_served
-from ..transport.discovery import Discovery, DiscoveryConfig
 from ..transport.errors import SwarmError
-from ..transport.gossip import GossipConfig
-from ..transport.mdns import MdnsSettings
 from .common import (
     InitialPeersOption,
     LogLevelOption,
@@ -22,6 +19,7 @@ from .common import (
     MdnsOption,
     UsageError,
     err_console,
+    listener,
     model_and_peers,
     setup_logging,
 )
@@ -46,9 +44,8 @@ def bench(
     model, peers = model_and_peers(model, initial_peers, list(ctx.args))
     if steps < 1 or batch < 1 or length < 1 or wait < 0:
         raise UsageError("--steps, --batch and --length must be at least 1 and --wait 0 or more")
-    settings = DiscoveryConfig(mdns=MdnsSettings.from_options(mdns, mdns_interface), gossip=GossipConfig(period=0.5))
-    with Discovery(peers, settings) as discovery:
-        discovery.wait(lambda records: False, wait)
+    with listener(peers, mdns, mdns_interface) as discovery:
+        discovery.listen(wait)
         records = [r for r in discovery.records() if r.state == "online"]
     if model is None:
         served = models_served(records)

@@ -10,7 +10,10 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
+from ..transport.discovery import Discovery, DiscoveryConfig
 from ..transport.errors import ConfigError
+from ..transport.gossip import GossipConfig
+from ..transport.mdns import MdnsSettings
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -69,3 +72,9 @@ def model_and_peers(model: str | None, values: list[str] | None, extra: list[str
     if model is not None and model.startswith("tcp://"):
         return None, collect_peers(values, [model, *extra])
     return model, collect_peers(values, extra)
+
+
+def listener(peers: list[str], mdns: bool | None, mdns_interface: str | None) -> Discovery:
+    """A discovery that only listens (for `status` and `bench`), gossiping every half second; not started."""
+    settings = DiscoveryConfig(mdns=MdnsSettings.from_options(mdns, mdns_interface), gossip=GossipConfig(period=0.5))
+    return Discovery(peers, settings)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from typing import Annotated, Any
 
 import typer
@@ -14,9 +13,7 @@ from rich.text import Text
 
 from ..core.aliases import matches
 from ..core.coverage import ModelCoverage, model_coverage, models_served
-from ..transport.discovery import Discovery, DiscoveryConfig
-from ..transport.gossip import GossipConfig
-from ..transport.mdns import MdnsSettings
+from ..transport.discovery import Discovery
 from ..transport.records import ServerRecord, record_to_wire
 from .common import (
     InitialPeersOption,
@@ -25,6 +22,7 @@ from .common import (
     MdnsOption,
     UsageError,
     err_console,
+    listener,
     model_and_peers,
     setup_logging,
 )
@@ -111,10 +109,8 @@ def status(
     model, peers = model_and_peers(model, initial_peers, list(ctx.args))
     if wait < 0:
         raise UsageError("--wait must be 0 or more")
-    settings = DiscoveryConfig(mdns=MdnsSettings.from_options(mdns, mdns_interface), gossip=GossipConfig(period=0.5))
-    with Discovery(peers, settings) as discovery:
-        deadline = time.monotonic() + wait
-        discovery.wait(lambda records: False, max(0.0, deadline - time.monotonic()))
+    with listener(peers, mdns, mdns_interface) as discovery:
+        discovery.listen(wait)
         if json_:
             print(json.dumps(as_json(*snapshot(discovery, model), discovery), indent=2))
             return
@@ -123,7 +119,7 @@ def status(
             return
         with Live(render(*snapshot(discovery, model), discovery), console=err_console, refresh_per_second=2) as live:
             while True:
-                discovery.wait(lambda records: False, 1.0)
+                discovery.listen(1.0)
                 live.update(render(*snapshot(discovery, model), discovery))
 
 

@@ -98,6 +98,10 @@ class Discovery:
                 next_round = time.monotonic() + max(poll, min(self.config.gossip.period, 0.5))
             time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
 
+    def listen(self, seconds: float) -> None:
+        """Gather records for `seconds` (gossip rounds and mDNS), for commands that show what they learned."""
+        self.wait(lambda records: False, seconds)
+
     def stop(self, offline: ServerRecord | None = None) -> None:
         """Stop; a server passes its record with state offline so peers learn at once that it left."""
         if self._announcer is not None:
