@@ -62,12 +62,12 @@ def timed_generation(model, prompt: torch.Tensor, tokens: int, kill_at: int | No
             finally:
                 times.append(time.perf_counter() - started)
 
-        def step_hop(hop_session, hidden, mask):
+        def step_hop(hop_session, hidden, mask, **kwargs):
             hop = hop_session.hop
             if kill_at is not None and len(times) == kill_at and not killed and hop.start <= 2 < hop.end:
                 servers[hop.peer].stop(signal.SIGKILL)
                 killed.append(hop.peer)
-            return real_step_hop(hop_session, hidden, mask)
+            return real_step_hop(hop_session, hidden, mask, **kwargs)
 
         session.step, session._step_hop = step, step_hop
         out = model.generate(prompt, max_new_tokens=tokens, do_sample=False)

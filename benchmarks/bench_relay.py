@@ -4,8 +4,10 @@ A local swarm of 3 `swarm serve` subprocesses on 127.0.0.1 (a random Llama, hidd
 serves one client. The added round trip is simulated, half of it each way, in two settings: on the client's links
 only (`ClientConfig.link_delay`: a client far from servers that sit close to each other), and on every link (also
 the servers' links to each other, `swarm serve --simulate-rtt-ms`, as in the Petals paper's settings). Without relay
-a step costs one client round trip per hop; with relay, one client round trip plus a round trip per server-to-server
-link (results come back along the chain). Tokens are checked against the run without relay.
+a step crosses 2 links per hop (a round trip from the client to each server); with relay it crosses each link of the
+chain once: client -> first server -> ... -> last server -> client, hops + 1 one-way trips (every server also answers
+the client with its output, off the critical path, for the history). With 3 hops the expected gain is 6/4 = 1.5 when
+every link is slow and 6/2 = 3 when only the client's links are. Tokens are checked against the run without relay.
 
     .venv/bin/python benchmarks/bench_relay.py [--rtts 0,20,100] [--steps 16] [--json out.json]
 """

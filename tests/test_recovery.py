@@ -54,7 +54,7 @@ class KillDuring:
             finally:
                 self.steps += 1
 
-        def step_hop(hop_session, hidden, mask):
+        def step_hop(hop_session, hidden, mask, **kwargs):
             hop = hop_session.hop
             if self.steps in self.at and hop.start <= self.block < hop.end and hop.peer in self.by_endpoint:
                 self.by_endpoint[hop.peer].stop(signal.SIGKILL)
@@ -62,7 +62,7 @@ class KillDuring:
                 self.at.discard(self.steps)  # once per listed step
                 if self.then is not None:
                     self.then()
-            return real_step_hop(hop_session, hidden, mask)
+            return real_step_hop(hop_session, hidden, mask, **kwargs)
 
         session.step, session._step_hop = step, step_hop
 

@@ -75,6 +75,10 @@ class ServerBusy(RemoteError):
     """The peer is shutting down or overloaded and takes no new work."""
 
 
+class RelayStopped(RemoteError):
+    """A relayed step did not run: its input never came from the previous server, or the client cancelled it."""
+
+
 # Stable error codes used on the wire and the exception each maps to on the caller's side.
 REMOTE_ERRORS: dict[str, type[RemoteError]] = {
     "bad_request": BadRequest,
@@ -84,6 +88,8 @@ REMOTE_ERRORS: dict[str, type[RemoteError]] = {
     "cache_full": CacheFull,
     "session_overflow": SessionOverflow,
     "busy": ServerBusy,
+    "relay_timeout": RelayStopped,
+    "cancelled": RelayStopped,
     "internal": RemoteError,
 }
 

@@ -10,11 +10,13 @@ cache can be rebuilt by replay.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 import weakref
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,13 +30,14 @@ from ...transport.errors import (
     PeerTimeout,
     PeerUnreachable,
     ProtocolError,
+    RelayStopped,
     ServerBusy,
     SwarmError,
     UnknownSession,
-    error_for_code,
 )
 from ...transport.records import ServerRecord
 from ...transport.rpc import RpcClient, RpcClientConfig
+from ..server.relay import MAX_WAIT as MAX_RELAY_WAIT
 from .config import ClientConfig
 from .routing import Hop, MissingBlocks, SpanInfo, missing_ranges, plan_forward, plan_inference
 
@@ -53,7 +56,9 @@ class RemoteSequential(torch.nn.Module):
         self.discovery, self._model_filter, self._owns_discovery = discovery, model_filter, owns_discovery
         self._rpc = RpcClientConfig(timeout=self.config.request_timeout, connect_timeout=self.config.connect_timeout,
                                     link_delay=self.config.link_delay, link_bandwidth=self.config.link_bandwidth)
-        self._clients: dict[str, RpcClient] = {}
+        self._clients: dict[str, RpcClient] = {}  # peer (or peer#channel) -> its connection
+        self._clients_lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="swarm-client")  # parallel requests
         self._warned: set[str] = set()
         self._bans: dict[str, tuple[float, int]] = {}  # peer endpoint -> (banned until, consecutive failures)
         self.rtt: dict[str, float] = {}  # peer endpoint -> measured round trip (seconds, moving average)
@@ -61,13 +66,16 @@ class RemoteSequential(torch.nn.Module):
         self._pinger = threading.Thread(target=self._ping_loop, name="swarm-ping", daemon=True)
         # a model dropped without close() still stops its threads and sockets
         self._finalizer = weakref.finalize(self, _release, self._clients, discovery if owns_discovery else None,
-                                           self._stop_pings)
+                                           self._stop_pings, self._pool)
 
-    def _client(self, peer: str) -> RpcClient:
-        client = self._clients.get(peer)
-        if client is None:
-            client = self._clients[peer] = RpcClient(peer, self._rpc)
-        return client
+    def _client(self, peer: str, channel: str = "") -> RpcClient:
+        """The connection to `peer`; a named `channel` is a second connection, for calls that may wait long."""
+        key = f"{peer}#{channel}" if channel else peer
+        with self._clients_lock:
+            client = self._clients.get(key)
+            if client is None:
+                client = self._clients[key] = RpcClient(peer, self._rpc)
+            return client
 
     def ping_all(self, timeout: float = 1.0) -> None:
         """Measure the round trip to every known server (in parallel, bounded by `timeout`)."""
@@ -182,14 +190,19 @@ class RemoteSequential(torch.nn.Module):
         raise SwarmError(f"{what} failed on {self.config.max_retries} routes in a row; giving up")
 
     def call(self, hop: Hop, msg_type: str, fields: dict[str, Any], tensors: list[torch.Tensor],
-             timeout: float | None = None) -> Any:
+             timeout: float | None = None, channel: str = "") -> Any:
         try:
-            reply = self._client(hop.peer).call(msg_type, fields, tensors, timeout=timeout)
+            reply = self._client(hop.peer, channel).call(msg_type, fields, tensors, timeout=timeout)
         except RECOVERABLE as e:
             raise _HopFailed(hop, e) from e
         if hop.peer in self._bans:
             self._bans[hop.peer] = (0.0, 0)  # it answers again: forget its failures
         return reply
+
+    def submit(self, hop: Hop, msg_type: str, fields: dict[str, Any], tensors: list[torch.Tensor],
+               timeout: float | None = None, channel: str = "") -> Future:
+        """`call` on a background thread; the future holds the reply or the error."""
+        return self._pool.submit(self.call, hop, msg_type, fields, tensors, timeout, channel)
 
     def hop_forward(self, hop: Hop, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         names, tensors = _named(hidden=hidden, attention_mask=mask)
@@ -213,8 +226,10 @@ class RemoteSequential(torch.nn.Module):
         self._finalizer()
 
 
-def _release(clients: dict[str, RpcClient], discovery: Discovery | None, stop_pings: threading.Event) -> None:
+def _release(clients: dict[str, RpcClient], discovery: Discovery | None, stop_pings: threading.Event,
+             pool: ThreadPoolExecutor) -> None:
     stop_pings.set()
+    pool.shutdown(wait=False, cancel_futures=True)
     for client in clients.values():
         client.close()
     clients.clear()
@@ -239,18 +254,12 @@ def _one_tensor(reply: Any, like: torch.Tensor) -> torch.Tensor:
     return reply.tensors[0].to(like.dtype)
 
 
-class _RelayBroken(SwarmError):
-    """A relayed step stopped at hop `index` (whose input is `hidden`), because that hop's server failed."""
+class _RelayStopped(SwarmError):
+    """A relayed step stopped at hop `index` (whose input is `hidden`): `error` says why."""
 
     def __init__(self, index: int, hidden: torch.Tensor, error: SwarmError):
         super().__init__(str(error))
         self.index, self.hidden, self.error = index, hidden, error
-
-
-def _checked(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    if tensor.shape != like.shape:
-        raise SwarmError(f"a server answered a tensor of shape {list(tensor.shape)}, expected {list(like.shape)}")
-    return tensor.to(like.dtype)
 
 
 class _HopFailed(SwarmError):
@@ -359,9 +368,13 @@ class InferenceSession:
             raise
         return opened
 
-    def _step_hop(self, hop_session: _HopSession, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def _step_hop(self, hop_session: _HopSession, hidden: torch.Tensor, mask: torch.Tensor | None,
+                  start: int | None = None) -> torch.Tensor:
         names, tensors = _named(hidden=hidden, attention_mask=mask)
-        reply = self.seq.call(hop_session.hop, "step", {"session": hop_session.session_id, "names": names}, tensors)
+        fields: dict[str, Any] = {"session": hop_session.session_id, "names": names}
+        if start is not None:  # the server rewinds to it first: a step half done by a broken relay runs again
+            fields["start"] = start
+        reply = self.seq.call(hop_session.hop, "step", fields, tensors)
         out = _one_tensor(reply, hidden)
         hop_session.history.append((hidden, mask))
         return out
@@ -406,19 +419,19 @@ class InferenceSession:
         while i < len(self.hops):
             try:
                 if self.seq.config.relay and not self._no_relay and i + 1 < len(self.hops):
-                    try:
-                        out, i = self._relayed(i, out, mask)
-                        continue
-                    except BadRequest as e:  # e.g. the servers do not know each other: go hop by hop
-                        if "relay" not in str(e):
-                            raise
-                        log.warning("relay refused (%s); stepping hop by hop", e)
-                        self._no_relay = True
-                out = self._step_hop(self.hops[i], out, mask)
-                i += 1
-            except _RelayBroken as broken:
-                out, i = broken.hidden, broken.index
-                failures = self._recover(i, broken.error, failures)
+                    out, i = self._relayed(i, out, mask)
+                else:
+                    out = self._step_hop(self.hops[i], out, mask, start=self.position)
+                    i += 1
+            except _RelayStopped as stopped:
+                out, i, error = stopped.hidden, stopped.index, stopped.error
+                if isinstance(error, RelayStopped) or (isinstance(error, BadRequest) and "relay" in str(error)):
+                    log.warning("relay failed (%s); stepping hop by hop", error)
+                    self._no_relay = True  # e.g. the servers do not know or cannot reach each other
+                elif isinstance(error, RECOVERABLE):
+                    failures = self._recover(i, error, failures)
+                else:
+                    raise error from None
             except RECOVERABLE as e:
                 failures = self._recover(i, e, failures)
         self.position += new
@@ -437,31 +450,56 @@ class InferenceSession:
         return failures
 
     def _relayed(self, i: int, hidden: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
-        """One step from hop `i` to the end, servers passing it along; returns the output and the next hop index."""
-        first, rest = self.hops[i], self.hops[i + 1:]
-        names, tensors = _named(hidden=hidden, attention_mask=mask)
-        fields = {"session": first.session_id, "names": names,
-                  "relay": [{"peer": h.hop.peer, "session": h.session_id} for h in rest]}
-        reply = self.seq.call(first.hop, "step", fields, tensors)
-        named = dict(zip(reply.get("names", []), reply.tensors, strict=False))
-        inputs = [named.get(f"inputs_{j}") for j in range(len(rest))]
-        first.history.append((hidden, mask))
-        failed = reply.get("relay_failed")
-        if isinstance(failed, dict):
-            index = failed.get("index")
-            if not isinstance(index, int) or not 0 <= index < len(rest) or inputs[index] is None:
-                raise SwarmError(f"{first.hop.peer} sent a malformed relay answer")
-            for hop_session, x in zip(rest[:index], inputs[:index], strict=True):
-                hop_session.history.append((_checked(x, hidden), mask))
-            code, message = str(failed.get("code", "internal")), str(failed.get("message", ""))
-            error = _HopFailed(rest[index].hop, error_for_code(code, message, rest[index].hop.peer)
-                               if code not in ("timeout", "unreachable") else PeerUnreachable(message))
-            raise _RelayBroken(i + 1 + index, _checked(inputs[index], hidden), error)
-        if "hidden" not in named or any(x is None for x in inputs):
-            raise SwarmError(f"{first.hop.peer} sent a malformed relay answer")
-        for hop_session, x in zip(rest, inputs, strict=True):
-            hop_session.history.append((_checked(x, hidden), mask))
-        return _checked(named["hidden"], hidden), len(self.hops)
+        """One step from hop `i` to the end, servers passing it along; returns the output and the next hop index.
+
+        Every server of the chain gets its request at once. The first gets the hidden states; each later one waits
+        for its input, pushed by the server before it, and every server answers with its output, which is the next
+        hop's history. On a failure at hop k, the requests still waiting are cancelled and the step goes on from k.
+        """
+        chain, ticket = self.hops[i:], secrets.token_hex(8)
+        timeout = self.seq.config.request_timeout
+        calls: list[tuple[Hop, dict[str, Any], list[torch.Tensor], float]] = []
+        for k, hop_session in enumerate(chain):
+            fields: dict[str, Any] = {"session": hop_session.session_id, "start": self.position}
+            if k + 1 < len(chain):
+                after = chain[k + 1]
+                fields["push"] = {"peer": after.hop.peer, "session": after.session_id, "ticket": f"{ticket}.{k + 1}"}
+            if k == 0:
+                names, tensors = _named(hidden=hidden, attention_mask=mask)
+            else:  # it waits for the servers before it, each bounded by the request timeout
+                names, tensors = _named(attention_mask=mask)
+                fields.update(ticket=f"{ticket}.{k}", wait=min(MAX_RELAY_WAIT, timeout * k))
+            fields["names"] = names
+            calls.append((hop_session.hop, fields, tensors, timeout + fields.get("wait", 0)))
+        pending = [self.seq.submit(hop, "step", fields, tensors, wait, channel="relay")
+                   for hop, fields, tensors, wait in calls[1:]]
+        x = hidden
+        for k, hop_session in enumerate(chain):
+            try:
+                reply = self.seq.call(chain[0].hop, "step", calls[0][1], calls[0][2]) if k == 0 \
+                    else pending[k - 1].result()
+                out = _one_tensor(reply, hidden)
+            except BaseException as e:
+                self._cancel(chain[k + 1:], pending[k:], ticket, k + 1)
+                if not isinstance(e, SwarmError):
+                    raise
+                raise _RelayStopped(i + k, x, e) from e
+            hop_session.history.append((x, mask))
+            x = out
+        return x, len(self.hops)
+
+    def _cancel(self, waiting: list[_HopSession], pending: list[Future], ticket: str, first: int) -> None:
+        """Cancel the relayed requests that wait for an input that will not come, and let their calls end."""
+        for k, (hop_session, future) in enumerate(zip(waiting, pending, strict=True), start=first):
+            if future.done():
+                continue
+            try:
+                self.seq.call(hop_session.hop, "cancel", {"session": hop_session.session_id,
+                                                          "ticket": f"{ticket}.{k}"}, [],
+                              timeout=self.seq.config.connect_timeout)
+            except SwarmError as e:  # gone too: its own call ends with that
+                log.debug("cancelling a relayed step on %s failed: %s", hop_session.hop.peer, e)
+        wait_futures(pending, timeout=self.seq.config.request_timeout)
 
     def _close_sessions(self, hops: list[_HopSession]) -> None:
         for hop_session in hops:

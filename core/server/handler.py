@@ -1,12 +1,15 @@
 """The server's protocol: checks every request, answers cheap ones at once, queues compute on the worker.
 
-Requests (message type -> fields / tensors):
+Requests (message type -> fields / tensors; relayed steps: see relay.py):
 - `ping` -> {}                                       (latency probes)
 - `info` -> model, span, dtype, protocol, free cache, ...
 - `forward` {blocks?, names} [hidden, attention_mask?] -> [hidden]
 - `backward` {blocks?, names} [hidden, grad_output, attention_mask?] -> [grad_input]
 - `open` {batch_size, max_length, blocks?} -> {session}
-- `step` {session, start?, names, relay?} [hidden, attention_mask?] -> [hidden]  (relay: see relay.py)
+- `step` {session, start?, names, push?} [hidden, attention_mask?] -> [hidden]
+- `step` {session, start?, names, ticket, wait?, push?} [attention_mask?] -> [hidden]  (input pushed by a server)
+- `push` {session, ticket, names} [hidden] -> {}     (a relayed step's input, from the previous server)
+- `cancel` {session, ticket} -> {cancelled}          (drop a relayed step still waiting for its input)
 - `close` {session} -> {}
 - `gossip` {records} -> {records}                    (push-pull exchange of server records)
 Anything a peer sends is validated here and refused with a stable error code; nothing a peer sends can stop the
@@ -30,7 +33,7 @@ from ...transport.errors import ProtocolError, RemoteError
 from ...transport.rpc import Request
 from .backend import BlockSpan
 from .cache import CacheBudget, SessionCache
-from .relay import Relay, parse_relay
+from .relay import MAX_WAIT, Mailbox, Relay, parse_push, parse_ticket
 from .worker import PRIORITY_BACKWARD, PRIORITY_FORWARD, PRIORITY_STEP, ComputeWorker
 
 log = logging.getLogger(__name__)
@@ -78,6 +81,7 @@ class Handler:
         self.extra_info = extra_info or {}
         self.on_gossip = on_gossip
         self.relay, self.relay_allowed = relay, relay_allowed
+        self.mailbox = Mailbox()  # relayed steps' halves; touched by the I/O thread only
         self.sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
         self.accepting = True
@@ -100,7 +104,23 @@ class Handler:
         elif kind == "step":
             session_id = _session_id(request)
             self._touch(session_id)
-            self.worker.submit(PRIORITY_STEP, request, lambda: self._step(session_id, request))
+            if "ticket" in request.message.fields:
+                self._await_input(session_id, request)
+            else:
+                self.worker.submit(PRIORITY_STEP, request, lambda: self._step(session_id, request))
+        elif kind == "push":
+            session_id = _session_id(request)
+            if self.relay is None:
+                raise Refused("bad_request", "this server does not relay")
+            with self._lock:
+                if session_id not in self.sessions:
+                    raise Refused("unknown_session", f"unknown session {session_id[:8]}")
+            hidden = self._tensors(request, ("hidden",))["hidden"]
+            self.mailbox.push(session_id, parse_ticket(request.message.get("ticket")), hidden)
+            request.reply()
+        elif kind == "cancel":
+            cancelled = self.mailbox.cancel(_session_id(request), parse_ticket(request.message.get("ticket")))
+            request.reply({"cancelled": cancelled})
         elif kind == "forward":
             self._check_accepting()
             self.worker.submit(PRIORITY_FORWARD, request, lambda: self._forward(request))
@@ -110,8 +130,28 @@ class Handler:
         else:
             raise Refused("unknown_method", f"unknown request type {kind!r}")
 
+    def _await_input(self, session_id: str, request: Request) -> None:
+        """A relayed step whose input comes from the previous server: run it once both halves are here."""
+        with self._lock:
+            known = session_id in self.sessions
+        if not known:
+            raise Refused("unknown_session", f"unknown session {session_id[:8]} (it expired, was closed, or the "
+                                             "server restarted)")
+        if self.relay is None:
+            raise Refused("bad_request", "this server does not relay")
+        ticket = parse_ticket(request.message.get("ticket"))
+        wait = request.message.get("wait", 60.0)
+        if not isinstance(wait, (int, float)) or isinstance(wait, bool) or not 0 < wait <= MAX_WAIT:
+            raise Refused("bad_request", f"wait must be a number of seconds in (0, {MAX_WAIT:g}]")
+
+        def start(hidden: torch.Tensor) -> None:
+            self.worker.submit(PRIORITY_STEP, request, lambda: self._step(session_id, request, hidden))
+
+        self.mailbox.wait(session_id, ticket, request, start, float(wait))
+
     def tick(self) -> None:
-        """Close sessions idle for longer than the session timeout."""
+        """Close sessions idle for longer than the session timeout; drop relayed steps that waited too long."""
+        self.mailbox.expire()
         now = time.monotonic()
         with self._lock:
             expired = [sid for sid, s in self.sessions.items() if now - s.last_used > self.limits.session_timeout]
@@ -164,6 +204,7 @@ class Handler:
         if session is not None:
             self.budget.release(session.tokens)
             session.cache = None
+            self.mailbox.drop_session(session_id)
 
     def close_all(self) -> None:
         with self._lock:
@@ -260,13 +301,17 @@ class Handler:
         grad = self.span.backward(hidden, grad_output, mask, blocks)
         return {}, [grad.to(hidden.dtype)]
 
-    def _step(self, session_id: str, request: Request) -> tuple[dict[str, Any], list[torch.Tensor]] | None:
+    def _step(self, session_id: str, request: Request, pushed: torch.Tensor | None = None,
+              ) -> tuple[dict[str, Any], list[torch.Tensor]]:
         with self._lock:
             session = self.sessions.get(session_id)
         if session is None:
             raise Refused("unknown_session", f"unknown session {session_id[:8]} (it expired, was closed, or the "
                                              "server restarted)")
-        tensors = self._tensors(request, ("hidden",), ("attention_mask",))
+        if pushed is None:
+            tensors = self._tensors(request, ("hidden",), ("attention_mask",))
+        else:
+            tensors = {**self._tensors(request, (), ("attention_mask",)), "hidden": pushed}
         hidden = self._hidden(tensors["hidden"])
         mask = self._mask(tensors, hidden)
         if session.cache is None:
@@ -282,17 +327,17 @@ class Handler:
         if position + new > session.max_length:
             raise Refused("session_overflow", f"step of {new} tokens at position {position} goes past the "
                                               f"session's max_length {session.max_length}")
-        relay = request.message.get("relay")
-        hops = parse_relay(relay, self.relay_allowed) if relay is not None and self.relay is not None else None
-        if relay is not None and self.relay is None:
-            raise Refused("bad_request", "this server does not relay")
+        push = request.message.get("push")
+        if push is not None:
+            if self.relay is None:
+                raise Refused("bad_request", "this server does not relay")
+            target = parse_push(push, self.relay_allowed)
         if start is not None:
             cache.rewind(start)
         out = self.span.step(hidden, cache, mask).to(hidden.dtype)
         session.last_used = time.monotonic()
-        if hops:
-            self.relay.submit(request, out, mask, hops, {"position": cache.length})
-            return None  # the relay answers once the rest of the chain has
+        if push is not None:
+            self.relay.push(target, out)  # first: the next server is on the critical path, the client is not
         return {"position": cache.length}, [out]
 
 

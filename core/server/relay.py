@@ -1,16 +1,22 @@
 """Server-to-server relay: a step's output goes straight to the next server of the session's chain.
 
-A client that asks for a relayed step sends, with its step, the rest of its chain (`relay`: each next server's
-address and session id). After computing its blocks, the server sends its output as a step to the next server (which
-relays further), and answers the client with the chain's final output plus every hop's input (`inputs_0`, ...), so
-the client keeps each hop's history for recovery. When a later server fails, the answer says which one
-(`relay_failed`) and carries the inputs up to it, so the client recovers that hop only. Relaying runs on its own
-threads: the compute worker never waits on another server. A server only relays to servers it knows from discovery.
+For a relayed step the client sends a request to every server of its chain at once. The first gets the hidden
+states as usual; each later one gets a `ticket` instead and waits (bounded) for its input. A request may carry
+`push` (the next server's address, session and ticket): after computing, the server sends its output there as a
+`push` message and answers its own client with the same output, so the client keeps every hop's input for recovery
+while the data crosses each link once, and the last server answers the client directly: a step costs one trip per
+hop plus one back instead of a round trip per hop.
+
+`Mailbox` matches the two halves of a relayed step (the client's waiting request and the pushed input), whichever
+comes first, and forgets halves that wait too long. Pushing runs on its own threads, so the compute worker never
+waits on another server. A server only pushes to servers of its model that its discovery knows.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,32 +29,36 @@ from ...transport.rpc import Request, RpcClient, RpcClientConfig, normalize_endp
 
 log = logging.getLogger(__name__)
 
-MAX_RELAY_HOPS = 32
+MAX_WAITING = 1024  # halves of relayed steps held at once on one server (both kinds together)
+MAX_WAIT = 600.0  # seconds a request may wait for its pushed input
+PUSH_TTL = 60.0  # seconds a pushed input waits for the client's request before it is dropped
 
 
 @dataclass(frozen=True)
-class RelayHop:
+class PushTarget:
     peer: str
     session: str
+    ticket: str
 
 
-def parse_relay(value: Any, allowed: Callable[[str], bool]) -> list[RelayHop]:
-    """Validated relay hops; raises SwarmError (bad_request) on anything malformed or unknown."""
-    if not isinstance(value, list) or not 0 < len(value) <= MAX_RELAY_HOPS:
-        raise _bad(f"relay must be a list of 1 to {MAX_RELAY_HOPS} hops")
-    hops = []
-    for item in value:
-        if not isinstance(item, dict) or not isinstance(item.get("peer"), str) \
-                or not isinstance(item.get("session"), str) or not 0 < len(item["session"]) <= 64:
-            raise _bad("each relay hop must be {peer: tcp://HOST:PORT, session: id}")
-        try:
-            peer = normalize_endpoint(item["peer"])
-        except SwarmError:
-            raise _bad(f"bad relay address {item['peer']!r}") from None
-        if not allowed(peer):
-            raise _bad(f"will not relay to {peer}: it is not a server of this swarm known here")
-        hops.append(RelayHop(peer, item["session"]))
-    return hops
+def parse_ticket(value: Any) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= 64:
+        raise _bad("field 'ticket' must be a string of 1 to 64 characters")
+    return value
+
+
+def parse_push(value: Any, allowed: Callable[[str], bool]) -> PushTarget:
+    """A validated push target; raises SwarmError (bad_request) on anything malformed or unknown."""
+    if not isinstance(value, dict) or not isinstance(value.get("peer"), str) \
+            or not isinstance(value.get("session"), str) or not 0 < len(value["session"]) <= 64:
+        raise _bad("relay push must be {peer: tcp://HOST:PORT, session: id, ticket: id}")
+    try:
+        peer = normalize_endpoint(value["peer"])
+    except SwarmError:
+        raise _bad(f"bad relay address {value['peer']!r}") from None
+    if not allowed(peer):
+        raise _bad(f"will not relay to {peer}: it is not a server of this swarm known here")
+    return PushTarget(peer, value["session"], parse_ticket(value.get("ticket")))
 
 
 def _bad(message: str) -> SwarmError:
@@ -57,55 +67,116 @@ def _bad(message: str) -> SwarmError:
     return error
 
 
+@dataclass
+class _Waiting:
+    request: Request
+    start: Callable[[torch.Tensor], None]  # runs the step once its input is here
+    deadline: float
+
+
+class Mailbox:
+    """Pairs waiting requests with pushed inputs by (session, ticket); thread-safe."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[tuple[str, str], _Waiting] = {}
+        self._pushed: dict[tuple[str, str], tuple[torch.Tensor, float]] = {}
+        self._lock = threading.Lock()
+
+    def _room(self) -> None:
+        if len(self._waiting) + len(self._pushed) >= MAX_WAITING:
+            raise _busy("too many relayed steps waiting on this server")
+
+    def wait(self, session: str, ticket: str, request: Request, start: Callable[[torch.Tensor], None],
+             timeout: float) -> None:
+        key = (session, ticket)
+        with self._lock:
+            pushed = self._pushed.pop(key, None)
+            if pushed is None:
+                if key in self._waiting:
+                    raise _bad("a request already waits with this ticket")
+                self._room()
+                self._waiting[key] = _Waiting(request, start, time.monotonic() + timeout)
+                return
+        start(pushed[0])
+
+    def push(self, session: str, ticket: str, hidden: torch.Tensor) -> None:
+        key = (session, ticket)
+        with self._lock:
+            waiting = self._waiting.pop(key, None)
+            if waiting is None:
+                if key in self._pushed:
+                    raise _bad("an input was already pushed with this ticket")
+                self._room()
+                self._pushed[key] = (hidden, time.monotonic() + PUSH_TTL)
+                return
+        waiting.start(hidden)
+
+    def cancel(self, session: str, ticket: str) -> bool:
+        """Drop both halves of a relayed step; the waiting request (if any) is answered `cancelled`."""
+        with self._lock:
+            self._pushed.pop((session, ticket), None)
+            waiting = self._waiting.pop((session, ticket), None)
+        if waiting is None:
+            return False
+        waiting.request.fail("cancelled", "the client cancelled this relayed step")
+        return True
+
+    def drop_session(self, session: str) -> None:
+        with self._lock:
+            dropped = [self._waiting.pop(k) for k in [k for k in self._waiting if k[0] == session]]
+            for key in [k for k in self._pushed if k[0] == session]:
+                del self._pushed[key]
+        for waiting in dropped:
+            waiting.request.fail("unknown_session", f"session {session[:8]} was closed")
+
+    def expire(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            late = [self._waiting.pop(k) for k in [k for k, w in self._waiting.items() if w.deadline < now]]
+            for key in [k for k, (_, deadline) in self._pushed.items() if deadline < now]:
+                del self._pushed[key]
+        for waiting in late:
+            waiting.request.fail("relay_timeout", "the input of this relayed step never came from the previous "
+                                                  "server")
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._waiting) + len(self._pushed)
+
+
+def _busy(message: str) -> SwarmError:
+    error = SwarmError(message)
+    error.code = "busy"
+    return error
+
+
 class Relay:
+    """Pushes outputs to the next servers of chains, on its own threads."""
+
     def __init__(self, timeout: float = 60.0, threads: int = 8, link_delay: float = 0.0):
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="swarm-relay")
         self._clients: dict[str, RpcClient] = {}
+        self._lock = threading.Lock()
         self._config = RpcClientConfig(timeout=timeout, link_delay=link_delay)
 
-    def submit(self, request: Request, out: torch.Tensor, mask: torch.Tensor | None, hops: list[RelayHop],
-               fields: dict[str, Any]) -> None:
-        """Forward `out` along `hops` in the background, then answer `request`."""
-        self._pool.submit(self._forward, request, out, mask, hops, fields)
+    def push(self, target: PushTarget, out: torch.Tensor) -> None:
+        self._pool.submit(self._push, target, out)
 
     def _client(self, peer: str) -> RpcClient:
-        client = self._clients.get(peer)
-        if client is None:
-            client = self._clients[peer] = RpcClient(peer, self._config)
-        return client
+        with self._lock:
+            client = self._clients.get(peer)
+            if client is None:
+                client = self._clients[peer] = RpcClient(peer, self._config)
+            return client
 
-    def _forward(self, request: Request, out: torch.Tensor, mask: torch.Tensor | None, hops: list[RelayHop],
-                 fields: dict[str, Any]) -> None:
-        first, rest = hops[0], hops[1:]
-        names, tensors = ["hidden"], [out]
-        if mask is not None:
-            names.append("attention_mask")
-            tensors.append(mask.to(torch.int8))
-        message: dict[str, Any] = {"session": first.session, "names": names}
-        if rest:
-            message["relay"] = [{"peer": h.peer, "session": h.session} for h in rest]
+    def _push(self, target: PushTarget, out: torch.Tensor) -> None:
         try:
-            reply = self._client(first.peer).call("step", message, tensors)
-        except SwarmError as e:  # the next server failed: tell the client which, with what it should have got
-            request.reply({**fields, "names": ["inputs_0"],
-                           "relay_failed": {"index": 0, "peer": first.peer, "code": e.code, "message": str(e)}},
-                          [out])
-            return
-        except Exception as e:  # never leave the client without an answer
-            log.exception("relay to %s failed", first.peer)
-            request.fail("internal", f"relay to {first.peer} failed: {type(e).__name__}: {e}")
-            return
-        named = dict(zip(reply.get("names", ["hidden"]), reply.tensors, strict=False))
-        downstream = [named[f"inputs_{j}"] for j in range(len(rest)) if f"inputs_{j}" in named]
-        answer: dict[str, Any] = {**fields}
-        failed = reply.get("relay_failed")
-        if isinstance(failed, dict) and isinstance(failed.get("index"), int):
-            answer["relay_failed"] = {**failed, "index": failed["index"] + 1}
-            names = [f"inputs_{j}" for j in range(len(downstream) + 1)]
-            request.reply({**answer, "names": names}, [out, *downstream])
-            return
-        names = ["hidden", *(f"inputs_{j}" for j in range(len(downstream) + 1))]
-        request.reply({**answer, "names": names}, [named["hidden"], out, *downstream])
+            self._client(target.peer).call("push", {"session": target.session, "ticket": target.ticket,
+                                                    "names": ["hidden"]}, [out])
+        except SwarmError as e:  # the client learns it from the next server (gone, or timing out on its input)
+            log.info("relay to %s failed: %s", target.peer, e)
+        except Exception:
+            log.exception("relay to %s failed", target.peer)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
