@@ -9,6 +9,10 @@ __version__ = "0.1.0"
 _LAZY = {
     "AutoDistributedModelForCausalLM": ("swarm.core.client.model", "AutoDistributedModelForCausalLM"),
     "DistributedModelForCausalLM": ("swarm.core.client.model", "DistributedModelForCausalLM"),
+    "AutoDistributedModelForSequenceClassification": ("swarm.core.client.model",
+                                                      "AutoDistributedModelForSequenceClassification"),
+    "DistributedModelForSequenceClassification": ("swarm.core.client.model",
+                                                  "DistributedModelForSequenceClassification"),
     "ClientConfig": ("swarm.core.client.config", "ClientConfig"),
     "Server": ("swarm.core.server", "Server"),
     "ServerConfig": ("swarm.core.server", "ServerConfig"),

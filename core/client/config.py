@@ -15,6 +15,7 @@ class ClientConfig:
     max_retries: int = 16  # replacement routes tried for one step or request before giving up
     ping_period: float = 10.0  # seconds between background round-trip measurements of the known servers
     wait_for_blocks: float = 60.0  # seconds to wait for a server of blocks no live server covers, before failing
+    max_request_tokens: int = 8192  # batch x length of one forward/backward request; larger batches are split
     relay: bool = False  # servers pass a step's output straight to the next server (one client round trip a step)
     link_delay: float = 0.0  # simulated one-way latency on every link to a server, seconds (benchmarks and tests)
     link_bandwidth: float | None = None  # simulated link speed to servers, bytes/s (None: unlimited)

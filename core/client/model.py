@@ -6,6 +6,11 @@ client's tensors, asks the peers what they serve, and returns a model that works
 `generate()` runs with every option of transformers' generation (greedy, sampling, top-p, streamers). Inside
 `model.inference_session(max_length=N)` the attention caches stay on the servers across `generate()` calls and each
 step sends only the new tokens' hidden states; outside one, `generate()` opens a session for its own duration.
+
+`AutoDistributedModelForSequenceClassification` is the same client with a classification head on the final hidden
+state of each sequence's last real token. Both take `tuning_mode="ptune"|"deep_ptune"` and `pre_seq_len` for prompt
+tuning (see ptune.py), or `prompts=DIR` to load a saved tuning result; `trainable_parameters()` are the prompts and the
+head, everything else is frozen, and the servers never change.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Any
 
 import torch
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassifierOutput
 
 from ...transport.discovery import Discovery, DiscoveryConfig
 from ...transport.errors import ConfigError, PeerUnreachable
@@ -27,12 +32,61 @@ from ..aliases import announced_id, matches, resolve_alias
 from ..models import ModelFamily
 from ..weights import ModelSource, assign_weights, resolve_dtype, strip_prefix
 from .config import ClientConfig
+from .ptune import PromptTuning, load_prompts, read_tuned, save_tuned
 from .remote import InferenceSession, RemoteSequential
 
 log = logging.getLogger(__name__)
 
 
-class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
+class _Tunable:
+    """What the distributed models share: prompt tuning, the trainable parameters, saving, closing."""
+
+    task = "lm"
+    tuning: PromptTuning | None
+    blocks: RemoteSequential
+
+    def _head(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def _info(self) -> dict[str, Any]:
+        return {}
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters a tuning run trains: the prompts and the task head (the rest is frozen)."""
+        params = [] if self.tuning is None else [p for p in self.tuning.parameters()]
+        return params + [p for p in self._head_parameters()]
+
+    def _head_parameters(self) -> list[torch.nn.Parameter]:
+        return []
+
+    def _extend(self, hidden: torch.Tensor, mask: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        if self.tuning is None:
+            return hidden, mask, None
+        return self.tuning.extend(hidden, mask)
+
+    def save_tuned(self, directory: str, **info: Any) -> Any:
+        """Save the prompts and head (safetensors + JSON config; ptune also in PEFT's layout) to `directory`."""
+        if self.tuning is None:
+            raise ConfigError("this model has no prompts to save: load it with tuning_mode='ptune' or 'deep_ptune'")
+        config = self.config
+        info = {"model": getattr(self, "name_or_path", None), "task": self.task,
+                "num_attention_heads": getattr(config, "num_attention_heads", None), **self._info(), **info}
+        return save_tuned(directory, self.tuning, self._head(), info, int(config.hidden_size),
+                          self.blocks.num_blocks)
+
+    def close(self) -> None:
+        """Stop discovery and close connections (also done when the model is garbage-collected)."""
+        self.blocks.close()
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class DistributedModelForCausalLM(_Tunable, PreTrainedModel, GenerationMixin):
     """A causal LM whose blocks run on the swarm. Build it with `AutoDistributedModelForCausalLM.from_pretrained`."""
 
     base_model_prefix = "model"
@@ -40,11 +94,13 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     _supports_sdpa = True
 
     def __init__(self, config: Any, family: ModelFamily, blocks: RemoteSequential,
-                 modules: tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]):
+                 modules: tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module],
+                 tuning: PromptTuning | None = None):
         super().__init__(config)
         self.family = family
         self.embed_tokens, self.norm, self.lm_head = modules
         self.blocks = blocks
+        self.tuning = tuning
         self._session: InferenceSession | None = None
         self.generation_config.use_cache = False  # caches live on the servers, not in transformers' Cache objects
 
@@ -80,7 +136,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         """Keep attention caches on the servers for up to `max_length` tokens across forward/generate calls."""
         if self._session is not None:
             raise ConfigError("an inference session is already active on this model")
-        session = self.blocks.inference_session(max_length, batch_size)
+        prefix = 0 if self.tuning is None else self.tuning.pre_seq_len  # the prompts take cache room too
+        session = self.blocks.inference_session(max_length + prefix, batch_size)
         self._session = session
         self._session_ids: torch.Tensor | None = None
         try:
@@ -113,16 +170,6 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         total = kwargs.get("max_length", getattr(config, "max_length", None)) or 20
         return max(int(total), prompt_length + 1)
 
-    def close(self) -> None:
-        """Stop discovery and close connections (also done when the model is garbage-collected)."""
-        self.blocks.close()
-
-    def __enter__(self) -> DistributedModelForCausalLM:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     # --- forward -----------------------------------------------------------------------------------------------
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -138,11 +185,17 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                 raise ConfigError("forward() needs input_ids or inputs_embeds")
             inputs_embeds = self.embed_tokens(input_ids)
         hidden = inputs_embeds.to(self.dtype)
-        if session is not None:
-            hidden = session.step(hidden, attention_mask)
+        prefix = 0
+        if session is None or session.position == 0:  # soft prompts go in front of the first tokens
+            hidden, attention_mask, deep = self._extend(hidden, attention_mask)
+            prefix = 0 if self.tuning is None else self.tuning.pre_seq_len
         else:
-            hidden = self.blocks(hidden, attention_mask)
-        logits = self.lm_head(self.norm(hidden)).float()
+            deep = None
+        if session is not None:
+            hidden = session.step(hidden, attention_mask, deep)
+        else:
+            hidden = self.blocks(hidden, attention_mask, deep)
+        logits = self.lm_head(self.norm(hidden[:, prefix:])).float()
         loss = None
         if labels is not None:
             loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
@@ -154,6 +207,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                   ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """The part of the inputs the servers do not hold yet. Token ids must extend what the session holds."""
         done = session.position
+        if done and self.tuning is not None:
+            done -= self.tuning.pre_seq_len  # the session holds the soft prompts before the tokens
         if inputs_embeds is not None:  # embeddings are always new tokens
             if attention_mask is not None and attention_mask.shape[1] > inputs_embeds.shape[1]:
                 attention_mask = attention_mask[:, done:]
@@ -170,35 +225,83 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         return input_ids[:, done:], mask, None
 
 
-class AutoDistributedModelForCausalLM:
-    """Entry point mirroring transformers' Auto classes."""
+class DistributedModelForSequenceClassification(_Tunable, PreTrainedModel):
+    """A sequence classifier whose blocks run on the swarm: a linear head (`score`) on the final hidden state of each
+    sequence's last real token. Build it with `AutoDistributedModelForSequenceClassification.from_pretrained`."""
 
-    @staticmethod
-    def from_pretrained(name_or_path: str, initial_peers: list[str] | None = None, torch_dtype: Any = "auto",
-                        config: ClientConfig | None = None, mdns: bool | None = None,
-                        mdns_interface: str | None = None, discovery: Discovery | None = None,
-                        **kwargs: Any) -> DistributedModelForCausalLM:
-        """Load the client's part of `name_or_path` (a hub id, alias, or local directory) and find its servers.
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _supports_sdpa = True
+    task = "classification"
 
-        Servers are found through `initial_peers` (gossip) and mDNS on the local network (`mdns`, or $SWARM_MDNS;
-        `mdns_interface` or $SWARM_MDNS_INTERFACE binds it to one interface). A prepared `discovery` may be passed
-        instead (it is then not stopped by the model).
-        """
-        if kwargs:
-            raise ConfigError(f"unsupported arguments: {', '.join(kwargs)}")
+    def __init__(self, config: Any, family: ModelFamily, blocks: RemoteSequential,
+                 modules: tuple[torch.nn.Module, torch.nn.Module], score: torch.nn.Linear,
+                 tuning: PromptTuning | None = None):
+        super().__init__(config)
+        self.family = family
+        self.embed_tokens, self.norm = modules
+        self.score = score
+        self.blocks = blocks
+        self.tuning = tuning
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.embed_tokens
+
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        pass
+
+    def _head(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.score.weight}
+
+    def _info(self) -> dict[str, Any]:
+        labels = [str(self.config.id2label.get(i, i)) for i in range(self.config.num_labels)]
+        return {"num_labels": self.config.num_labels, "labels": labels}
+
+    def _head_parameters(self) -> list[torch.nn.Parameter]:
+        return [self.score.weight]
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                **kwargs: Any) -> SequenceClassifierOutput:
+        """Class logits [batch, num_labels] (and the cross-entropy loss with `labels`)."""
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ConfigError("forward() needs input_ids or inputs_embeds")
+            inputs_embeds = self.embed_tokens(input_ids)
+        hidden, mask, deep = self._extend(inputs_embeds.to(self.dtype), attention_mask)
+        hidden = self.norm(self.blocks(hidden, mask, deep))
+        if mask is None:
+            last = torch.full((hidden.shape[0],), hidden.shape[1] - 1, device=hidden.device)
+        else:  # the last real token of each row, whichever side the padding is on
+            slots = torch.arange(mask.shape[1], device=mask.device)
+            last = (slots * mask.bool()).argmax(-1)
+        logits = self.score(hidden[torch.arange(hidden.shape[0], device=hidden.device), last]).float()
+        loss = None
+        if labels is not None:
+            loss = torch.nn.functional.cross_entropy(logits, labels.to(logits.device).long())
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+class _Loaded:
+    """The parts every distributed model is built from."""
+
+    def __init__(self, name_or_path: str, initial_peers: list[str] | None, torch_dtype: Any,
+                 config: ClientConfig | None, mdns: bool | None, mdns_interface: str | None,
+                 discovery: Discovery | None):
         config = config or ClientConfig()
-        source = ModelSource(resolve_alias(name_or_path))
-        model_config = source.config("auto")
-        family = source.family()
-        dtype = resolve_dtype("float32" if torch_dtype == "auto" else torch_dtype, model_config)
+        self.source = source = ModelSource(resolve_alias(name_or_path))
+        self.config = model_config = source.config("auto")
+        self.family = family = source.family()
+        self.dtype = dtype = resolve_dtype("float32" if torch_dtype == "auto" else torch_dtype, model_config)
         model_config.dtype = dtype
         owns = discovery is None
         if discovery is None:
             settings = DiscoveryConfig(mdns=MdnsSettings.from_options(mdns, mdns_interface),
                                        gossip=GossipConfig(period=config.gossip_period))
             discovery = Discovery(initial_peers or [], settings).start()
-        blocks = RemoteSequential(family.num_blocks(model_config), int(model_config.hidden_size), discovery,
-                                  lambda record: matches(name_or_path, record.model), config, owns_discovery=owns)
+        self.blocks = blocks = RemoteSequential(family.num_blocks(model_config), int(model_config.hidden_size),
+                                                discovery, lambda record: matches(name_or_path, record.model), config,
+                                                owns_discovery=owns)
         try:
             if not blocks.wait_ready(config.connect_timeout) and not blocks.servers():
                 where = ", ".join(discovery.initial_peers) or "no initial peers"
@@ -210,17 +313,146 @@ class AutoDistributedModelForCausalLM:
         except BaseException:
             blocks.close()
             raise
-        prefixes = family.client_prefixes(model_config)
-        tensors = source.load_tensors([prefixes.embed, prefixes.norm, prefixes.lm_head], dtype=dtype)
+
+    def client_modules(self, head: bool) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module,
+                                                  dict[str, torch.Tensor]]:
+        """Embeddings, final norm, LM head (when `head`), and the checkpoint's classification head tensors."""
+        prefixes = self.family.client_prefixes(self.config)
+        wanted = [prefixes.embed, prefixes.norm, prefixes.score] + ([prefixes.lm_head] if head else [])
+        tensors = self.source.load_tensors(wanted, dtype=self.dtype)
         with torch.device("meta"):
-            embed, norm, lm_head = family.build_client_modules(model_config)
+            embed, norm, lm_head = self.family.build_client_modules(self.config)
         assign_weights(embed, strip_prefix(tensors, prefixes.embed), "the input embeddings")
         assign_weights(norm, strip_prefix(tensors, prefixes.norm), "the final norm")
-        head = strip_prefix(tensors, prefixes.lm_head)
-        if not head or getattr(model_config, "tie_word_embeddings", False):
-            lm_head.weight = embed.weight
-        else:
-            assign_weights(lm_head, head, "the LM head")
-        model = DistributedModelForCausalLM(model_config, family, blocks, (embed, norm, lm_head))
-        model.name_or_path = source.name
+        if head:
+            weights = strip_prefix(tensors, prefixes.lm_head)
+            if not weights or getattr(self.config, "tie_word_embeddings", False):
+                lm_head.weight = embed.weight
+            else:
+                assign_weights(lm_head, weights, "the LM head")
+        return embed, norm, lm_head, strip_prefix(tensors, prefixes.score)
+
+    def tuning(self, embed: torch.nn.Module, tuning_mode: str | None, pre_seq_len: int | None,
+               saved: dict[str, Any] | None) -> PromptTuning | None:
+        if saved is not None:
+            if tuning_mode not in (None, saved["tuning_mode"]) or pre_seq_len not in (None, saved["pre_seq_len"]):
+                raise ConfigError(f"the saved prompts are {saved['tuning_mode']} with pre_seq_len "
+                                  f"{saved['pre_seq_len']}; leave tuning_mode and pre_seq_len out to use them")
+            if saved.get("hidden_size") != self.blocks.hidden_size or saved.get("num_blocks") != self.blocks.num_blocks:
+                raise ConfigError(f"the saved prompts are for a model with {saved.get('num_blocks')} blocks of hidden "
+                                  f"size {saved.get('hidden_size')}, this one has {self.blocks.num_blocks} of "
+                                  f"{self.blocks.hidden_size}")
+            tuning_mode, pre_seq_len = saved["tuning_mode"], saved["pre_seq_len"]
+        if tuning_mode is None:
+            if pre_seq_len is not None:
+                raise ConfigError("pre_seq_len needs tuning_mode='ptune' or 'deep_ptune'")
+            return None
+        return PromptTuning(tuning_mode, 16 if pre_seq_len is None else pre_seq_len, self.blocks.hidden_size,
+                            self.blocks.num_blocks, embed.weight, self.dtype)
+
+
+def _freeze(model: torch.nn.Module, tuning: PromptTuning | None, head: torch.nn.Module | None) -> None:
+    model.requires_grad_(False)
+    if tuning is not None:
+        tuning.requires_grad_(True)
+    if head is not None:
+        head.requires_grad_(True)
+
+
+def _saved(prompts: str | None, task: str) -> tuple[dict[str, Any] | None, dict[str, torch.Tensor]]:
+    if prompts is None:
+        return None, {}
+    config, tensors = read_tuned(prompts)
+    if config.get("task", "lm") != task:
+        kind = "a classifier" if config.get("task") == "classification" else "a language model"
+        raise ConfigError(f"the prompts in {prompts} were tuned for {kind} (task {config.get('task')!r}); load them "
+                          f"with the matching Auto class")
+    return config, tensors
+
+
+class AutoDistributedModelForCausalLM:
+    """Entry point mirroring transformers' Auto classes."""
+
+    @staticmethod
+    def from_pretrained(name_or_path: str, initial_peers: list[str] | None = None, torch_dtype: Any = "auto",
+                        config: ClientConfig | None = None, mdns: bool | None = None,
+                        mdns_interface: str | None = None, discovery: Discovery | None = None,
+                        tuning_mode: str | None = None, pre_seq_len: int | None = None, prompts: str | None = None,
+                        **kwargs: Any) -> DistributedModelForCausalLM:
+        """Load the client's part of `name_or_path` (a hub id, alias, or local directory) and find its servers.
+
+        Servers are found through `initial_peers` (gossip) and mDNS on the local network (`mdns`, or $SWARM_MDNS;
+        `mdns_interface` or $SWARM_MDNS_INTERFACE binds it to one interface). A prepared `discovery` may be passed
+        instead (it is then not stopped by the model). `tuning_mode` ("ptune" or "deep_ptune") and `pre_seq_len` add
+        trainable soft prompts; `prompts` loads the ones a tuning run saved (`swarm tune --task lm --output DIR`).
+        """
+        if kwargs:
+            raise ConfigError(f"unsupported arguments: {', '.join(kwargs)}")
+        saved, tensors = _saved(prompts, "lm")
+        loaded = _Loaded(name_or_path, initial_peers, torch_dtype, config, mdns, mdns_interface, discovery)
+        try:
+            embed, norm, lm_head, _ = loaded.client_modules(head=True)
+            tuning = loaded.tuning(embed, tuning_mode, pre_seq_len, saved)
+            if saved is not None:
+                load_prompts(tuning, tensors, str(prompts))
+            model = DistributedModelForCausalLM(loaded.config, loaded.family, loaded.blocks, (embed, norm, lm_head),
+                                                tuning)
+        except BaseException:
+            loaded.blocks.close()
+            raise
+        model.name_or_path = loaded.source.name
+        _freeze(model, tuning, None)
+        return model.eval()
+
+
+class AutoDistributedModelForSequenceClassification:
+    """Entry point mirroring transformers' Auto classes, for sequence classification."""
+
+    @staticmethod
+    def from_pretrained(name_or_path: str, num_labels: int | None = None, initial_peers: list[str] | None = None,
+                        torch_dtype: Any = "auto", config: ClientConfig | None = None, mdns: bool | None = None,
+                        mdns_interface: str | None = None, discovery: Discovery | None = None,
+                        tuning_mode: str | None = None, pre_seq_len: int | None = None, prompts: str | None = None,
+                        **kwargs: Any) -> DistributedModelForSequenceClassification:
+        """Like `AutoDistributedModelForCausalLM.from_pretrained`, with a `num_labels`-way head instead of the LM head.
+
+        The head comes from the checkpoint when it has one (`score.weight`), from `prompts` (a saved tuning result),
+        or is initialised at random (normal, the config's `initializer_range`).
+        """
+        if kwargs:
+            raise ConfigError(f"unsupported arguments: {', '.join(kwargs)}")
+        saved, tensors = _saved(prompts, "classification")
+        if saved is not None:
+            if num_labels not in (None, saved.get("num_labels")):
+                raise ConfigError(f"the saved head has {saved.get('num_labels')} labels, not {num_labels}")
+            num_labels = saved.get("num_labels")
+        if not isinstance(num_labels, int) or isinstance(num_labels, bool) or num_labels < 2:
+            raise ConfigError(f"num_labels must be an integer of at least 2, got {num_labels!r}")
+        loaded = _Loaded(name_or_path, initial_peers, torch_dtype, config, mdns, mdns_interface, discovery)
+        try:
+            embed, norm, _, head = loaded.client_modules(head=False)
+            tuning = loaded.tuning(embed, tuning_mode, pre_seq_len, saved)
+            score = torch.nn.Linear(loaded.blocks.hidden_size, num_labels, bias=False, dtype=loaded.dtype)
+            weight = tensors.get("head.weight") if saved is not None else head.get("weight")
+            if weight is not None and weight.shape != score.weight.shape:
+                raise ConfigError(f"the classification head has shape {list(weight.shape)}, expected "
+                                  f"{list(score.weight.shape)} ({num_labels} labels)")
+            with torch.no_grad():
+                if weight is not None:
+                    score.weight.copy_(weight.to(score.weight.dtype))
+                else:
+                    score.weight.normal_(0.0, float(getattr(loaded.config, "initializer_range", 0.02)))
+            if saved is not None:
+                load_prompts(tuning, tensors, str(prompts))
+            loaded.config.num_labels = num_labels
+            if saved is not None and saved.get("labels"):
+                loaded.config.id2label = dict(enumerate(saved["labels"]))
+                loaded.config.label2id = {v: k for k, v in loaded.config.id2label.items()}
+            model = DistributedModelForSequenceClassification(loaded.config, loaded.family, loaded.blocks,
+                                                              (embed, norm), score, tuning)
+        except BaseException:
+            loaded.blocks.close()
+            raise
+        model.name_or_path = loaded.source.name
+        _freeze(model, tuning, score)
         return model.eval()

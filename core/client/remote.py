@@ -204,20 +204,64 @@ class RemoteSequential(torch.nn.Module):
         """`call` on a background thread; the future holds the reply or the error."""
         return self._pool.submit(self.call, hop, msg_type, fields, tensors, timeout, channel)
 
-    def hop_forward(self, hop: Hop, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        names, tensors = _named(hidden=hidden, attention_mask=mask)
-        reply = self.call(hop, "forward", {"blocks": [hop.start, hop.end], "names": names}, tensors)
-        return _one_tensor(reply, hidden)
+    def _rows(self, hidden: torch.Tensor) -> list[slice]:
+        """Row ranges of a batch small enough for one request (`ClientConfig.max_request_tokens`)."""
+        batch, length = hidden.shape[:2]
+        limit = self.config.max_request_tokens
+        if length > limit:
+            raise ConfigError(f"a sequence of {length} tokens is longer than one request may hold ({limit} tokens, "
+                              "ClientConfig.max_request_tokens); use shorter inputs")
+        per = max(1, limit // length)
+        return [slice(i, min(i + per, batch)) for i in range(0, batch, per)]
 
-    def hop_backward(self, hop: Hop, hidden: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor | None
-                     ) -> torch.Tensor:
-        names, tensors = _named(hidden=hidden, grad_output=grad, attention_mask=mask)
-        reply = self.call(hop, "backward", {"blocks": [hop.start, hop.end], "names": names}, tensors)
-        return _one_tensor(reply, hidden)
+    def hop_forward(self, hop: Hop, hidden: torch.Tensor, mask: torch.Tensor | None,
+                    prompts: torch.Tensor | None = None) -> torch.Tensor:
+        """Blocks of `hop` over `hidden` (split by rows into requests the server accepts)."""
+        outs = []
+        for rows in self._rows(hidden):
+            names, tensors = _named(hidden=hidden[rows], attention_mask=_sliced(mask, rows),
+                                    prompts=_hop_prompts(prompts, hop, rows))
+            reply = self.call(hop, "forward", {"blocks": [hop.start, hop.end], "names": names}, tensors)
+            outs.append(_one_tensor(reply, hidden[rows]))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def hop_backward(self, hop: Hop, hidden: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor | None,
+                     prompts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Gradients w.r.t. the input of `hop`'s blocks and w.r.t. their prompts (`prompts[hop.start:hop.end]`)."""
+        grads, grad_prompts = [], []
+        for rows in self._rows(hidden):
+            hop_prompts = _hop_prompts(prompts, hop, rows)
+            names, tensors = _named(hidden=hidden[rows], grad_output=grad[rows], attention_mask=_sliced(mask, rows),
+                                    prompts=hop_prompts)
+            reply = self.call(hop, "backward", {"blocks": [hop.start, hop.end], "names": names}, tensors)
+            if hop_prompts is None:
+                grads.append(_one_tensor(reply, hidden[rows]))
+                continue
+            named = dict(zip(reply.get("names", []), reply.tensors, strict=False))
+            if set(named) != {"grad_input", "grad_prompts"} or named["grad_input"].shape != hidden[rows].shape \
+                    or named["grad_prompts"].shape != hop_prompts.shape:
+                raise SwarmError(f"{hop.peer} answered a backward pass with prompts with tensors "
+                                 f"{[list(t.shape) for t in reply.tensors]}")
+            grads.append(named["grad_input"].to(hidden.dtype))
+            grad_prompts.append(named["grad_prompts"].to(prompts.dtype))
+        grad_input = grads[0] if len(grads) == 1 else torch.cat(grads)
+        if not grad_prompts:
+            return grad_input, None
+        if prompts.shape[1] == 1:  # one prompt for the whole batch: its gradient sums over the rows
+            return grad_input, torch.stack(grad_prompts).sum(0)
+        return grad_input, torch.cat(grad_prompts, dim=1)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                prompts: torch.Tensor | None = None) -> torch.Tensor:
+        """The blocks over `hidden`, differentiable w.r.t. `hidden` and the deep `prompts` [blocks, batch or 1,
+        prompt_length, hidden] (one per block, added at the first positions before it)."""
         mask = None if attention_mask is None else attention_mask.to(torch.int8)
-        return _RemoteBlocks.apply(hidden, mask, self)
+        if prompts is not None and (prompts.dim() != 4 or prompts.shape[0] != self.num_blocks
+                                    or prompts.shape[1] not in (1, hidden.shape[0])
+                                    or prompts.shape[3] != hidden.shape[2]):
+            raise ConfigError(f"prompts must be [{self.num_blocks}, 1 or batch, prompt_length, {hidden.shape[2]}], "
+                              f"got {list(prompts.shape)}")
+        return _RemoteBlocks.apply(hidden, mask, prompts, self)
 
     def inference_session(self, max_length: int, batch_size: int | None = None) -> InferenceSession:
         return InferenceSession(self, max_length, batch_size)
@@ -245,6 +289,18 @@ def _span(record: ServerRecord, rtt: float | None = None) -> SpanInfo:
 def _named(**tensors: torch.Tensor | None) -> tuple[list[str], list[torch.Tensor]]:
     present = [(k, v) for k, v in tensors.items() if v is not None]
     return [k for k, _ in present], [v for _, v in present]
+
+
+def _sliced(tensor: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    return None if tensor is None else tensor[rows]
+
+
+def _hop_prompts(prompts: torch.Tensor | None, hop: Hop, rows: slice | None = None) -> torch.Tensor | None:
+    """The prompts of `hop`'s blocks (for `rows` of the batch, unless one prompt serves every row)."""
+    if prompts is None:
+        return None
+    prompts = prompts[hop.start:hop.end]
+    return prompts if rows is None or prompts.shape[1] == 1 else prompts[:, rows]
 
 
 def _one_tensor(reply: Any, like: torch.Tensor) -> torch.Tensor:
@@ -278,13 +334,13 @@ RECOVERABLE = (_HopFailed, PeerTimeout, PeerUnreachable, UnknownSession, ServerB
 
 
 def _forward_span(seq: RemoteSequential, start: int, end: int, hidden: torch.Tensor, mask: torch.Tensor | None,
-                  ) -> tuple[torch.Tensor, list[tuple[Hop, torch.Tensor]]]:
+                  prompts: torch.Tensor | None) -> tuple[torch.Tensor, list[tuple[Hop, torch.Tensor]]]:
     """Run blocks [start, end) forward, retrying failed hops elsewhere; returns the output and each hop's input."""
     def attempt() -> tuple[torch.Tensor, list[tuple[Hop, torch.Tensor]]]:
         out, inputs = hidden, []
         for hop in seq.plan_or_wait(start, end, kind="forward"):
             inputs.append((hop, out))
-            out = seq.hop_forward(hop, out, mask)
+            out = seq.hop_forward(hop, out, mask, prompts)
         return out, inputs
 
     return seq.retry(attempt, f"forward through blocks {start}:{end}")
@@ -292,34 +348,43 @@ def _forward_span(seq: RemoteSequential, start: int, end: int, hidden: torch.Ten
 
 class _RemoteBlocks(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, mask: torch.Tensor | None, seq: RemoteSequential) -> torch.Tensor:
-        out, inputs = _forward_span(seq, 0, seq.num_blocks, hidden.detach(), mask)
-        ctx.seq, ctx.inputs, ctx.mask = seq, inputs, mask
+    def forward(ctx: Any, hidden: torch.Tensor, mask: torch.Tensor | None, prompts: torch.Tensor | None,
+                seq: RemoteSequential) -> torch.Tensor:
+        prompts = None if prompts is None else prompts.detach()
+        out, inputs = _forward_span(seq, 0, seq.num_blocks, hidden.detach(), mask, prompts)
+        ctx.seq, ctx.inputs, ctx.mask, ctx.prompts = seq, inputs, mask, prompts
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, torch.Tensor | None, None]:
         grad = grad.contiguous()
-        seq, mask = ctx.seq, ctx.mask
+        seq, mask, prompts = ctx.seq, ctx.mask, ctx.prompts
+        grad_prompts = None if prompts is None else torch.zeros_like(prompts)
         for hop, hidden in reversed(ctx.inputs):
-            grad = _backward_span(seq, hop, hidden, grad, mask)
-        return grad, None, None
+            grad, hop_grad = _backward_span(seq, hop, hidden, grad, mask, prompts)
+            if grad_prompts is not None and hop_grad is not None:
+                grad_prompts[hop.start:hop.end] = hop_grad
+        return grad, None, grad_prompts, None
 
 
 def _backward_span(seq: RemoteSequential, hop: Hop, hidden: torch.Tensor, grad: torch.Tensor,
-                   mask: torch.Tensor | None) -> torch.Tensor:
-    """Gradient w.r.t. the input of `hop`'s blocks; when its server fails, recompute them on others and retry."""
+                   mask: torch.Tensor | None, prompts: torch.Tensor | None,
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gradients w.r.t. the input of `hop`'s blocks and their prompts; when its server fails, recompute the blocks on
+    others and retry."""
     try:
-        return seq.hop_backward(hop, hidden, grad, mask)
+        return seq.hop_backward(hop, hidden, grad, mask, prompts)
     except RECOVERABLE as e:
         seq.ban_failed(e)
 
-    def attempt() -> torch.Tensor:
-        _, inputs = _forward_span(seq, hop.start, hop.end, hidden, mask)  # inputs of the replacement hops
-        g = grad
+    def attempt() -> tuple[torch.Tensor, torch.Tensor | None]:
+        _, inputs = _forward_span(seq, hop.start, hop.end, hidden, mask, prompts)  # inputs of the replacement hops
+        g, g_prompts = grad, None if prompts is None else torch.zeros_like(prompts[hop.start:hop.end])
         for sub_hop, sub_hidden in reversed(inputs):
-            g = seq.hop_backward(sub_hop, sub_hidden, g, mask)
-        return g
+            g, sub_grad = seq.hop_backward(sub_hop, sub_hidden, g, mask, prompts)
+            if g_prompts is not None and sub_grad is not None:
+                g_prompts[sub_hop.start - hop.start:sub_hop.end - hop.start] = sub_grad
+        return g, g_prompts
 
     return seq.retry(attempt, f"backward through blocks {hop.start}:{hop.end}")
 
@@ -328,7 +393,8 @@ def _backward_span(seq: RemoteSequential, hop: Hop, hidden: torch.Tensor, grad: 
 class _HopSession:
     hop: Hop
     session_id: str | None = None
-    history: list[tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=list)  # inputs sent, in order
+    # what was sent, in order: (hidden, attention mask, this hop's deep prompts)
+    history: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = field(default_factory=list)
 
 
 class InferenceSession:
@@ -369,14 +435,15 @@ class InferenceSession:
         return opened
 
     def _step_hop(self, hop_session: _HopSession, hidden: torch.Tensor, mask: torch.Tensor | None,
-                  start: int | None = None) -> torch.Tensor:
-        names, tensors = _named(hidden=hidden, attention_mask=mask)
+                  start: int | None = None, prompts: torch.Tensor | None = None) -> torch.Tensor:
+        """One step on one hop; `prompts` are that hop's deep prompts (first step only)."""
+        names, tensors = _named(hidden=hidden, attention_mask=mask, prompts=prompts)
         fields: dict[str, Any] = {"session": hop_session.session_id, "names": names}
         if start is not None:  # the server rewinds to it first: a step half done by a broken relay runs again
             fields["start"] = start
         reply = self.seq.call(hop_session.hop, "step", fields, tensors)
         out = _one_tensor(reply, hidden)
-        hop_session.history.append((hidden, mask))
+        hop_session.history.append((hidden, mask, prompts))
         return out
 
     def _replacement(self, failed: _HopSession) -> list[_HopSession]:
@@ -384,9 +451,12 @@ class InferenceSession:
         def attempt() -> list[_HopSession]:
             hops = self._open_chain(failed.hop.start, failed.hop.end)
             try:
-                for hidden, mask in failed.history:
+                for hidden, mask, prompts in failed.history:
                     for hop_session in hops:
-                        hidden = self._step_hop(hop_session, hidden, mask)
+                        hop = hop_session.hop
+                        sub = None if prompts is None else \
+                            prompts[hop.start - failed.hop.start:hop.end - failed.hop.start]
+                        hidden = self._step_hop(hop_session, hidden, mask, prompts=sub)
             except BaseException:
                 self._close_sessions(hops)
                 raise
@@ -398,13 +468,20 @@ class InferenceSession:
                  ", ".join(h.hop.peer for h in hops), len(failed.history))
         return hops
 
-    def step(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Run new tokens' hidden states [batch, new, hidden] through every hop; returns the last hop's output."""
+    def step(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             prompts: torch.Tensor | None = None) -> torch.Tensor:
+        """Run new tokens' hidden states [batch, new, hidden] through every hop; returns the last hop's output.
+
+        `prompts` [blocks, batch or 1, prompt_length, hidden] are deep prompts, one per block, added at the first
+        positions: only the first step of a session may carry them.
+        """
         if self.closed:
             raise SwarmError("this inference session is closed")
         batch, new, _ = hidden.shape
         if self.batch_size is not None and self.hops and batch != self.batch_size:
             raise ConfigError(f"the session was opened for batch size {self.batch_size}, this step has {batch}")
+        if prompts is not None and self.position != 0:
+            raise ConfigError("deep prompts may only come with the first step of an inference session")
         if self.position + new > self.max_length:
             raise ConfigError(f"the session holds {self.position} tokens; {new} more would pass its max_length "
                               f"{self.max_length}: open it with a larger max_length")
@@ -419,9 +496,10 @@ class InferenceSession:
         while i < len(self.hops):
             try:
                 if self.seq.config.relay and not self._no_relay and i + 1 < len(self.hops):
-                    out, i = self._relayed(i, out, mask)
+                    out, i = self._relayed(i, out, mask, prompts)
                 else:
-                    out = self._step_hop(self.hops[i], out, mask, start=self.position)
+                    out = self._step_hop(self.hops[i], out, mask, start=self.position,
+                                         prompts=_hop_prompts(prompts, self.hops[i].hop))
                     i += 1
             except _RelayStopped as stopped:
                 out, i, error = stopped.hidden, stopped.index, stopped.error
@@ -449,7 +527,8 @@ class InferenceSession:
         self.hops[i:i + 1] = self._replacement(hop_session)
         return failures
 
-    def _relayed(self, i: int, hidden: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    def _relayed(self, i: int, hidden: torch.Tensor, mask: torch.Tensor | None, prompts: torch.Tensor | None,
+                 ) -> tuple[torch.Tensor, int]:
         """One step from hop `i` to the end, servers passing it along; returns the output and the next hop index.
 
         Every server of the chain gets its request at once. The first gets the hidden states; each later one waits
@@ -464,10 +543,11 @@ class InferenceSession:
             if k + 1 < len(chain):
                 after = chain[k + 1]
                 fields["push"] = {"peer": after.hop.peer, "session": after.session_id, "ticket": f"{ticket}.{k + 1}"}
+            hop_prompts = _hop_prompts(prompts, hop_session.hop)
             if k == 0:
-                names, tensors = _named(hidden=hidden, attention_mask=mask)
+                names, tensors = _named(hidden=hidden, attention_mask=mask, prompts=hop_prompts)
             else:  # it waits for the servers before it, each bounded by the request timeout
-                names, tensors = _named(attention_mask=mask)
+                names, tensors = _named(attention_mask=mask, prompts=hop_prompts)
                 fields.update(ticket=f"{ticket}.{k}", wait=min(MAX_RELAY_WAIT, timeout * k))
             fields["names"] = names
             calls.append((hop_session.hop, fields, tensors, timeout + fields.get("wait", 0)))
@@ -484,7 +564,7 @@ class InferenceSession:
                 if not isinstance(e, SwarmError):
                     raise
                 raise _RelayStopped(i + k, x, e) from e
-            hop_session.history.append((x, mask))
+            hop_session.history.append((x, mask, _hop_prompts(prompts, hop_session.hop)))
             x = out
         return x, len(self.hops)
 

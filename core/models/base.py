@@ -25,6 +25,7 @@ class ClientPrefixes:
     embed: str
     norm: str
     lm_head: str
+    score: str = "score."  # a sequence-classification head, when the checkpoint has one
 
 
 class ModelFamily:

@@ -4,6 +4,10 @@
 computation may run a sub-range of the span. Masks are built here from the padding mask and the family's attention
 window; position ids come from the padding mask (the count of real tokens before each one), as in transformers'
 `generate`.
+
+Deep prompt tuning: a computation may carry `prompts` [blocks, batch or 1, prompt_length, hidden], one trainable
+prompt per block (sent by the client, never kept): before each block, its prompt is added to the hidden states of the
+first `prompt_length` positions. `backward` then also returns the gradient w.r.t. the prompts.
 """
 
 from __future__ import annotations
@@ -84,8 +88,8 @@ class BlockSpan(torch.nn.Module):
         return range(blocks[0] - self.start, blocks[1] - self.start)
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                blocks: tuple[int, int] | None = None) -> torch.Tensor:
-        """Run the blocks over whole sequences, no cache."""
+                blocks: tuple[int, int] | None = None, prompts: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the blocks over whole sequences, no cache (adding `prompts`, one per block, at the prompt positions)."""
         batch, length, _ = hidden.shape
         if attention_mask is None:
             attention_mask = torch.ones(batch, length, dtype=torch.long, device=hidden.device)
@@ -95,10 +99,12 @@ class BlockSpan(torch.nn.Module):
         slots = torch.arange(length, device=hidden.device)
         inputs = self.family.block_inputs(self.shared, hidden, positions)
         masks: dict[int | None, torch.Tensor] = {}
-        for j in self._range(blocks):
+        for n, j in enumerate(self._range(blocks)):
             window = self.windows[j]
             if window not in masks:
                 masks[window] = causal_mask(valid, slots, window, self.dtype)
+            if prompts is not None:
+                hidden = add_prompt(hidden, prompts[n])
             hidden = self.family.run_block(self.blocks[j], hidden, masks[window], inputs, None)
         return hidden
 
@@ -108,9 +114,12 @@ class BlockSpan(torch.nn.Module):
         return SessionCache(layers, batch, max_length, self.kv_heads, self.head_dim, self.dtype, device)
 
     @torch.inference_mode()
-    def step(self, hidden: torch.Tensor, cache: SessionCache, attention_mask: torch.Tensor | None = None
-             ) -> torch.Tensor:
-        """Run the cache's blocks over new tokens, appending their keys/values to the cache."""
+    def step(self, hidden: torch.Tensor, cache: SessionCache, attention_mask: torch.Tensor | None = None,
+             prompts: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the cache's blocks over new tokens, appending their keys/values to the cache.
+
+        `prompts` (one per cached block) are added at the first positions: only a step at position 0 may carry them.
+        """
         batch, new, _ = hidden.shape
         if attention_mask is None:
             attention_mask = torch.ones(batch, new, dtype=torch.long, device=hidden.device)
@@ -122,21 +131,34 @@ class BlockSpan(torch.nn.Module):
         valid = cache.valid[:, :start + new]
         inputs = self.family.block_inputs(self.shared, hidden, positions)
         masks: dict[int | None, torch.Tensor] = {}
-        for layer in cache.layers:
+        for n, layer in enumerate(cache.layers):
             j = layer - self.start
             window = self.windows[j]
             if window not in masks:
                 masks[window] = causal_mask(valid, slots, window, self.dtype)
+            if prompts is not None:
+                hidden = add_prompt(hidden, prompts[n])
             hidden = self.family.run_block(self.blocks[j], hidden, masks[window], inputs, cache)
         cache.tokens_seen += attention_mask.long().sum(dim=1)
         cache.advance(new)
         return hidden
 
     def backward(self, hidden: torch.Tensor, grad_output: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 blocks: tuple[int, int] | None = None) -> torch.Tensor:
-        """Gradient of <forward(hidden), grad_output> w.r.t. hidden (weights stay frozen)."""
+                 blocks: tuple[int, int] | None = None, prompts: torch.Tensor | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Gradients of <forward(hidden), grad_output> w.r.t. hidden and `prompts` (weights stay frozen)."""
         with torch.enable_grad():
             inputs = hidden.detach().to(self.dtype).requires_grad_(True)
-            out = self.forward(inputs, attention_mask, blocks)
-            (grad,) = torch.autograd.grad(out, inputs, grad_output.to(out.dtype))
-        return grad
+            wrt = [inputs]
+            if prompts is not None:
+                prompts = prompts.detach().to(self.dtype).requires_grad_(True)
+                wrt.append(prompts)
+            out = self.forward(inputs, attention_mask, blocks, prompts)
+            grads = torch.autograd.grad(out, wrt, grad_output.to(out.dtype))
+        return grads[0], (grads[1] if prompts is not None else None)
+
+
+def add_prompt(hidden: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+    """`hidden` [batch, length, hidden] with `prompt` [batch or 1, prompt_length, hidden] added at its start."""
+    length = prompt.shape[1]
+    return torch.cat([hidden[:, :length] + prompt.to(hidden.dtype), hidden[:, length:]], dim=1)

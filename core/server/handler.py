@@ -3,15 +3,17 @@
 Requests (message type -> fields / tensors; relayed steps: see relay.py):
 - `ping` -> {}                                       (latency probes)
 - `info` -> model, span, dtype, protocol, free cache, ...
-- `forward` {blocks?, names} [hidden, attention_mask?] -> [hidden]
-- `backward` {blocks?, names} [hidden, grad_output, attention_mask?] -> [grad_input]
+- `forward` {blocks?, names} [hidden, attention_mask?, prompts?] -> [hidden]
+- `backward` {blocks?, names} [hidden, grad_output, attention_mask?, prompts?] -> [grad_input, grad_prompts?]
 - `open` {batch_size, max_length, blocks?} -> {session}
-- `step` {session, start?, names, push?} [hidden, attention_mask?] -> [hidden]
-- `step` {session, start?, names, ticket, wait?, push?} [attention_mask?] -> [hidden]  (input pushed by a server)
+- `step` {session, start?, names, push?} [hidden, attention_mask?, prompts?] -> [hidden]
+- `step` {session, start?, names, ticket, wait?, push?} [attention_mask?, prompts?] -> [hidden]  (input pushed)
 - `push` {session, ticket, names} [hidden] -> {}     (a relayed step's input, from the previous server)
 - `cancel` {session, ticket} -> {cancelled}          (drop a relayed step still waiting for its input)
 - `close` {session} -> {}
 - `gossip` {records} -> {records}                    (push-pull exchange of server records)
+`prompts` are deep-prompt-tuning prompts, one per block computed: [blocks, batch or 1, prompt_length, hidden] (see
+backend.py); a step may carry them only at position 0.
 Anything a peer sends is validated here and refused with a stable error code; nothing a peer sends can stop the
 server or touch another client's session.
 """
@@ -281,25 +283,45 @@ class Handler:
 
     # --- compute, on the worker thread -------------------------------------------------------------------------
 
+    def _prompts(self, tensors: dict[str, torch.Tensor], hidden: torch.Tensor, blocks: tuple[int, int]
+                 ) -> torch.Tensor | None:
+        prompts = tensors.get("prompts")
+        if prompts is None:
+            return None
+        count, (batch, length, size) = blocks[1] - blocks[0], hidden.shape
+        if (prompts.dim() != 4 or not prompts.is_floating_point() or prompts.shape[0] != count
+                or prompts.shape[1] not in (1, batch) or not 0 < prompts.shape[2] <= length
+                or prompts.shape[3] != size):
+            raise Refused("bad_request", f"prompts must be a float tensor [{count}, 1 or {batch}, 1..{length}, {size}] "
+                                         f"(one per block), got {str(prompts.dtype).removeprefix('torch.')}"
+                                         f"{list(prompts.shape)}")
+        if not torch.isfinite(prompts.to(self.span.dtype)).all():
+            raise Refused("bad_request", "prompts have NaN or infinite values")
+        return prompts
+
     def _forward(self, request: Request) -> tuple[dict[str, Any], list[torch.Tensor]]:
-        tensors = self._tensors(request, ("hidden",), ("attention_mask",))
+        tensors = self._tensors(request, ("hidden",), ("attention_mask", "prompts"))
         hidden = self._hidden(tensors["hidden"])
         mask = self._mask(tensors, hidden)
         blocks = self._blocks(request.message.get("blocks"))
+        prompts = self._prompts(tensors, hidden, blocks)
         with torch.inference_mode():
-            out = self.span(hidden, mask, blocks)
+            out = self.span(hidden, mask, blocks, prompts)
         return {}, [out.to(hidden.dtype)]
 
     def _backward(self, request: Request) -> tuple[dict[str, Any], list[torch.Tensor]]:
-        tensors = self._tensors(request, ("hidden", "grad_output"), ("attention_mask",))
+        tensors = self._tensors(request, ("hidden", "grad_output"), ("attention_mask", "prompts"))
         hidden = self._hidden(tensors["hidden"])
         grad_output = self._hidden(tensors["grad_output"], "grad_output")
         if grad_output.shape != hidden.shape:
             raise Refused("bad_request", "grad_output must have the shape of hidden")
         mask = self._mask(tensors, hidden)
         blocks = self._blocks(request.message.get("blocks"))
-        grad = self.span.backward(hidden, grad_output, mask, blocks)
-        return {}, [grad.to(hidden.dtype)]
+        prompts = self._prompts(tensors, hidden, blocks)
+        grad, grad_prompts = self.span.backward(hidden, grad_output, mask, blocks, prompts)
+        if grad_prompts is None:
+            return {}, [grad.to(hidden.dtype)]
+        return {"names": ["grad_input", "grad_prompts"]}, [grad.to(hidden.dtype), grad_prompts.to(prompts.dtype)]
 
     def _step(self, session_id: str, request: Request, pushed: torch.Tensor | None = None,
               ) -> tuple[dict[str, Any], list[torch.Tensor]]:
@@ -309,9 +331,9 @@ class Handler:
             raise Refused("unknown_session", f"unknown session {session_id[:8]} (it expired, was closed, or the "
                                              "server restarted)")
         if pushed is None:
-            tensors = self._tensors(request, ("hidden",), ("attention_mask",))
+            tensors = self._tensors(request, ("hidden",), ("attention_mask", "prompts"))
         else:
-            tensors = {**self._tensors(request, (), ("attention_mask",)), "hidden": pushed}
+            tensors = {**self._tensors(request, (), ("attention_mask", "prompts")), "hidden": pushed}
         hidden = self._hidden(tensors["hidden"])
         mask = self._mask(tensors, hidden)
         if session.cache is None:
@@ -327,6 +349,9 @@ class Handler:
         if position + new > session.max_length:
             raise Refused("session_overflow", f"step of {new} tokens at position {position} goes past the "
                                               f"session's max_length {session.max_length}")
+        prompts = self._prompts(tensors, hidden, session.blocks)
+        if prompts is not None and position != 0:
+            raise Refused("bad_request", "prompts may only come with the first step of a session (position 0)")
         push = request.message.get("push")
         if push is not None:
             if self.relay is None:
@@ -334,7 +359,7 @@ class Handler:
             target = parse_push(push, self.relay_allowed)
         if start is not None:
             cache.rewind(start)
-        out = self.span.step(hidden, cache, mask).to(hidden.dtype)
+        out = self.span.step(hidden, cache, mask, prompts).to(hidden.dtype)
         session.last_used = time.monotonic()
         if push is not None:
             self.relay.push(target, out)  # first: the next server is on the critical path, the client is not

@@ -1,0 +1,231 @@
+"""Prompt tuning through the swarm: logits, loss and gradients of ptune and deep_ptune parameters match the same model
+run locally with plain transformers and the same prompts; servers never change; saved prompts load back."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+from conftest import load_reference
+
+from swarm import AutoDistributedModelForCausalLM, AutoDistributedModelForSequenceClassification
+from swarm.core.client.config import ClientConfig
+from swarm.transport.errors import ConfigError
+
+IDS = torch.tensor([[5, 9, 17, 3, 44, 2], [7, 1, 8, 0, 0, 0], [99, 4, 4, 4, 12, 0]])
+MASK = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]])  # right padding
+PRE = 4
+
+
+@pytest.fixture
+def two_servers(tiny_llama, start_server):
+    return [start_server(tiny_llama, span) for span in ((0, 3), (3, 6))]
+
+
+def peers(servers):
+    return [s.endpoint for s in servers]
+
+
+def local_hidden(ref, ids, mask, prompts, deep):
+    """Plain transformers with the prompts in front and, for deep_ptune, each block's prompt added before it."""
+    batch, pre = ids.shape[0], prompts.shape[0]
+    embeds = ref.model.embed_tokens(ids)
+    x = torch.cat([prompts[None].expand(batch, -1, -1), embeds], dim=1)
+    full = torch.cat([torch.ones(batch, pre, dtype=mask.dtype), mask], dim=1)
+    positions = (full.cumsum(-1) - 1).clamp(min=0)
+    hooks = []
+    if deep is not None:
+        for i, layer in enumerate(ref.model.layers):
+            def add(module, args, kwargs, i=i):
+                hidden = args[0]
+                hidden = torch.cat([hidden[:, :pre] + deep[i][None], hidden[:, pre:]], dim=1)
+                return (hidden, *args[1:]), kwargs
+            hooks.append(layer.register_forward_pre_hook(add, with_kwargs=True))
+    try:
+        out = ref.model(inputs_embeds=x, attention_mask=full, position_ids=positions).last_hidden_state
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return out, full
+
+
+def leaf(t):
+    return t.detach().clone().requires_grad_(True)
+
+
+def randomize(model):
+    """Non-zero deep prompts, so their effect and gradients are not trivial."""
+    with torch.no_grad():
+        if model.tuning.deep_prompts is not None:
+            model.tuning.deep_prompts.normal_(0, 0.1)
+
+
+@pytest.mark.parametrize("mode", ["ptune", "deep_ptune"])
+def test_classification_gradients_match_local_transformers(tiny_llama, tiny_llama_ref, two_servers, mode):
+    torch.manual_seed(0)
+    model = AutoDistributedModelForSequenceClassification.from_pretrained(
+        str(tiny_llama), num_labels=3, tuning_mode=mode, pre_seq_len=PRE, initial_peers=peers(two_servers))
+    labels = torch.tensor([2, 0, 1])
+    with model:
+        randomize(model)
+        assert {id(p) for p in model.trainable_parameters()} == {id(p) for p in model.parameters() if p.requires_grad}
+        out = model(input_ids=IDS, attention_mask=MASK, labels=labels)
+        out.loss.backward()
+        prompts, score = leaf(model.tuning.prompts), leaf(model.score.weight)
+        deep = leaf(model.tuning.deep_prompts) if mode == "deep_ptune" else None
+        hidden, full = local_hidden(tiny_llama_ref, IDS, MASK, prompts, deep)
+        last = PRE + MASK.sum(-1) - 1
+        logits = hidden[torch.arange(3), last] @ score.T
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        loss.backward()
+        torch.testing.assert_close(out.logits, logits, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out.loss, loss, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(model.tuning.prompts.grad, prompts.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(model.score.weight.grad, score.grad, rtol=1e-4, atol=1e-6)
+        if deep is not None:
+            assert deep.grad.abs().sum() > 0
+            torch.testing.assert_close(model.tuning.deep_prompts.grad, deep.grad, rtol=1e-4, atol=1e-6)
+        assert model.embed_tokens.weight.grad is None  # frozen
+
+
+@pytest.mark.parametrize("mode", ["ptune", "deep_ptune"])
+def test_lm_gradients_match_local_transformers(tiny_llama, tiny_llama_ref, two_servers, mode):
+    torch.manual_seed(1)
+    model = AutoDistributedModelForCausalLM.from_pretrained(str(tiny_llama), tuning_mode=mode, pre_seq_len=PRE,
+                                                            initial_peers=peers(two_servers))
+    labels = IDS.masked_fill(MASK == 0, -100)
+    with model:
+        randomize(model)
+        out = model(input_ids=IDS, attention_mask=MASK, labels=labels)
+        out.loss.backward()
+        prompts = leaf(model.tuning.prompts)
+        deep = leaf(model.tuning.deep_prompts) if mode == "deep_ptune" else None
+        hidden, _ = local_hidden(tiny_llama_ref, IDS, MASK, prompts, deep)
+        logits = tiny_llama_ref.lm_head(hidden[:, PRE:])
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                 labels[:, 1:].reshape(-1), ignore_index=-100)
+        loss.backward()
+        real = MASK.bool()
+        torch.testing.assert_close(out.logits[real], logits[real], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out.loss, loss, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(model.tuning.prompts.grad, prompts.grad, rtol=1e-4, atol=1e-6)
+        if deep is not None:
+            torch.testing.assert_close(model.tuning.deep_prompts.grad, deep.grad, rtol=1e-4, atol=1e-6)
+
+
+def checksum(server):
+    digest = hashlib.sha256()
+    for name, tensor in sorted(server.span.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def test_training_changes_prompts_never_server_weights(tiny_llama, two_servers):
+    before = [checksum(s) for s in two_servers]
+    torch.manual_seed(2)
+    model = AutoDistributedModelForSequenceClassification.from_pretrained(
+        str(tiny_llama), num_labels=2, tuning_mode="deep_ptune", pre_seq_len=PRE, initial_peers=peers(two_servers))
+    with model:
+        start = [p.detach().clone() for p in model.trainable_parameters()]
+        optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(input_ids=IDS, attention_mask=MASK, labels=torch.tensor([0, 1, 1])).loss.backward()
+            optimizer.step()
+        assert all(not torch.equal(a, b) for a, b in zip(start, model.trainable_parameters(), strict=True))
+    assert [checksum(s) for s in two_servers] == before
+
+
+def test_large_batches_are_split_into_requests_the_servers_accept(tiny_llama, two_servers):
+    torch.manual_seed(3)
+    kwargs = dict(num_labels=2, tuning_mode="deep_ptune", pre_seq_len=PRE, initial_peers=peers(two_servers))
+    whole = AutoDistributedModelForSequenceClassification.from_pretrained(str(tiny_llama), **kwargs)
+    split = AutoDistributedModelForSequenceClassification.from_pretrained(
+        str(tiny_llama), config=ClientConfig(max_request_tokens=20), **kwargs)  # 10 tokens a row: 2 rows a request
+    labels = torch.tensor([0, 1, 1])
+    with whole, split:
+        randomize(whole)
+        split.load_state_dict(whole.state_dict())
+        calls = []
+        real = split.blocks.call
+        split.blocks.call = lambda hop, kind, fields, tensors, *a, **k: (calls.append(tensors[0].shape[0]),
+                                                                         real(hop, kind, fields, tensors, *a, **k))[1]
+        a = whole(input_ids=IDS, attention_mask=MASK, labels=labels)
+        b = split(input_ids=IDS, attention_mask=MASK, labels=labels)
+        a.loss.backward()
+        b.loss.backward()
+        assert sorted(set(calls)) == [1, 2]  # rows 0-1, then row 2, at each hop
+        torch.testing.assert_close(a.logits, b.logits)
+        for p, q in zip(whole.trainable_parameters(), split.trainable_parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad)
+        too_long = ClientConfig(max_request_tokens=8)
+        with AutoDistributedModelForSequenceClassification.from_pretrained(str(tiny_llama), config=too_long,
+                                                                           **kwargs) as short:
+            with pytest.raises(ConfigError, match="longer than one request may hold"):
+                short(input_ids=IDS, attention_mask=MASK)
+
+
+@pytest.mark.parametrize("mode", ["ptune", "deep_ptune"])
+def test_generation_with_prompts_matches_local(tiny_llama, tiny_llama_ref, two_servers, tmp_path, mode):
+    torch.manual_seed(4)
+    model = AutoDistributedModelForCausalLM.from_pretrained(str(tiny_llama), tuning_mode=mode, pre_seq_len=PRE,
+                                                            initial_peers=peers(two_servers))
+    with model:
+        randomize(model)
+        model.save_tuned(tmp_path / "prompts")
+        prompts = model.tuning.prompts.detach()
+        deep = None if model.tuning.deep_prompts is None else model.tuning.deep_prompts.detach()
+    ids = IDS[:1]
+    expected = []
+    with torch.no_grad():  # greedy, recomputing the whole sequence locally each step
+        seq = ids
+        for _ in range(6):
+            hidden, _ = local_hidden(tiny_llama_ref, seq, torch.ones_like(seq), prompts, deep)
+            seq = torch.cat([seq, tiny_llama_ref.lm_head(hidden[:, -1:]).argmax(-1)], dim=1)
+        expected = seq
+    loaded = AutoDistributedModelForCausalLM.from_pretrained(str(tiny_llama), prompts=str(tmp_path / "prompts"),
+                                                             initial_peers=peers(two_servers))
+    with loaded:
+        assert loaded.tuning.mode == mode
+        got = loaded.generate(ids, max_new_tokens=6, do_sample=False)
+    assert got.tolist() == expected.tolist()
+
+
+def test_saved_classifier_loads_back_with_the_same_predictions(tiny_llama, two_servers, tmp_path):
+    torch.manual_seed(5)
+    kwargs = dict(initial_peers=peers(two_servers))
+    model = AutoDistributedModelForSequenceClassification.from_pretrained(
+        str(tiny_llama), num_labels=2, tuning_mode="ptune", pre_seq_len=PRE, **kwargs)
+    with model:
+        expected = model(input_ids=IDS, attention_mask=MASK).logits
+        model.save_tuned(tmp_path / "out", labels=["neg", "pos"])
+    assert {p.name for p in (tmp_path / "out").iterdir()} >= {"prompts.safetensors", "tuning_config.json",
+                                                              "adapter_config.json", "adapter_model.safetensors"}
+    with AutoDistributedModelForSequenceClassification.from_pretrained(str(tiny_llama), prompts=str(tmp_path / "out"),
+                                                                       **kwargs) as loaded:
+        assert loaded.config.id2label == {0: "neg", 1: "pos"}
+        torch.testing.assert_close(loaded(input_ids=IDS, attention_mask=MASK).logits, expected)
+    with pytest.raises(ConfigError, match="tuned for a classifier"):
+        AutoDistributedModelForCausalLM.from_pretrained(str(tiny_llama), prompts=str(tmp_path / "out"), **kwargs)
+    with pytest.raises(ConfigError, match="not a swarm tuning result"):
+        AutoDistributedModelForCausalLM.from_pretrained(str(tiny_llama), prompts=str(tmp_path), **kwargs)
+    with pytest.raises(ConfigError, match="num_labels"):
+        AutoDistributedModelForSequenceClassification.from_pretrained(str(tiny_llama), **kwargs)
+    with pytest.raises(ConfigError, match="tuning_mode"):
+        AutoDistributedModelForSequenceClassification.from_pretrained(str(tiny_llama), num_labels=2,
+                                                                      tuning_mode="lora", **kwargs)
+
+
+def test_peft_loads_ptune_prompts_onto_a_local_model(tiny_llama, two_servers, tmp_path):
+    import peft
+    torch.manual_seed(6)
+    with AutoDistributedModelForCausalLM.from_pretrained(str(tiny_llama), tuning_mode="ptune", pre_seq_len=PRE,
+                                                         initial_peers=peers(two_servers)) as model:
+        expected = model(input_ids=IDS[:1]).logits
+        model.save_tuned(tmp_path / "out")
+    local = peft.PeftModel.from_pretrained(load_reference(tiny_llama), str(tmp_path / "out"))
+    with torch.no_grad():
+        got = local(input_ids=IDS[:1]).logits[:, PRE:]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
