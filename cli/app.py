@@ -12,7 +12,7 @@ from typing import Any
 import typer
 
 from ..transport.errors import SwarmError
-from . import bench, chat, completions, serve, status
+from . import bench, chat, completions, serve, status, tune
 from .common import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, UsageError, print_error
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -44,6 +44,7 @@ app.command(context_settings=PEER_ARGS)(command(serve.serve))
 app.command(context_settings=PEER_ARGS)(command(chat.chat))
 app.command(context_settings=PEER_ARGS)(command(status.status))
 app.command(context_settings=PEER_ARGS)(command(bench.bench))
+app.command(context_settings=PEER_ARGS)(command(tune.tune))
 app.command(name="completions")(command(completions.make_command(app)))
 
 

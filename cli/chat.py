@@ -75,6 +75,8 @@ def chat(
     show_route: Annotated[bool, typer.Option(help="Print which servers run which blocks after each answer.")] = False,
     relay: Annotated[bool, typer.Option(help="Servers pass each step along the chain themselves (one round trip "
                                         "from here per step instead of one per server).")] = False,
+    prompts: Annotated[str | None, typer.Option(help="Generate with soft prompts trained by `swarm tune --task lm "
+                                                "--output DIR`.")] = None,
     log_level: LogLevelOption = None,
 ) -> None:
     """Chat with a model served by the swarm."""
@@ -85,7 +87,7 @@ def chat(
     if temperature < 0 or not 0 < top_p <= 1:
         raise ConfigError("--temperature must be >= 0 and --top-p in (0, 1]")
     options = dict(system=system, max_length=max_length, max_new_tokens=max_new_tokens, temperature=temperature,
-                   top_p=top_p, seed=seed, config=ClientConfig(relay=relay))
+                   top_p=top_p, seed=seed, config=ClientConfig(relay=relay), prompts=prompts)
     settings = MdnsSettings.from_options(mdns, mdns_interface)
     discovery: Discovery | None = None
     try:

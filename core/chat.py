@@ -12,7 +12,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer
 from transformers.generation.streamers import BaseStreamer
 
 from ..transport.discovery import Discovery
@@ -67,15 +66,16 @@ class ChatSession:
 
     @classmethod
     def connect(cls, model_name: str, peers: list[str], config: ClientConfig | None = None,
-                discovery: Discovery | None = None, mdns: bool | None = None, **kwargs: Any) -> ChatSession:
+                discovery: Discovery | None = None, mdns: bool | None = None, prompts: str | None = None,
+                **kwargs: Any) -> ChatSession:
+        """Connect to the swarm serving `model_name`; `prompts` is a tuning result (`swarm tune --task lm`)."""
         model = AutoDistributedModelForCausalLM.from_pretrained(model_name, initial_peers=peers, config=config,
-                                                                discovery=discovery, mdns=mdns)
+                                                                discovery=discovery, mdns=mdns, prompts=prompts)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(ModelSource(resolve_alias(model_name)).path_for_transformers)
-        except (OSError, ValueError) as e:
+            tokenizer = ModelSource(resolve_alias(model_name)).tokenizer()
+        except ConfigError:
             model.blocks.close()
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConfigError(f"cannot load the tokenizer of {model_name!r}: {reason}") from None
+            raise
         return cls(model, tokenizer, **kwargs)
 
     def __enter__(self) -> ChatSession:

@@ -70,6 +70,16 @@ class ModelSource:
     def path_for_transformers(self) -> str:
         return str(self.local) if self.local is not None else self.name
 
+    def tokenizer(self) -> Any:
+        """The model's tokenizer (transformers' AutoTokenizer); a ConfigError when it cannot be loaded."""
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(self.path_for_transformers)
+        except (OSError, ValueError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"cannot load the tokenizer of {self.name!r}: {reason}") from None
+
     def config(self, dtype: str = "auto") -> Any:
         """The transformers config, with sdpa attention, the resolved `dtype` and eval-time settings."""
         if self._config is None:

@@ -2,7 +2,8 @@
 
 `data` reads and batches the examples: :func:`load_data` turns a local file, a saved dataset directory or a hub
 dataset into train and validation examples; :func:`prepare` tokenizes them once and :func:`batches` pads them into
-tensors for each epoch.
+tensors for each epoch. `train` runs the training loop (:class:`Trainer`, :class:`TuneConfig`) and :func:`predict`
+classifies texts with a tuned model.
 """
 
 from .data import (
@@ -20,6 +21,7 @@ from .data import (
     pad_token_id,
     prepare,
 )
+from .train import Trainer, TuneConfig, predict
 
 __all__ = [
     "DATASET_ALIASES",
@@ -35,4 +37,7 @@ __all__ = [
     "load_data",
     "pad_token_id",
     "prepare",
+    "Trainer",
+    "TuneConfig",
+    "predict",
 ]
