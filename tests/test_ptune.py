@@ -229,3 +229,43 @@ def test_peft_loads_ptune_prompts_onto_a_local_model(tiny_llama, two_servers, tm
     with torch.no_grad():
         got = local(input_ids=IDS[:1]).logits[:, PRE:]
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_deep_prompt_gradients_survive_a_server_killed_between_forward_and_backward(serve_process, tmp_path):
+    import signal
+
+    from conftest import make_tiny_model
+    from test_recovery import FAST, start_all
+
+    model_dir = make_tiny_model(tmp_path / f"ptune-ft-{tmp_path.name[-10:]}", layers=4, seed=31)
+    ref = load_reference(model_dir)
+    first = serve_process(str(model_dir), "--blocks", "0:2", *FAST)
+    others = {s.endpoint: s for s in start_all(serve_process, model_dir, [(2, 4), (2, 4)], [first.endpoint])}
+    torch.manual_seed(7)
+    model = AutoDistributedModelForSequenceClassification.from_pretrained(
+        str(model_dir), num_labels=2, tuning_mode="deep_ptune", pre_seq_len=PRE, initial_peers=[first.endpoint],
+        config=ClientConfig(gossip_period=0.2, wait_for_blocks=30.0))
+    labels = torch.tensor([1, 0, 1])
+    with model:
+        assert model.blocks.discovery.wait(lambda _: len(model.blocks.servers()) == 3, 15)
+        randomize(model)
+        killed = []
+        real = model.blocks.hop_backward
+
+        def hop_backward(hop, *args, **kwargs):
+            if hop.start == 2 and not killed:  # its forward ran: it dies holding nothing the client needs
+                others[hop.peer].stop(signal.SIGKILL)
+                killed.append(hop.peer)
+            return real(hop, *args, **kwargs)
+
+        model.blocks.hop_backward = hop_backward
+        out = model(input_ids=IDS, attention_mask=MASK, labels=labels)
+        out.loss.backward()
+        assert killed
+        prompts, deep, score = leaf(model.tuning.prompts), leaf(model.tuning.deep_prompts), leaf(model.score.weight)
+        hidden, _ = local_hidden(ref, IDS, MASK, prompts, deep)
+        loss = torch.nn.functional.cross_entropy(hidden[torch.arange(3), PRE + MASK.sum(-1) - 1] @ score.T, labels)
+        loss.backward()
+        torch.testing.assert_close(model.tuning.deep_prompts.grad, deep.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(model.tuning.prompts.grad, prompts.grad, rtol=1e-4, atol=1e-6)
