@@ -55,10 +55,10 @@ def timed_generation(model, prompt: torch.Tensor, tokens: int, kill_at: int | No
     with model.inference_session(max_length=prompt.shape[1] + tokens) as session:
         real_step, real_step_hop = session.step, session._step_hop
 
-        def step(hidden, mask=None):
+        def step(hidden, mask=None, *args):
             started = time.perf_counter()
             try:
-                return real_step(hidden, mask)
+                return real_step(hidden, mask, *args)
             finally:
                 times.append(time.perf_counter() - started)
 

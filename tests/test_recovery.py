@@ -48,9 +48,9 @@ class KillDuring:
         self.steps, self.killed = 0, []
         real_step, real_step_hop = session.step, session._step_hop
 
-        def step(hidden, mask=None):
+        def step(hidden, mask=None, *args):
             try:
-                return real_step(hidden, mask)
+                return real_step(hidden, mask, *args)
             finally:
                 self.steps += 1
 

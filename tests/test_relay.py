@@ -82,13 +82,13 @@ def test_relay_recovers_a_dead_downstream_server(model_dir, serve_process, block
         state = {"steps": 0}
         real_step = session.step
 
-        def step(hidden, mask=None):
+        def step(hidden, mask=None, *args):
             if state["steps"] == 4:
                 victim = next(h for h in session.route if h.start == block)
                 next(s for s in spares if s.endpoint == victim.peer).stop(signal.SIGKILL)
                 time.sleep(0.05)
             state["steps"] += 1
-            return real_step(hidden, mask)
+            return real_step(hidden, mask, *args)
 
         session.step = step
         got = model.generate(PROMPT, max_new_tokens=10, do_sample=False)

@@ -52,7 +52,8 @@ class _Tunable:
         return {}
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """The parameters a tuning run trains: the prompts and the task head (the rest is frozen)."""
+        """The parameters a tuning run trains: the prompts and the task head (with prompt tuning, the rest is
+        frozen)."""
         params = [] if self.tuning is None else [p for p in self.tuning.parameters()]
         return params + [p for p in self._head_parameters()]
 
@@ -352,6 +353,9 @@ class _Loaded:
 
 
 def _freeze(model: torch.nn.Module, tuning: PromptTuning | None, head: torch.nn.Module | None) -> None:
+    """With prompt tuning, only the prompts and the task head train; without, the client's modules keep their grads."""
+    if tuning is None:
+        return
     model.requires_grad_(False)
     if tuning is not None:
         tuning.requires_grad_(True)
