@@ -19,6 +19,13 @@ PRE = 4
 
 
 @pytest.fixture
+def ref(tiny_llama_ref):
+    """The shared reference model; the gradients the tests put into its weights are cleared afterwards."""
+    yield tiny_llama_ref
+    tiny_llama_ref.zero_grad(set_to_none=True)
+
+
+@pytest.fixture
 def two_servers(tiny_llama, start_server):
     return [start_server(tiny_llama, span) for span in ((0, 3), (3, 6))]
 
@@ -62,7 +69,7 @@ def randomize(model):
 
 
 @pytest.mark.parametrize("mode", ["ptune", "deep_ptune"])
-def test_classification_gradients_match_local_transformers(tiny_llama, tiny_llama_ref, two_servers, mode):
+def test_classification_gradients_match_local_transformers(tiny_llama, ref, two_servers, mode):
     torch.manual_seed(0)
     model = AutoDistributedModelForSequenceClassification.from_pretrained(
         str(tiny_llama), num_labels=3, tuning_mode=mode, pre_seq_len=PRE, initial_peers=peers(two_servers))
@@ -74,7 +81,7 @@ def test_classification_gradients_match_local_transformers(tiny_llama, tiny_llam
         out.loss.backward()
         prompts, score = leaf(model.tuning.prompts), leaf(model.score.weight)
         deep = leaf(model.tuning.deep_prompts) if mode == "deep_ptune" else None
-        hidden, full = local_hidden(tiny_llama_ref, IDS, MASK, prompts, deep)
+        hidden, full = local_hidden(ref, IDS, MASK, prompts, deep)
         last = PRE + MASK.sum(-1) - 1
         logits = hidden[torch.arange(3), last] @ score.T
         loss = torch.nn.functional.cross_entropy(logits, labels)
@@ -90,7 +97,7 @@ def test_classification_gradients_match_local_transformers(tiny_llama, tiny_llam
 
 
 @pytest.mark.parametrize("mode", ["ptune", "deep_ptune"])
-def test_lm_gradients_match_local_transformers(tiny_llama, tiny_llama_ref, two_servers, mode):
+def test_lm_gradients_match_local_transformers(tiny_llama, ref, two_servers, mode):
     torch.manual_seed(1)
     model = AutoDistributedModelForCausalLM.from_pretrained(str(tiny_llama), tuning_mode=mode, pre_seq_len=PRE,
                                                             initial_peers=peers(two_servers))
@@ -101,8 +108,8 @@ def test_lm_gradients_match_local_transformers(tiny_llama, tiny_llama_ref, two_s
         out.loss.backward()
         prompts = leaf(model.tuning.prompts)
         deep = leaf(model.tuning.deep_prompts) if mode == "deep_ptune" else None
-        hidden, _ = local_hidden(tiny_llama_ref, IDS, MASK, prompts, deep)
-        logits = tiny_llama_ref.lm_head(hidden[:, PRE:])
+        hidden, _ = local_hidden(ref, IDS, MASK, prompts, deep)
+        logits = ref.lm_head(hidden[:, PRE:])
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                                  labels[:, 1:].reshape(-1), ignore_index=-100)
         loss.backward()
@@ -168,7 +175,7 @@ def test_large_batches_are_split_into_requests_the_servers_accept(tiny_llama, tw
 
 
 @pytest.mark.parametrize("mode", ["ptune", "deep_ptune"])
-def test_generation_with_prompts_matches_local(tiny_llama, tiny_llama_ref, two_servers, tmp_path, mode):
+def test_generation_with_prompts_matches_local(tiny_llama, ref, two_servers, tmp_path, mode):
     torch.manual_seed(4)
     model = AutoDistributedModelForCausalLM.from_pretrained(str(tiny_llama), tuning_mode=mode, pre_seq_len=PRE,
                                                             initial_peers=peers(two_servers))
@@ -182,8 +189,8 @@ def test_generation_with_prompts_matches_local(tiny_llama, tiny_llama_ref, two_s
     with torch.no_grad():  # greedy, recomputing the whole sequence locally each step
         seq = ids
         for _ in range(6):
-            hidden, _ = local_hidden(tiny_llama_ref, seq, torch.ones_like(seq), prompts, deep)
-            seq = torch.cat([seq, tiny_llama_ref.lm_head(hidden[:, -1:]).argmax(-1)], dim=1)
+            hidden, _ = local_hidden(ref, seq, torch.ones_like(seq), prompts, deep)
+            seq = torch.cat([seq, ref.lm_head(hidden[:, -1:]).argmax(-1)], dim=1)
         expected = seq
     loaded = AutoDistributedModelForCausalLM.from_pretrained(str(tiny_llama), prompts=str(tmp_path / "prompts"),
                                                              initial_peers=peers(two_servers))
@@ -269,3 +276,57 @@ def test_deep_prompt_gradients_survive_a_server_killed_between_forward_and_backw
         loss.backward()
         torch.testing.assert_close(model.tuning.deep_prompts.grad, deep.grad, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(model.tuning.prompts.grad, prompts.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_a_kept_forward_graph_serves_its_backward_and_only_it(tiny_llama, start_server):
+    from swarm.core.server.handler import HandlerLimits
+    from swarm.transport.errors import BadRequest
+    from swarm.transport.rpc import RpcClient
+
+    server = start_server(tiny_llama, (0, 3), limits=HandlerLimits(max_kept=2))
+    torch.manual_seed(8)
+    hidden, grad = torch.randn(2, 5, 64), torch.randn(2, 5, 64)
+    prompts = torch.randn(3, 1, 2, 64) * 0.1
+    names = ["hidden", "prompts"]
+    with RpcClient(server.endpoint) as client:
+        def forward(x, keep=True):
+            reply = client.call("forward", {"names": names, "keep": keep}, [x, prompts])
+            return reply.tensors[0], reply.get("kept")
+
+        def backward(x, kept=None):
+            fields = {"names": ["hidden", "grad_output", "prompts"], **({"kept": kept} if kept else {})}
+            return client.call("backward", fields, [x, grad, prompts]).tensors
+
+        out, kept = forward(hidden)
+        assert isinstance(kept, str) and server.handler.info()["kept_graphs"] == 1
+        plain_out, none = forward(hidden, keep=False)
+        assert none is None and torch.equal(out, plain_out)
+        recomputed = backward(hidden)
+        from_graph = backward(hidden, kept)
+        assert all(torch.equal(a, b) for a, b in zip(recomputed, from_graph, strict=True))
+        assert server.handler.info()["kept_graphs"] == 0  # used once
+        # a graph of other inputs is not used: the server runs the blocks again
+        _, kept = forward(hidden)
+        other = hidden + 1
+        assert all(torch.equal(a, b) for a, b in zip(backward(other), backward(other, kept), strict=True))
+        # at most max_kept graphs wait; the oldest go first and their backward still works
+        ids = [forward(hidden)[1] for _ in range(3)]
+        assert server.handler.info()["kept_graphs"] == 2
+        assert all(torch.equal(a, b) for a, b in zip(recomputed, backward(hidden, ids[0]), strict=True))
+        with pytest.raises(BadRequest, match="kept"):
+            client.call("backward", {"names": ["hidden", "grad_output"], "kept": 5}, [hidden, grad])
+        with pytest.raises(BadRequest, match="keep"):
+            client.call("forward", {"names": ["hidden"], "keep": "yes"}, [hidden])
+
+
+def test_only_a_forward_that_needs_gradients_keeps_its_graph(tiny_llama, two_servers):
+    with AutoDistributedModelForSequenceClassification.from_pretrained(
+            str(tiny_llama), num_labels=2, tuning_mode="ptune", pre_seq_len=PRE,
+            initial_peers=peers(two_servers)) as model:
+        with torch.no_grad():
+            model(input_ids=IDS, attention_mask=MASK)
+        assert [s.handler.info()["kept_graphs"] for s in two_servers] == [0, 0]
+        out = model(input_ids=IDS, attention_mask=MASK, labels=torch.tensor([0, 1, 0]))
+        assert [s.handler.info()["kept_graphs"] for s in two_servers] == [1, 1]
+        out.loss.backward()
+        assert [s.handler.info()["kept_graphs"] for s in two_servers] == [0, 0]

@@ -215,25 +215,37 @@ class RemoteSequential(torch.nn.Module):
         return [slice(i, min(i + per, batch)) for i in range(0, batch, per)]
 
     def hop_forward(self, hop: Hop, hidden: torch.Tensor, mask: torch.Tensor | None,
-                    prompts: torch.Tensor | None = None) -> torch.Tensor:
-        """Blocks of `hop` over `hidden` (split by rows into requests the server accepts)."""
+                    prompts: torch.Tensor | None = None, kept: list[str | None] | None = None) -> torch.Tensor:
+        """Blocks of `hop` over `hidden` (split by rows into requests the server accepts). With a `kept` list, the
+        server keeps each request's graph for the backward and the list gets their ids."""
         outs = []
         for rows in self._rows(hidden):
             names, tensors = _named(hidden=hidden[rows], attention_mask=_sliced(mask, rows),
                                     prompts=_hop_prompts(prompts, hop, rows))
-            reply = self.call(hop, "forward", {"blocks": [hop.start, hop.end], "names": names}, tensors)
+            fields: dict[str, Any] = {"blocks": [hop.start, hop.end], "names": names}
+            if kept is not None:
+                fields["keep"] = True
+            reply = self.call(hop, "forward", fields, tensors)
             outs.append(_one_tensor(reply, hidden[rows]))
+            if kept is not None:
+                kid = reply.get("kept")
+                kept.append(kid if isinstance(kid, str) else None)
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def hop_backward(self, hop: Hop, hidden: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor | None,
-                     prompts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Gradients w.r.t. the input of `hop`'s blocks and w.r.t. their prompts (`prompts[hop.start:hop.end]`)."""
+                     prompts: torch.Tensor | None = None, kept: list[str | None] | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Gradients w.r.t. the input of `hop`'s blocks and w.r.t. their prompts (`prompts[hop.start:hop.end]`);
+        `kept` are the ids of the forward's kept graphs (the server runs the blocks again without them)."""
         grads, grad_prompts = [], []
-        for rows in self._rows(hidden):
+        for n, rows in enumerate(self._rows(hidden)):
             hop_prompts = _hop_prompts(prompts, hop, rows)
             names, tensors = _named(hidden=hidden[rows], grad_output=grad[rows], attention_mask=_sliced(mask, rows),
                                     prompts=hop_prompts)
-            reply = self.call(hop, "backward", {"blocks": [hop.start, hop.end], "names": names}, tensors)
+            fields: dict[str, Any] = {"blocks": [hop.start, hop.end], "names": names}
+            if kept is not None and n < len(kept) and kept[n] is not None:
+                fields["kept"] = kept[n]
+            reply = self.call(hop, "backward", fields, tensors)
             if hop_prompts is None:
                 grads.append(_one_tensor(reply, hidden[rows]))
                 continue
@@ -261,7 +273,8 @@ class RemoteSequential(torch.nn.Module):
                                     or prompts.shape[3] != hidden.shape[2]):
             raise ConfigError(f"prompts must be [{self.num_blocks}, 1 or batch, prompt_length, {hidden.shape[2]}], "
                               f"got {list(prompts.shape)}")
-        return _RemoteBlocks.apply(hidden, mask, prompts, self)
+        keep = torch.is_grad_enabled() and (hidden.requires_grad or (prompts is not None and prompts.requires_grad))
+        return _RemoteBlocks.apply(hidden, mask, prompts, keep, self)
 
     def inference_session(self, max_length: int, batch_size: int | None = None) -> InferenceSession:
         return InferenceSession(self, max_length, batch_size)
@@ -333,14 +346,19 @@ UNREACHABLE_RTT = 1.0  # seconds counted for a server whose ping failed
 RECOVERABLE = (_HopFailed, PeerTimeout, PeerUnreachable, UnknownSession, ServerBusy, ProtocolError)
 
 
+Inputs = list[tuple[Hop, torch.Tensor, "list[str | None] | None"]]  # per hop: its input and its kept graphs
+
+
 def _forward_span(seq: RemoteSequential, start: int, end: int, hidden: torch.Tensor, mask: torch.Tensor | None,
-                  prompts: torch.Tensor | None) -> tuple[torch.Tensor, list[tuple[Hop, torch.Tensor]]]:
-    """Run blocks [start, end) forward, retrying failed hops elsewhere; returns the output and each hop's input."""
-    def attempt() -> tuple[torch.Tensor, list[tuple[Hop, torch.Tensor]]]:
+                  prompts: torch.Tensor | None, keep: bool = False) -> tuple[torch.Tensor, Inputs]:
+    """Run blocks [start, end) forward, retrying failed hops elsewhere; returns the output and each hop's input (and,
+    with `keep`, the ids of the graphs its server keeps for the backward)."""
+    def attempt() -> tuple[torch.Tensor, Inputs]:
         out, inputs = hidden, []
         for hop in seq.plan_or_wait(start, end, kind="forward"):
-            inputs.append((hop, out))
-            out = seq.hop_forward(hop, out, mask, prompts)
+            kept: list[str | None] | None = [] if keep else None
+            inputs.append((hop, out, kept))
+            out = seq.hop_forward(hop, out, mask, prompts, kept)
         return out, inputs
 
     return seq.retry(attempt, f"forward through blocks {start}:{end}")
@@ -348,39 +366,39 @@ def _forward_span(seq: RemoteSequential, start: int, end: int, hidden: torch.Ten
 
 class _RemoteBlocks(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, mask: torch.Tensor | None, prompts: torch.Tensor | None,
+    def forward(ctx: Any, hidden: torch.Tensor, mask: torch.Tensor | None, prompts: torch.Tensor | None, keep: bool,
                 seq: RemoteSequential) -> torch.Tensor:
         prompts = None if prompts is None else prompts.detach()
-        out, inputs = _forward_span(seq, 0, seq.num_blocks, hidden.detach(), mask, prompts)
+        out, inputs = _forward_span(seq, 0, seq.num_blocks, hidden.detach(), mask, prompts, keep)
         ctx.seq, ctx.inputs, ctx.mask, ctx.prompts = seq, inputs, mask, prompts
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, torch.Tensor | None, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, torch.Tensor | None, None, None]:
         grad = grad.contiguous()
         seq, mask, prompts = ctx.seq, ctx.mask, ctx.prompts
         grad_prompts = None if prompts is None else torch.zeros_like(prompts)
-        for hop, hidden in reversed(ctx.inputs):
-            grad, hop_grad = _backward_span(seq, hop, hidden, grad, mask, prompts)
+        for hop, hidden, kept in reversed(ctx.inputs):
+            grad, hop_grad = _backward_span(seq, hop, hidden, grad, mask, prompts, kept)
             if grad_prompts is not None and hop_grad is not None:
                 grad_prompts[hop.start:hop.end] = hop_grad
-        return grad, None, grad_prompts, None
+        return grad, None, grad_prompts, None, None
 
 
 def _backward_span(seq: RemoteSequential, hop: Hop, hidden: torch.Tensor, grad: torch.Tensor,
-                   mask: torch.Tensor | None, prompts: torch.Tensor | None,
+                   mask: torch.Tensor | None, prompts: torch.Tensor | None, kept: list[str | None] | None = None,
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gradients w.r.t. the input of `hop`'s blocks and their prompts; when its server fails, recompute the blocks on
     others and retry."""
     try:
-        return seq.hop_backward(hop, hidden, grad, mask, prompts)
+        return seq.hop_backward(hop, hidden, grad, mask, prompts, kept)
     except RECOVERABLE as e:
         seq.ban_failed(e)
 
     def attempt() -> tuple[torch.Tensor, torch.Tensor | None]:
         _, inputs = _forward_span(seq, hop.start, hop.end, hidden, mask, prompts)  # inputs of the replacement hops
         g, g_prompts = grad, None if prompts is None else torch.zeros_like(prompts[hop.start:hop.end])
-        for sub_hop, sub_hidden in reversed(inputs):
+        for sub_hop, sub_hidden, _ in reversed(inputs):
             g, sub_grad = seq.hop_backward(sub_hop, sub_hidden, g, mask, prompts)
             if g_prompts is not None and sub_grad is not None:
                 g_prompts[sub_hop.start - hop.start:sub_hop.end - hop.start] = sub_grad

@@ -143,19 +143,35 @@ class BlockSpan(torch.nn.Module):
         cache.advance(new)
         return hidden
 
-    def backward(self, hidden: torch.Tensor, grad_output: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 blocks: tuple[int, int] | None = None, prompts: torch.Tensor | None = None,
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Gradients of <forward(hidden), grad_output> w.r.t. hidden and `prompts` (weights stay frozen)."""
+    def forward_graph(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      blocks: tuple[int, int] | None = None, prompts: torch.Tensor | None = None) -> Graph:
+        """`forward`, recording what `backward` needs (kept between a forward and its backward to skip a recompute)."""
         with torch.enable_grad():
             inputs = hidden.detach().to(self.dtype).requires_grad_(True)
-            wrt = [inputs]
             if prompts is not None:
                 prompts = prompts.detach().to(self.dtype).requires_grad_(True)
-                wrt.append(prompts)
             out = self.forward(inputs, attention_mask, blocks, prompts)
-            grads = torch.autograd.grad(out, wrt, grad_output.to(out.dtype))
-        return grads[0], (grads[1] if prompts is not None else None)
+        return Graph(inputs, prompts, out)
+
+    def backward(self, hidden: torch.Tensor, grad_output: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 blocks: tuple[int, int] | None = None, prompts: torch.Tensor | None = None,
+                 graph: Graph | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Gradients of <forward(hidden), grad_output> w.r.t. hidden and `prompts` (weights stay frozen); from the
+        recorded `graph` of that forward when there is one, else by running it again."""
+        if graph is None:
+            graph = self.forward_graph(hidden, attention_mask, blocks, prompts)
+        wrt = [graph.inputs] if graph.prompts is None else [graph.inputs, graph.prompts]
+        grads = torch.autograd.grad(graph.out, wrt, grad_output.to(graph.out.dtype))
+        return grads[0], (grads[1] if graph.prompts is not None else None)
+
+
+class Graph:
+    """A forward pass recorded for autograd: its inputs (and prompts) as leaves, and its output."""
+
+    __slots__ = ("inputs", "prompts", "out")
+
+    def __init__(self, inputs: torch.Tensor, prompts: torch.Tensor | None, out: torch.Tensor):
+        self.inputs, self.prompts, self.out = inputs, prompts, out
 
 
 def add_prompt(hidden: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:

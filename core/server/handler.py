@@ -3,8 +3,8 @@
 Requests (message type -> fields / tensors; relayed steps: see relay.py):
 - `ping` -> {}                                       (latency probes)
 - `info` -> model, span, dtype, protocol, free cache, ...
-- `forward` {blocks?, names} [hidden, attention_mask?, prompts?] -> [hidden]
-- `backward` {blocks?, names} [hidden, grad_output, attention_mask?, prompts?] -> [grad_input, grad_prompts?]
+- `forward` {blocks?, names, keep?} [hidden, attention_mask?, prompts?] -> {kept?} [hidden]
+- `backward` {blocks?, names, kept?} [hidden, grad_output, attention_mask?, prompts?] -> [grad_input, grad_prompts?]
 - `open` {batch_size, max_length, blocks?} -> {session}
 - `step` {session, start?, names, push?} [hidden, attention_mask?, prompts?] -> [hidden]
 - `step` {session, start?, names, ticket, wait?, push?} [attention_mask?, prompts?] -> [hidden]  (input pushed)
@@ -12,6 +12,8 @@ Requests (message type -> fields / tensors; relayed steps: see relay.py):
 - `cancel` {session, ticket} -> {cancelled}          (drop a relayed step still waiting for its input)
 - `close` {session} -> {}
 - `gossip` {records} -> {records}                    (push-pull exchange of server records)
+A forward with `keep` keeps its autograd graph (a few, for a while) and answers its id (`kept`); the backward that
+names it, with the same inputs, uses it instead of running the blocks again (training costs 2 passes, not 3).
 `prompts` are deep-prompt-tuning prompts, one per block computed: [blocks, batch or 1, prompt_length, hidden] (see
 backend.py); a step may carry them only at position 0.
 Anything a peer sends is validated here and refused with a stable error code; nothing a peer sends can stop the
@@ -33,7 +35,7 @@ import torch
 from ...transport.codec import PROTOCOL_VERSION
 from ...transport.errors import ProtocolError, RemoteError
 from ...transport.rpc import Request
-from .backend import BlockSpan
+from .backend import BlockSpan, Graph
 from .cache import CacheBudget, SessionCache
 from .relay import MAX_WAIT, Mailbox, Relay, parse_push, parse_ticket
 from .worker import PRIORITY_BACKWARD, PRIORITY_FORWARD, PRIORITY_STEP, ComputeWorker
@@ -58,6 +60,8 @@ class HandlerLimits:
     max_request_tokens: int = 1 << 16  # batch x length of one forward/backward/step
     max_session_length: int = 1 << 17  # max_length of a session
     session_timeout: float = 600.0  # seconds a session may stay idle before it is closed
+    max_kept: int = 8  # forward passes whose graphs wait for their backward (oldest dropped first; 0: none)
+    kept_ttl: float = 120.0  # seconds a kept graph waits for its backward
 
 
 @dataclass
@@ -85,6 +89,7 @@ class Handler:
         self.relay, self.relay_allowed = relay, relay_allowed
         self.mailbox = Mailbox()  # relayed steps' halves; touched by the I/O thread only
         self.sessions: dict[str, Session] = {}
+        self._kept: dict[str, _Kept] = {}  # forward graphs waiting for their backward, oldest first
         self._lock = threading.Lock()
         self.accepting = True
 
@@ -152,9 +157,13 @@ class Handler:
         self.mailbox.wait(session_id, ticket, request, start, float(wait))
 
     def tick(self) -> None:
-        """Close sessions idle for longer than the session timeout; drop relayed steps that waited too long."""
+        """Close sessions idle for longer than the session timeout; drop relayed steps and kept graphs that waited
+        too long."""
         self.mailbox.expire()
         now = time.monotonic()
+        with self._lock:
+            for kid in [k for k, kept in self._kept.items() if kept.deadline < now]:
+                del self._kept[kid]
         with self._lock:
             expired = [sid for sid, s in self.sessions.items() if now - s.last_used > self.limits.session_timeout]
         for sid in expired:
@@ -177,6 +186,7 @@ class Handler:
             "cache_tokens_total": self.budget.total,
             "cache_tokens_free": self.budget.free,
             "sessions": sessions,
+            "kept_graphs": len(self._kept),
             "queue": self.worker.pending,
             "accepting": self.accepting,
             "max_batch": self.limits.max_batch,
@@ -305,6 +315,17 @@ class Handler:
         mask = self._mask(tensors, hidden)
         blocks = self._blocks(request.message.get("blocks"))
         prompts = self._prompts(tensors, hidden, blocks)
+        keep = request.message.get("keep", False)
+        if not isinstance(keep, bool):
+            raise Refused("bad_request", "keep must be true or false")
+        if keep and self.limits.max_kept > 0:
+            graph = self.span.forward_graph(hidden, mask, blocks, prompts)
+            kid = secrets.token_hex(12)
+            with self._lock:
+                self._kept[kid] = _Kept(graph, mask, blocks, time.monotonic() + self.limits.kept_ttl)
+                while len(self._kept) > self.limits.max_kept:
+                    del self._kept[next(iter(self._kept))]
+            return {"kept": kid}, [graph.out.detach().to(hidden.dtype)]
         with torch.inference_mode():
             out = self.span(hidden, mask, blocks, prompts)
         return {}, [out.to(hidden.dtype)]
@@ -318,10 +339,31 @@ class Handler:
         mask = self._mask(tensors, hidden)
         blocks = self._blocks(request.message.get("blocks"))
         prompts = self._prompts(tensors, hidden, blocks)
-        grad, grad_prompts = self.span.backward(hidden, grad_output, mask, blocks, prompts)
+        graph = self._kept_graph(request.message.get("kept"), hidden, mask, blocks, prompts)
+        grad, grad_prompts = self.span.backward(hidden, grad_output, mask, blocks, prompts, graph)
         if grad_prompts is None:
             return {}, [grad.to(hidden.dtype)]
         return {"names": ["grad_input", "grad_prompts"]}, [grad.to(hidden.dtype), grad_prompts.to(prompts.dtype)]
+
+    def _kept_graph(self, kid: Any, hidden: torch.Tensor, mask: torch.Tensor | None, blocks: tuple[int, int],
+                    prompts: torch.Tensor | None) -> Graph | None:
+        """The kept graph of the forward `kid`, if it is still here and ran on exactly these inputs."""
+        if kid is None:
+            return None
+        if not isinstance(kid, str):
+            raise Refused("bad_request", "kept must be the id a forward answered")
+        with self._lock:
+            kept = self._kept.pop(kid, None)
+        if kept is None:
+            return None  # expired or dropped: run the forward again
+        graph = kept.graph
+        same = (kept.blocks == blocks and graph.inputs.shape == hidden.shape
+                and torch.equal(graph.inputs.detach(), hidden.to(graph.inputs.dtype))
+                and (kept.mask is None) == (mask is None) and (mask is None or torch.equal(kept.mask, mask))
+                and (graph.prompts is None) == (prompts is None)
+                and (prompts is None or (graph.prompts.shape == prompts.shape
+                                         and torch.equal(graph.prompts.detach(), prompts.to(graph.prompts.dtype)))))
+        return graph if same else None
 
     def _step(self, session_id: str, request: Request, pushed: torch.Tensor | None = None,
               ) -> tuple[dict[str, Any], list[torch.Tensor]]:
@@ -364,6 +406,14 @@ class Handler:
         if push is not None:
             self.relay.push(target, out)  # first: the next server is on the critical path, the client is not
         return {"position": cache.length}, [out]
+
+
+@dataclass
+class _Kept:
+    graph: Graph
+    mask: torch.Tensor | None
+    blocks: tuple[int, int]
+    deadline: float
 
 
 def _int(value: Any, name: str, low: int, high: int) -> int:
