@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_reference, make_tiny_model, swarm_env
+from conftest import load_reference, make_tokenized_model, swarm_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,14 +22,7 @@ def run_swarm(*args: str, env: dict[str, str], timeout: float = 120) -> subproce
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory) -> Path:
     """A tiny random Llama with swarm's byte-level tokenizer and its chat template."""
-    from swarm.core.demo import build_demo_tokenizer
-
-    tokenizer = build_demo_tokenizer()
-    path = make_tiny_model(tmp_path_factory.mktemp("chat") / "llama", layers=4, vocab=len(tokenizer), seed=5,
-                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                           pad_token_id=tokenizer.pad_token_id)
-    tokenizer.save_pretrained(path)
-    return path
+    return make_tokenized_model(tmp_path_factory.mktemp("chat") / "llama", layers=4, seed=5)
 
 
 def test_chat_prompt_through_subprocess_servers(chat_model, serve_process, tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_model, swarm_env
+from conftest import make_tokenized_model, swarm_env
 
 from swarm import AutoDistributedModelForCausalLM, AutoDistributedModelForSequenceClassification
 from swarm.core.tune import Trainer, TuneConfig, load_data, predict
@@ -25,14 +25,7 @@ LETTERS = {0: "abcdefg", 1: "tuvwxyz"}
 @pytest.fixture(scope="module")
 def tune_model(tmp_path_factory) -> Path:
     """A tiny random Llama with swarm's byte-level tokenizer."""
-    from swarm.core.demo import build_demo_tokenizer
-
-    tokenizer = build_demo_tokenizer()
-    path = make_tiny_model(tmp_path_factory.mktemp("tune") / "tune-llama", layers=4, vocab=len(tokenizer), seed=8,
-                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                           pad_token_id=tokenizer.pad_token_id)
-    tokenizer.save_pretrained(path)
-    return path
+    return make_tokenized_model(tmp_path_factory.mktemp("tune") / "tune-llama", layers=4, seed=8)
 
 
 @pytest.fixture

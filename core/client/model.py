@@ -352,15 +352,16 @@ class _Loaded:
                             self.blocks.num_blocks, embed.weight, self.dtype)
 
 
-def _freeze(model: torch.nn.Module, tuning: PromptTuning | None, head: torch.nn.Module | None) -> None:
-    """With prompt tuning, only the prompts and the task head train; without, the client's modules keep their grads."""
-    if tuning is None:
-        return
-    model.requires_grad_(False)
+def _finish(model: Any, loaded: _Loaded, tuning: PromptTuning | None, head: torch.nn.Module | None) -> Any:
+    """Name the model after its source and put it in eval mode. With prompt tuning, only the prompts and the task head
+    train; without, the client's modules keep their gradients."""
+    model.name_or_path = loaded.source.name
     if tuning is not None:
+        model.requires_grad_(False)
         tuning.requires_grad_(True)
-    if head is not None:
-        head.requires_grad_(True)
+        if head is not None:
+            head.requires_grad_(True)
+    return model.eval()
 
 
 def _saved(prompts: str | None, task: str) -> tuple[dict[str, Any] | None, dict[str, torch.Tensor]]:
@@ -404,9 +405,7 @@ class AutoDistributedModelForCausalLM:
         except BaseException:
             loaded.blocks.close()
             raise
-        model.name_or_path = loaded.source.name
-        _freeze(model, tuning, None)
-        return model.eval()
+        return _finish(model, loaded, tuning, None)
 
 
 class AutoDistributedModelForSequenceClassification:
@@ -457,6 +456,4 @@ class AutoDistributedModelForSequenceClassification:
         except BaseException:
             loaded.blocks.close()
             raise
-        model.name_or_path = loaded.source.name
-        _freeze(model, tuning, score)
-        return model.eval()
+        return _finish(model, loaded, tuning, score)
