@@ -19,7 +19,6 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..core.aliases import resolve_alias
-from ..core.client.config import ClientConfig
 from ..transport.errors import ConfigError
 from .common import (
     InitialPeersOption,
@@ -114,8 +113,7 @@ def _connect(model: str, task: str, mode: str, prompt_length: int, data: Any, pr
     from ..core.client.model import AutoDistributedModelForCausalLM, AutoDistributedModelForSequenceClassification
 
     torch.manual_seed(seed)  # the initial prompts and head
-    common: dict[str, Any] = dict(initial_peers=peers, mdns=mdns, mdns_interface=mdns_interface,
-                                  config=ClientConfig())
+    common: dict[str, Any] = dict(initial_peers=peers, mdns=mdns, mdns_interface=mdns_interface)
     if prompts is not None:
         common["prompts"] = str(prompts)
     else:

@@ -75,6 +75,10 @@ class ServerBusy(RemoteError):
     """The peer is shutting down or overloaded and takes no new work."""
 
 
+class RelayRefused(BadRequest):
+    """The peer will not take part in a relayed step (it does not relay, or does not know the next server)."""
+
+
 class RelayStopped(RemoteError):
     """A relayed step did not run: its input never came from the previous server, or the client cancelled it."""
 
@@ -88,6 +92,7 @@ REMOTE_ERRORS: dict[str, type[RemoteError]] = {
     "cache_full": CacheFull,
     "session_overflow": SessionOverflow,
     "busy": ServerBusy,
+    "relay_refused": RelayRefused,
     "relay_timeout": RelayStopped,
     "cancelled": RelayStopped,
     "internal": RemoteError,

@@ -54,11 +54,8 @@ class _Tunable:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """The parameters a tuning run trains: the prompts and the task head (with prompt tuning, the rest is
         frozen)."""
-        params = [] if self.tuning is None else [p for p in self.tuning.parameters()]
-        return params + [p for p in self._head_parameters()]
-
-    def _head_parameters(self) -> list[torch.nn.Parameter]:
-        return []
+        params = [] if self.tuning is None else list(self.tuning.parameters())
+        return params + list(self._head().values())
 
     def _extend(self, hidden: torch.Tensor, mask: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -257,9 +254,6 @@ class DistributedModelForSequenceClassification(_Tunable, PreTrainedModel):
     def _info(self) -> dict[str, Any]:
         labels = [str(self.config.id2label.get(i, i)) for i in range(self.config.num_labels)]
         return {"num_labels": self.config.num_labels, "labels": labels}
-
-    def _head_parameters(self) -> list[torch.nn.Parameter]:
-        return [self.score.weight]
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,

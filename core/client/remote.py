@@ -25,11 +25,11 @@ import torch
 from ...transport.codec import PROTOCOL_VERSION
 from ...transport.discovery import Discovery
 from ...transport.errors import (
-    BadRequest,
     ConfigError,
     PeerTimeout,
     PeerUnreachable,
     ProtocolError,
+    RelayRefused,
     RelayStopped,
     ServerBusy,
     SwarmError,
@@ -521,7 +521,7 @@ class InferenceSession:
                     i += 1
             except _RelayStopped as stopped:
                 out, i, error = stopped.hidden, stopped.index, stopped.error
-                if isinstance(error, RelayStopped) or (isinstance(error, BadRequest) and "relay" in str(error)):
+                if isinstance(error, (RelayStopped, RelayRefused)):
                     log.warning("relay failed (%s); stepping hop by hop", error)
                     self._no_relay = True  # e.g. the servers do not know or cannot reach each other
                 elif isinstance(error, RECOVERABLE):
@@ -555,26 +555,26 @@ class InferenceSession:
         """
         chain, ticket = self.hops[i:], secrets.token_hex(8)
         timeout = self.seq.config.request_timeout
-        calls: list[tuple[Hop, dict[str, Any], list[torch.Tensor], float]] = []
+        hop_prompts = [_hop_prompts(prompts, hop_session.hop) for hop_session in chain]
+        pending: list[Future] = []  # the requests of hops 1.. (hop 0's is sent from here, after them)
         for k, hop_session in enumerate(chain):
             fields: dict[str, Any] = {"session": hop_session.session_id, "start": self.position}
             if k + 1 < len(chain):
                 after = chain[k + 1]
                 fields["push"] = {"peer": after.hop.peer, "session": after.session_id, "ticket": f"{ticket}.{k + 1}"}
-            hop_prompts = _hop_prompts(prompts, hop_session.hop)
             if k == 0:
-                names, tensors = _named(hidden=hidden, attention_mask=mask, prompts=hop_prompts)
-            else:  # it waits for the servers before it, each bounded by the request timeout
-                names, tensors = _named(attention_mask=mask, prompts=hop_prompts)
-                fields.update(ticket=f"{ticket}.{k}", wait=min(MAX_RELAY_WAIT, timeout * k))
-            fields["names"] = names
-            calls.append((hop_session.hop, fields, tensors, timeout + fields.get("wait", 0)))
-        pending = [self.seq.submit(hop, "step", fields, tensors, wait, channel="relay")
-                   for hop, fields, tensors, wait in calls[1:]]
+                names, first = _named(hidden=hidden, attention_mask=mask, prompts=hop_prompts[0])
+                first_fields = {**fields, "names": names}
+                continue
+            # it waits for the servers before it, each bounded by the request timeout
+            wait = min(MAX_RELAY_WAIT, timeout * k)
+            names, tensors = _named(attention_mask=mask, prompts=hop_prompts[k])
+            fields.update(ticket=f"{ticket}.{k}", wait=wait, names=names)
+            pending.append(self.seq.submit(hop_session.hop, "step", fields, tensors, timeout + wait, channel="relay"))
         x = hidden
         for k, hop_session in enumerate(chain):
             try:
-                reply = self.seq.call(chain[0].hop, "step", calls[0][1], calls[0][2]) if k == 0 \
+                reply = self.seq.call(hop_session.hop, "step", first_fields, first) if k == 0 \
                     else pending[k - 1].result()
                 out = _one_tensor(reply, hidden)
             except BaseException as e:
@@ -582,7 +582,7 @@ class InferenceSession:
                 if not isinstance(e, SwarmError):
                     raise
                 raise _RelayStopped(i + k, x, e) from e
-            hop_session.history.append((x, mask, _hop_prompts(prompts, hop_session.hop)))
+            hop_session.history.append((x, mask, hop_prompts[k]))
             x = out
         return x, len(self.hops)
 

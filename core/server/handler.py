@@ -87,7 +87,7 @@ class Handler:
         self.extra_info = extra_info or {}
         self.on_gossip = on_gossip
         self.relay, self.relay_allowed = relay, relay_allowed
-        self.mailbox = Mailbox()  # relayed steps' halves; touched by the I/O thread only
+        self.mailbox = Mailbox()  # the halves of relayed steps, waiting for each other
         self.sessions: dict[str, Session] = {}
         self._kept: dict[str, _Kept] = {}  # forward graphs waiting for their backward, oldest first
         self._lock = threading.Lock()
@@ -117,11 +117,8 @@ class Handler:
                 self.worker.submit(PRIORITY_STEP, request, lambda: self._step(session_id, request))
         elif kind == "push":
             session_id = _session_id(request)
-            if self.relay is None:
-                raise Refused("bad_request", "this server does not relay")
-            with self._lock:
-                if session_id not in self.sessions:
-                    raise Refused("unknown_session", f"unknown session {session_id[:8]}")
+            self._check_relays()
+            self._session(session_id)
             hidden = self._tensors(request, ("hidden",))["hidden"]
             self.mailbox.push(session_id, parse_ticket(request.message.get("ticket")), hidden)
             request.reply()
@@ -139,13 +136,8 @@ class Handler:
 
     def _await_input(self, session_id: str, request: Request) -> None:
         """A relayed step whose input comes from the previous server: run it once both halves are here."""
-        with self._lock:
-            known = session_id in self.sessions
-        if not known:
-            raise Refused("unknown_session", f"unknown session {session_id[:8]} (it expired, was closed, or the "
-                                             "server restarted)")
-        if self.relay is None:
-            raise Refused("bad_request", "this server does not relay")
+        self._session(session_id)
+        self._check_relays()
         ticket = parse_ticket(request.message.get("ticket"))
         wait = request.message.get("wait", 60.0)
         if not isinstance(wait, (int, float)) or isinstance(wait, bool) or not 0 < wait <= MAX_WAIT:
@@ -225,6 +217,18 @@ class Handler:
             self.close(sid)
 
     # --- checks ------------------------------------------------------------------------------------------------
+
+    def _session(self, session_id: str) -> Session:
+        with self._lock:
+            session = self.sessions.get(session_id)
+        if session is None:
+            raise Refused("unknown_session", f"unknown session {session_id[:8]} (it expired, was closed, or the "
+                                             "server restarted)")
+        return session
+
+    def _check_relays(self) -> None:
+        if self.relay is None:
+            raise Refused("relay_refused", "this server does not relay")
 
     def _check_accepting(self) -> None:
         if not self.accepting:
@@ -357,21 +361,13 @@ class Handler:
         if kept is None:
             return None  # expired or dropped: run the forward again
         graph = kept.graph
-        same = (kept.blocks == blocks and graph.inputs.shape == hidden.shape
-                and torch.equal(graph.inputs.detach(), hidden.to(graph.inputs.dtype))
-                and (kept.mask is None) == (mask is None) and (mask is None or torch.equal(kept.mask, mask))
-                and (graph.prompts is None) == (prompts is None)
-                and (prompts is None or (graph.prompts.shape == prompts.shape
-                                         and torch.equal(graph.prompts.detach(), prompts.to(graph.prompts.dtype)))))
+        same = (kept.blocks == blocks and _same(graph.inputs, hidden) and _same(kept.mask, mask)
+                and _same(graph.prompts, prompts))
         return graph if same else None
 
     def _step(self, session_id: str, request: Request, pushed: torch.Tensor | None = None,
               ) -> tuple[dict[str, Any], list[torch.Tensor]]:
-        with self._lock:
-            session = self.sessions.get(session_id)
-        if session is None:
-            raise Refused("unknown_session", f"unknown session {session_id[:8]} (it expired, was closed, or the "
-                                             "server restarted)")
+        session = self._session(session_id)
         if pushed is None:
             tensors = self._tensors(request, ("hidden",), ("attention_mask", "prompts"))
         else:
@@ -396,8 +392,7 @@ class Handler:
             raise Refused("bad_request", "prompts may only come with the first step of a session (position 0)")
         push = request.message.get("push")
         if push is not None:
-            if self.relay is None:
-                raise Refused("bad_request", "this server does not relay")
+            self._check_relays()
             target = parse_push(push, self.relay_allowed)
         if start is not None:
             cache.rewind(start)
@@ -414,6 +409,13 @@ class _Kept:
     mask: torch.Tensor | None
     blocks: tuple[int, int]
     deadline: float
+
+
+def _same(kept: torch.Tensor | None, given: torch.Tensor | None) -> bool:
+    """Whether a kept tensor holds exactly the values given now (both absent counts as the same)."""
+    if kept is None or given is None:
+        return kept is None and given is None
+    return kept.shape == given.shape and torch.equal(kept.detach(), given.to(kept.dtype))
 
 
 def _int(value: Any, name: str, low: int, high: int) -> int:

@@ -57,14 +57,18 @@ def parse_push(value: Any, allowed: Callable[[str], bool]) -> PushTarget:
     except SwarmError:
         raise _bad(f"bad relay address {value['peer']!r}") from None
     if not allowed(peer):
-        raise _bad(f"will not relay to {peer}: it is not a server of this swarm known here")
+        raise _error("relay_refused", f"will not relay to {peer}: it is not a server of this swarm known here")
     return PushTarget(peer, value["session"], parse_ticket(value.get("ticket")))
 
 
-def _bad(message: str) -> SwarmError:
+def _error(code: str, message: str) -> SwarmError:
     error = SwarmError(message)
-    error.code = "bad_request"
+    error.code = code
     return error
+
+
+def _bad(message: str) -> SwarmError:
+    return _error("bad_request", message)
 
 
 @dataclass
@@ -84,7 +88,7 @@ class Mailbox:
 
     def _room(self) -> None:
         if len(self._waiting) + len(self._pushed) >= MAX_WAITING:
-            raise _busy("too many relayed steps waiting on this server")
+            raise _error("busy", "too many relayed steps waiting on this server")
 
     def wait(self, session: str, ticket: str, request: Request, start: Callable[[torch.Tensor], None],
              timeout: float) -> None:
@@ -142,12 +146,6 @@ class Mailbox:
     def __len__(self) -> int:
         with self._lock:
             return len(self._waiting) + len(self._pushed)
-
-
-def _busy(message: str) -> SwarmError:
-    error = SwarmError(message)
-    error.code = "busy"
-    return error
 
 
 class Relay:
