@@ -14,6 +14,7 @@ from test_recovery import FAST, PROMPT, start_all
 
 from swarm import AutoDistributedModelForCausalLM
 from swarm.core.client.config import ClientConfig
+from swarm.core.client.remote import RELAY_ATTEMPTS
 from swarm.transport.errors import BadRequest, RelayStopped, UnknownSession
 from swarm.transport.rpc import RpcClient
 
@@ -105,6 +106,24 @@ def test_relay_refused_by_strangers_falls_back_to_hop_by_hop(tiny_llama, tiny_ll
     with model:
         expected = tiny_llama_ref.generate(PROMPT, max_new_tokens=6, do_sample=False)
         assert model.generate(PROMPT, max_new_tokens=6, do_sample=False).tolist() == expected.tolist()
+        # a refusal (say, from a server whose view just dropped a dead next hop) costs one step its relay; only
+        # RELAY_ATTEMPTS refused steps in a row make the session give relaying up
+        for server in servers:  # whatever gossip taught them since: they know no one to relay to
+            server.handler.relay_allowed = lambda peer: False
+        with model.inference_session(max_length=16) as session:
+            calls = count_calls(model)
+            hidden = torch.randn(1, 1, 64)
+
+            def attempts():  # relayed steps tried: requests that ask a server to push on
+                return len([c for c in calls if c[0] == "step" and c[4]])
+
+            for n in range(1, RELAY_ATTEMPTS + 1):
+                assert not session._no_relay
+                session.step(hidden)
+                assert attempts() == n  # tried once, then this step went on hop by hop
+            assert session._no_relay
+            session.step(hidden)
+            assert attempts() == RELAY_ATTEMPTS and session.position == RELAY_ATTEMPTS + 1
 
 
 

@@ -340,6 +340,7 @@ class _HopFailed(SwarmError):
 
 
 UNREACHABLE_RTT = 1.0  # seconds counted for a server whose ping failed
+RELAY_ATTEMPTS = 3  # relayed steps in a row that may fail before a session stops trying to relay
 
 # failures another server can make up for: the server is gone, stuck, restarted, draining, or broken
 # (a full cache is not one of them yet: the caller learns it at once instead of waiting for a server with room)
@@ -432,7 +433,8 @@ class InferenceSession:
         self.hops: list[_HopSession] = []
         self.closed = False
         self.recoveries = 0  # replacement chains built so far
-        self._no_relay = False  # set when a server refuses to relay
+        self._no_relay = False  # set when relaying failed RELAY_ATTEMPTS steps in a row
+        self._relay_failures = 0
 
     @property
     def route(self) -> list[Hop]:
@@ -510,11 +512,12 @@ class InferenceSession:
                      " -> ".join(f"{h.peer} [{h.start}:{h.end})" for h in self.route))
         mask = None if attention_mask is None else attention_mask.to(torch.int8)
         out = hidden.detach()
-        i, failures = 0, 0
+        i, failures, hop_by_hop = 0, 0, not self.seq.config.relay or self._no_relay
         while i < len(self.hops):
             try:
-                if self.seq.config.relay and not self._no_relay and i + 1 < len(self.hops):
+                if not hop_by_hop and i + 1 < len(self.hops):
                     out, i = self._relayed(i, out, mask, prompts)
+                    self._relay_failures = 0
                 else:
                     out = self._step_hop(self.hops[i], out, mask, start=self.position,
                                          prompts=_hop_prompts(prompts, self.hops[i].hop))
@@ -522,8 +525,12 @@ class InferenceSession:
             except _RelayStopped as stopped:
                 out, i, error = stopped.hidden, stopped.index, stopped.error
                 if isinstance(error, (RelayStopped, RelayRefused)):
-                    log.warning("relay failed (%s); stepping hop by hop", error)
-                    self._no_relay = True  # e.g. the servers do not know or cannot reach each other
+                    # e.g. a server does not know the next one (yet, or any more, when it just died): this step
+                    # goes on hop by hop; after RELAY_ATTEMPTS such steps in a row, the whole session does
+                    hop_by_hop, self._relay_failures = True, self._relay_failures + 1
+                    self._no_relay = self._relay_failures >= RELAY_ATTEMPTS
+                    log.warning("relay failed (%s); stepping hop by hop%s", error,
+                                " from now on" if self._no_relay else " for this step")
                 elif isinstance(error, RECOVERABLE):
                     failures = self._recover(i, error, failures)
                 else:
