@@ -1,7 +1,8 @@
 """`swarm chat [MODEL] --initial-peers ...`: talk to a model served by the swarm, streaming tokens as they come.
 
-With no model and no peers it runs on the built-in default: a local swarm of two servers of swarm's demo model
-(random weights) on 127.0.0.1, started and stopped by this command.
+With no model and no peers it runs on the built-in default: a local swarm of two servers of the demo chat model
+(SmolLM2-135M-Instruct, prepared once into the cache; `--demo random` for the random test model) on 127.0.0.1,
+started and stopped by this command.
 """
 
 from __future__ import annotations
@@ -34,24 +35,41 @@ from .common import (
 log = logging.getLogger("swarm.cli.chat")
 
 
+DEMOS = ("smollm2", "random")
+
+
 @contextlib.contextmanager
-def _demo_swarm() -> Iterator[tuple[str, list[str]]]:
-    from ..core.demo import ensure_demo_model
+def _demo_swarm(kind: str) -> Iterator[tuple[str, list[str]]]:
+    """The built-in demo: a local swarm of 2 servers of the demo model `kind` on 127.0.0.1, stopped on exit."""
     from ..core.local_swarm import LocalSwarm, even_spans
 
-    with err_console.status("preparing the demo model and starting a local swarm of 2 servers..."):
-        path = ensure_demo_model()
-        from ..core.demo import NUM_HIDDEN_LAYERS
+    with err_console.status("preparing the demo model...") as spinner:
+        def on_status(message: str) -> None:
+            err_console.print(f"[dim]{message}[/]", highlight=False)
+            spinner.update(message + "...")
 
-        swarm = LocalSwarm(path, even_spans(NUM_HIDDEN_LAYERS, 2),
-                           extra_args=["--log-level", "warning", "--no-mdns"]).start()
+        if kind == "random":
+            from ..core.demo import NUM_HIDDEN_LAYERS, ensure_demo_model
+
+            path, blocks = ensure_demo_model(), NUM_HIDDEN_LAYERS
+        else:
+            from ..core.chat_demo import ensure_chat_model, num_blocks
+
+            path = ensure_chat_model(on_status=on_status)
+            blocks = num_blocks(path)
+        spinner.update("starting a local swarm of 2 servers...")
+        swarm = LocalSwarm(path, even_spans(blocks, 2), extra_args=["--log-level", "warning", "--no-mdns"]).start()
+    spans = ", ".join(f"blocks {a}:{b} at {e}" for (a, b), e in zip(swarm.spans, swarm.endpoints, strict=True))
+    if kind == "random":
+        err_console.print("[yellow]This is swarm's random demo model: its weights are random, so its answers are "
+                          "gibberish.[/]", highlight=False)
+    else:
+        err_console.print(f"[dim]Demo: {path.name} (Apache-2.0, 135M parameters), from {path}.[/]", highlight=False)
     err_console.print(
-        "[yellow]This is swarm's built-in demo model: its weights are random, so its answers are gibberish.[/]\n"
-        f"It runs on a local swarm of 2 servers ({', '.join(swarm.endpoints)}).\n"
-        "To chat with a real model, serve it and point at the servers:\n"
+        f"[dim]It runs on a local swarm of 2 servers ({spans}). To serve a bigger model yourself:\n"
         "  swarm serve MODEL --blocks 0:16 --port 31330\n"
         "  swarm serve MODEL --blocks 16:32 --port 31331\n"
-        "  swarm chat MODEL --initial-peers tcp://127.0.0.1:31330 tcp://127.0.0.1:31331", highlight=False)
+        "  swarm chat MODEL --initial-peers tcp://127.0.0.1:31330 tcp://127.0.0.1:31331[/]", highlight=False)
     try:
         yield str(path), swarm.endpoints
     finally:
@@ -77,11 +95,15 @@ def chat(
                                         "from here per step instead of one per server).")] = False,
     prompts: Annotated[str | None, typer.Option(help="Generate with soft prompts trained by `swarm tune --task lm "
                                                 "--output DIR`.")] = None,
+    demo: Annotated[str, typer.Option(help="The built-in demo run when there is no model and no server: smollm2 "
+                                      "(a real chat model) or random (random weights, for tests).")] = "smollm2",
     log_level: LogLevelOption = None,
 ) -> None:
     """Chat with a model served by the swarm."""
     setup_logging(log_level, default="WARNING")
     model, peers = model_and_peers(model, initial_peers, list(ctx.args))
+    if demo not in DEMOS:
+        raise UsageError(f"--demo must be one of {', '.join(DEMOS)}; got {demo!r}")
     if max_new_tokens < 1 or max_length < 2:
         raise ConfigError("--max-new-tokens must be at least 1 and --max-length at least 2")
     if temperature < 0 or not 0 < top_p <= 1:
@@ -100,7 +122,7 @@ def chat(
             if discovery is not None:
                 discovery.stop()
                 discovery = None
-            with _demo_swarm() as (demo_path, endpoints):
+            with _demo_swarm(demo) as (demo_path, endpoints):
                 _run(ChatSession.connect(demo_path, endpoints, mdns=False, **options), prompt, show_route)
             return
         if discovery is None:

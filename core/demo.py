@@ -1,4 +1,7 @@
-"""A small, self-contained demo model that needs no downloads.
+"""A small, self-contained random demo model that needs no downloads (tests, benchmarks, `swarm chat --demo random`).
+
+The default demo, a real chat model, is in `chat_demo.py`; both are built once into the cache by `build_once`.
+
 
 swarm normally serves models fetched from a model hub, but tests, tutorials and
 first-run smoke checks need *some* model that is available offline on any
@@ -39,8 +42,11 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from ..transport.errors import ConfigError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -228,38 +234,41 @@ def _write_demo_model(target: Path) -> None:
     (target / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
 
 
-def ensure_demo_model(cache_dir: Path | None = None) -> Path:
-    """Return the directory of the demo model, building it first if it is missing.
+def build_once(target: Path, write: Callable[[Path], None], what: str) -> Path:
+    """Return ``target``, a directory that ``write`` fills (marker file last), building it first if it is missing.
 
-    ``cache_dir`` defaults to :func:`default_cache_dir`.  The model is built in a
-    temporary sibling directory and renamed into place, so the final directory
-    is either absent or complete.  If another process finishes first, its copy
-    is used and ours is discarded.
+    It is built in a temporary sibling directory and renamed into place, so ``target`` is either absent or complete.
+    If another process finishes first, its copy is used and ours is discarded.
     """
-    target = demo_model_dir(cache_dir)
     if is_demo_model(target):
-        logger.debug("Using cached demo model at %s", target)
+        logger.debug("Using cached %s at %s", what, target)
         return target
     if target.exists():
-        raise RuntimeError(
-            f"{target} exists but is not a swarm demo model (no {MARKER_FILE}); remove it to rebuild the demo model"
-        )
-
+        raise ConfigError(f"{target} exists but is not a swarm demo model (no {MARKER_FILE}); remove it "
+                          "to rebuild it")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    logger.info("Building demo model (random weights) in %s", target)
+    logger.info("Building %s in %s", what, target)
     try:
-        _write_demo_model(tmp)
+        write(tmp)
         try:
             os.replace(tmp, target)
         except OSError:
             # Another builder renamed its copy into place first: use theirs.
             if is_demo_model(target):
-                logger.debug("Demo model at %s was created concurrently; using it", target)
+                logger.debug("%s at %s was created concurrently; using it", what, target)
                 return target
             raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("Demo model ready at %s", target)
+    logger.info("%s ready at %s", what, target)
     return target
+
+
+def ensure_demo_model(cache_dir: Path | None = None) -> Path:
+    """Return the directory of the random demo model, building it first if it is missing.
+
+    ``cache_dir`` defaults to :func:`default_cache_dir`.
+    """
+    return build_once(demo_model_dir(cache_dir), _write_demo_model, "the random demo model")

@@ -1,7 +1,8 @@
 """Model sources and partial weight loading.
 
 `ModelSource` resolves a model given as a local directory or a Hugging Face model id (through the hub and its cache;
-a server fetches only the shards that hold its blocks). `load_tensors` reads only the tensors under the requested
+a server fetches only the shards that hold its blocks), or as a GGUF file (`model.gguf`, or a directory or hub id
+with `gguf_file=`; see `gguf.py`). `load_tensors` reads only the tensors under the requested
 key prefixes from safetensors files, single or sharded through `model.safetensors.index.json`, so a server of blocks
 0:2 never has the other blocks, the embeddings or the LM head in memory.
 """
@@ -19,6 +20,8 @@ import torch
 from safetensors import safe_open
 
 from ..transport.errors import ConfigError
+from .gguf import SUFFIX as GGUF_SUFFIX
+from .gguf import GGUFFile, is_gguf
 from .models import ModelFamily, family_for
 
 log = logging.getLogger(__name__)
@@ -31,13 +34,22 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class ModelSource:
     """A model's files: a local directory, or a hub repository fetched file by file into the hub cache."""
 
-    def __init__(self, name_or_path: str | os.PathLike[str]):
+    def __init__(self, name_or_path: str | os.PathLike[str], gguf_file: str | None = None):
         self.name = str(name_or_path)
         path = Path(self.name).expanduser()
+        if gguf_file is None and is_gguf(self.name) and path.is_file():  # a GGUF file given by its path
+            path, gguf_file = path.parent, path.name
+            self.name = str(Path(self.name).expanduser())
         self.local = path if path.is_dir() else None
         if self.local is None and (path.exists() or self.name.startswith((".", "/", "~"))
                                    or self.name.count("/") > 1):
-            raise ConfigError(f"model path {self.name!r} is not a directory with a model in it")
+            what = "a GGUF file" if is_gguf(self.name) else "a directory with a model in it"
+            raise ConfigError(f"model path {self.name!r} is not {what}")
+        if gguf_file is not None and not is_gguf(gguf_file):
+            raise ConfigError(f"gguf_file must name a {GGUF_SUFFIX} file, got {gguf_file!r}")
+        self.gguf_file = gguf_file  # the model is this GGUF file of the directory (or hub repository)
+        self._gguf: GGUFFile | None = None
+        self._gguf_names: dict[str, str] | None = None
         self._config: Any = None
 
     def file(self, filename: str, required: bool = True) -> Path | None:
@@ -68,14 +80,30 @@ class ModelSource:
 
     @property
     def path_for_transformers(self) -> str:
+        if self.gguf_file is not None and self.local is not None:
+            return str(self.local)
         return str(self.local) if self.local is not None else self.name
+
+    @property
+    def transformers_kwargs(self) -> dict[str, Any]:
+        """What transformers' `from_pretrained` needs besides the path (the GGUF file's name)."""
+        return {"gguf_file": self.gguf_file} if self.gguf_file is not None else {}
+
+    def gguf(self) -> GGUFFile:
+        """The model's GGUF file, opened once (fetched from the hub first when the model is a hub id)."""
+        if self._gguf is None:
+            if self.gguf_file is None:
+                raise ConfigError(f"model {self.name!r} is not a GGUF file")
+            path = self.file(self.gguf_file)
+            self._gguf = GGUFFile(path)
+        return self._gguf
 
     def tokenizer(self) -> Any:
         """The model's tokenizer (transformers' AutoTokenizer); a ConfigError when it cannot be loaded."""
         from transformers import AutoTokenizer
 
         try:
-            return AutoTokenizer.from_pretrained(self.path_for_transformers)
+            return AutoTokenizer.from_pretrained(self.path_for_transformers, **self.transformers_kwargs)
         except (OSError, ValueError) as e:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(f"cannot load the tokenizer of {self.name!r}: {reason}") from None
@@ -85,9 +113,11 @@ class ModelSource:
         if self._config is None:
             from transformers import AutoConfig
 
-            self.file("config.json")
+            self.file(self.gguf_file or "config.json")
+            if self.gguf_file is not None:
+                self.gguf()  # a clear error for a corrupt file or an architecture swarm does not read
             try:
-                self._config = AutoConfig.from_pretrained(self.path_for_transformers)
+                self._config = AutoConfig.from_pretrained(self.path_for_transformers, **self.transformers_kwargs)
             except (OSError, ValueError, KeyError) as e:
                 raise ConfigError(f"cannot read the config of {self.name!r}: {e}") from None
             self._config._attn_implementation = "sdpa"
@@ -99,7 +129,12 @@ class ModelSource:
         return family_for(self.config())
 
     def weight_map(self) -> dict[str, str]:
-        """Tensor name -> safetensors file name."""
+        """Tensor name -> safetensors file name (or, for a GGUF file, the GGUF tensor name)."""
+        if self.gguf_file is not None:
+            if self._gguf_names is None:
+                config, family = self.config(), self.family()
+                self._gguf_names = self.gguf().name_map(family.checkpoint_names(config), family.num_blocks(config))
+            return dict(self._gguf_names)
         index = self.file(INDEX_FILE, required=False)
         if index is not None:
             try:
@@ -117,6 +152,10 @@ class ModelSource:
     def load_tensors(self, prefixes: Iterable[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Only the tensors whose names start with one of `prefixes`, read file by file, cast to `dtype`."""
         prefixes = tuple(prefixes)
+        if self.gguf_file is not None:
+            config, gguf = self.config(), self.gguf()
+            return {key: gguf.tensor(name, config, dtype) for key, name in self.weight_map().items()
+                    if key.startswith(prefixes)}
         by_file: dict[str, list[str]] = {}
         for key, filename in self.weight_map().items():
             if key.startswith(prefixes):

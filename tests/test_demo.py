@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from swarm.core import demo
+from swarm.transport.errors import ConfigError
 
 TEXTS = ["hello world", "héllo wörld ✓ 你好", "", "  leading and trailing spaces  ", "tabs\tand\nnewlines\r\n"]
 
@@ -142,7 +143,7 @@ def test_foreign_dir_in_the_way_is_not_overwritten(tmp_path: Path) -> None:
     target = demo.demo_model_dir(tmp_path)
     target.mkdir(parents=True)
     (target / "precious.txt").write_text("user data")
-    with pytest.raises(RuntimeError, match="not a swarm demo model"):
+    with pytest.raises(ConfigError, match="not a swarm demo model"):
         demo.ensure_demo_model(tmp_path)
     assert (target / "precious.txt").read_text() == "user data"
     assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]

@@ -21,6 +21,10 @@ def family_for(config: Any) -> ModelFamily:
     for family in FAMILIES:
         if any(arch in family.architectures for arch in archs):
             return family
+    if not archs:  # a config that names no architecture (as GGUF-derived ones often are): by its model_type
+        for family in FAMILIES:
+            if getattr(config, "model_type", None) in family.model_types:
+                return family
     shown = ", ".join(archs) or f"model_type {getattr(config, 'model_type', '?')!r}"
     raise ConfigError(f"unsupported architecture {shown}; swarm supports: {', '.join(supported_architectures())}")
 

@@ -33,6 +33,7 @@ class ModelFamily:
 
     name: str = ""
     architectures: tuple[str, ...] = ()  # `config.architectures` values this family serves
+    model_types: tuple[str, ...] = ()  # `config.model_type` values, for configs that name no architecture
 
     def num_blocks(self, config: Any) -> int:
         return int(config.num_hidden_layers)
@@ -73,3 +74,13 @@ class ModelFamily:
     def build_client_modules(self, config: Any) -> tuple[nn.Module, nn.Module, nn.Module]:
         """(input embeddings, final norm, LM head), uninitialised."""
         raise NotImplementedError
+
+    def checkpoint_names(self, config: Any) -> list[str]:
+        """Every tensor name a checkpoint of this model has (read off the modules, built on the meta device)."""
+        prefixes = self.client_prefixes(config)
+        with torch.device("meta"):
+            embed, norm, lm_head = self.build_client_modules(config)
+            modules = [(prefixes.embed, embed), (prefixes.norm, norm), (prefixes.lm_head, lm_head)]
+            modules += [(self.block_prefix(config, i), self.build_block(config, i))
+                        for i in range(self.num_blocks(config))]
+        return [prefix + name for prefix, module in modules for name in module.state_dict()]

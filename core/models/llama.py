@@ -49,6 +49,7 @@ class _Rotary(nn.Module):
 class LlamaFamily(ModelFamily):
     name = "llama"
     architectures = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+    model_types = ("llama", "mistral", "qwen2")
 
     def block_prefix(self, config: Any, index: int) -> str:
         return f"model.layers.{index}."
