@@ -11,14 +11,12 @@ import contextlib
 import logging
 import sys
 from collections.abc import Iterator
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ..core.chat import ChatSession
 from ..core.client.config import ClientConfig
 from ..core.coverage import models_served
-from ..transport.discovery import Discovery, DiscoveryConfig
 from ..transport.errors import ConfigError
 from ..transport.mdns import MdnsSettings
 from .common import (
@@ -31,6 +29,10 @@ from .common import (
     model_and_peers,
     setup_logging,
 )
+
+if TYPE_CHECKING:  # torch and transformers are imported by the command, not by `swarm --help`
+    from ..core.chat import ChatSession
+    from ..transport.discovery import Discovery
 
 log = logging.getLogger("swarm.cli.chat")
 
@@ -100,6 +102,9 @@ def chat(
     log_level: LogLevelOption = None,
 ) -> None:
     """Chat with a model served by the swarm."""
+    from ..core.chat import ChatSession
+    from ..transport.discovery import Discovery, DiscoveryConfig
+
     setup_logging(log_level, default="WARNING")
     model, peers = model_and_peers(model, initial_peers, list(ctx.args))
     if demo not in DEMOS:
