@@ -26,16 +26,21 @@ def resolve_alias(name: str) -> str:
     return ALIASES.get(name.lower(), name)
 
 
-def announced_id(name_or_path: str) -> str:
-    """The model id a server announces: the hub id, or a local directory's name (as the client computes it too)."""
+def announced_id(name_or_path: str, gguf_file: str | None = None) -> str:
+    """The model id a server announces: the hub id, a local directory's name, or a GGUF file's name (as the client
+    computes it too); a GGUF file of a hub repository is `REPO:FILE`."""
     path = Path(name_or_path).expanduser()
-    if path.is_dir():
+    if gguf_file is not None:
+        return Path(gguf_file).name if path.is_dir() else f"{resolve_alias(name_or_path)}:{gguf_file}"
+    if path.is_dir() or (path.is_file() and path.suffix.lower() == ".gguf"):
         return path.resolve().name
     return resolve_alias(name_or_path)
 
 
-def matches(requested: str, announced: str) -> bool:
-    """Whether a model a user asked for (id, alias, or local directory) is the one a server announces."""
-    if announced == announced_id(requested):
+def matches(requested: str, announced: str, gguf_file: str | None = None) -> bool:
+    """Whether a model a user asked for (id, alias, local directory or GGUF file) is the one a server announces."""
+    if announced == announced_id(requested, gguf_file):
         return True
+    if gguf_file is not None:
+        return False
     return announced.lower() == resolve_alias(requested).lower()

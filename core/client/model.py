@@ -282,9 +282,9 @@ class _Loaded:
 
     def __init__(self, name_or_path: str, initial_peers: list[str] | None, torch_dtype: Any,
                  config: ClientConfig | None, mdns: bool | None, mdns_interface: str | None,
-                 discovery: Discovery | None):
+                 discovery: Discovery | None, gguf_file: str | None = None):
         config = config or ClientConfig()
-        self.source = source = ModelSource(resolve_alias(name_or_path))
+        self.source = source = ModelSource(resolve_alias(name_or_path), gguf_file=gguf_file)
         self.config = model_config = source.config("auto")
         self.family = family = source.family()
         self.dtype = dtype = resolve_dtype("float32" if torch_dtype == "auto" else torch_dtype, model_config)
@@ -295,13 +295,14 @@ class _Loaded:
                                        gossip=GossipConfig(period=config.gossip_period))
             discovery = Discovery(initial_peers or [], settings).start()
         self.blocks = blocks = RemoteSequential(family.num_blocks(model_config), int(model_config.hidden_size),
-                                                discovery, lambda record: matches(name_or_path, record.model), config,
+                                                discovery, lambda record: matches(name_or_path, record.model,
+                                                                                  gguf_file), config,
                                                 owns_discovery=owns)
         try:
             if not blocks.wait_ready(config.connect_timeout) and not blocks.servers():
                 where = ", ".join(discovery.initial_peers) or "no initial peers"
                 mdns_text = "mDNS on" if discovery.config.mdns.enabled else "mDNS off"
-                raise PeerUnreachable(f"found no server of {announced_id(name_or_path)!r} within "
+                raise PeerUnreachable(f"found no server of {announced_id(name_or_path, gguf_file)!r} within "
                                       f"{config.connect_timeout:g} s ({where}; {mdns_text}); start one with "
                                       "`swarm serve MODEL --blocks START:END` or check --initial-peers")
             blocks.start_pinging()
@@ -377,8 +378,9 @@ class AutoDistributedModelForCausalLM:
                         config: ClientConfig | None = None, mdns: bool | None = None,
                         mdns_interface: str | None = None, discovery: Discovery | None = None,
                         tuning_mode: str | None = None, pre_seq_len: int | None = None, prompts: str | None = None,
-                        **kwargs: Any) -> DistributedModelForCausalLM:
-        """Load the client's part of `name_or_path` (a hub id, alias, or local directory) and find its servers.
+                        gguf_file: str | None = None, **kwargs: Any) -> DistributedModelForCausalLM:
+        """Load the client's part of `name_or_path` (a hub id, alias, local directory, or GGUF file; or, with
+        `gguf_file`, that GGUF file of the directory or hub repository) and find its servers.
 
         Servers are found through `initial_peers` (gossip) and mDNS on the local network (`mdns`, or $SWARM_MDNS;
         `mdns_interface` or $SWARM_MDNS_INTERFACE binds it to one interface). A prepared `discovery` may be passed
@@ -388,7 +390,7 @@ class AutoDistributedModelForCausalLM:
         if kwargs:
             raise ConfigError(f"unsupported arguments: {', '.join(kwargs)}")
         saved, tensors = _saved(prompts, "lm")
-        loaded = _Loaded(name_or_path, initial_peers, torch_dtype, config, mdns, mdns_interface, discovery)
+        loaded = _Loaded(name_or_path, initial_peers, torch_dtype, config, mdns, mdns_interface, discovery, gguf_file)
         try:
             embed, norm, lm_head, _ = loaded.client_modules(head=True)
             tuning = loaded.tuning(embed, tuning_mode, pre_seq_len, saved)
@@ -410,7 +412,7 @@ class AutoDistributedModelForSequenceClassification:
                         torch_dtype: Any = "auto", config: ClientConfig | None = None, mdns: bool | None = None,
                         mdns_interface: str | None = None, discovery: Discovery | None = None,
                         tuning_mode: str | None = None, pre_seq_len: int | None = None, prompts: str | None = None,
-                        **kwargs: Any) -> DistributedModelForSequenceClassification:
+                        gguf_file: str | None = None, **kwargs: Any) -> DistributedModelForSequenceClassification:
         """Like `AutoDistributedModelForCausalLM.from_pretrained`, with a `num_labels`-way head instead of the LM head.
 
         The head comes from the checkpoint when it has one (`score.weight`), from `prompts` (a saved tuning result),
@@ -425,7 +427,7 @@ class AutoDistributedModelForSequenceClassification:
             num_labels = saved.get("num_labels")
         if not isinstance(num_labels, int) or isinstance(num_labels, bool) or num_labels < 2:
             raise ConfigError(f"num_labels must be an integer of at least 2, got {num_labels!r}")
-        loaded = _Loaded(name_or_path, initial_peers, torch_dtype, config, mdns, mdns_interface, discovery)
+        loaded = _Loaded(name_or_path, initial_peers, torch_dtype, config, mdns, mdns_interface, discovery, gguf_file)
         try:
             embed, norm, _, head = loaded.client_modules(head=False)
             tuning = loaded.tuning(embed, tuning_mode, pre_seq_len, saved)
