@@ -56,12 +56,18 @@ def test_serve_stops_cleanly_on_sigterm_and_sigint(chat_model, serve_process):
 @pytest.mark.parametrize("args,message,code", [
     (["serve", "MODEL", "--blocks", "3-5"], "--blocks must be START:END", 2),
     (["serve", "MODEL", "--blocks", "5:3"], "START must be smaller than END", 2),
-    (["serve", "MODEL", "--blocks", "0:99"], "outside the model's 4 blocks", 1),
+    (["serve", "MODEL", "--blocks", "0:99"], "outside the model's 4 blocks", 2),
     (["serve", "/no/such/model", "--blocks", "0:2"], "not a directory with a model", 1),
     (["serve", "MODEL", "--blocks", "0:2", "--dtype", "int3"], "unknown dtype 'int3'", 1),
     (["chat", "MODEL", "--initial-peers", "tcp://127.0.0.1:1", "--prompt", "hi"], "found no server", 1),
     (["chat", "MODEL", "--initial-peers", "not-an-address:x", "--prompt", "hi"], "bad peer address", 1),
     (["chat", "MODEL", "--prompt", "hi"], "found no server", 1),
+    (["serve", "MODEL", "--blocks", "0:2", "--bogus"], "No such option: --bogus", 2),
+    (["serve", "--blocks", "0:2"], "Missing argument", 2),
+    (["serve", "MODEL", "--blocks", "0:2", "--port", "abc"], "Invalid value for '--port'", 2),
+    (["status", "--json", "true", "--wait", "0"], "found no server of 'true'", 1),
+    (["status", "--initial-peers", "tcp://127.0.0.1:1", "--wait", "0.5"], "searched tcp://127.0.0.1:1", 1),
+    (["bench", "--initial-peers", "tcp://127.0.0.1:1", "--wait", "0.5"], "searched tcp://127.0.0.1:1", 1),
 ])
 def test_cli_errors_are_one_clear_line(chat_model, tmp_path, args, message, code):
     args = [str(chat_model) if a == "MODEL" else a for a in args]
@@ -75,9 +81,11 @@ def test_cli_errors_are_one_clear_line(chat_model, tmp_path, args, message, code
 
 
 def test_demo_chat_on_a_fresh_machine(tmp_path):
-    """`swarm chat --prompt` with no model and no peers: builds the demo model, runs a local swarm, answers."""
+    """`swarm chat --demo random --prompt` with no model and no peers: builds the random demo model, runs a local
+    swarm, answers (the real default demo is tested in test_real_model.py)."""
     env = swarm_env(tmp_path)
-    result = run_swarm("chat", "--prompt", "hi", "--max-new-tokens", "8", "--seed", "0", env=env, timeout=300)
+    result = run_swarm("chat", "--demo", "random", "--prompt", "hi", "--max-new-tokens", "8", "--seed", "0", env=env,
+                       timeout=300)
     assert result.returncode == 0, result.stderr
     assert "random" in result.stderr and "swarm chat MODEL --initial-peers" in result.stderr
     assert result.stdout.endswith("\n") and len(result.stdout) > 1
