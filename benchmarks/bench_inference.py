@@ -2,14 +2,17 @@
 
 What it measures, for two random Llama checkpoints ("tiny": hidden 256, 4 blocks; "mid": hidden 1024, 16 blocks,
 GQA 16/8 heads), built here in a temporary directory (float32, fixed seed, weights drawn with std 0.1 so that greedy
-decoding does not collapse into repeating one token):
+decoding does not collapse into repeating one token), and for the real demo model ("smollm2": SmolLM2-135M-Instruct,
+30 blocks, hidden 576, GQA 9/3 heads, float32; prepared once into swarm's cache), whose prompt is a chat-templated
+question instead of random tokens:
 
 * local -- the checkpoint run by plain transformers (`AutoModelForCausalLM`, float32, `torch.inference_mode`,
   `use_cache=True`): one prefill of a fixed 16-token prompt, a few warm-up decode steps, then N timed greedy
   decode steps, each a model call on the one new token with `past_key_values`.
-* swarm -- for 1, 2 and 4 servers (counts up to the number of blocks): a `LocalSwarm` of `swarm serve`
-  subprocesses on 127.0.0.1 holding `even_spans` of the blocks, and `AutoDistributedModelForCausalLM` on those peers.
-  Inside `model.inference_session(max_length=...)` the same prefill, warm-up and N timed steps are done by calling
+* swarm -- for 1, 2 and 4 servers (1, 2 and 3 for smollm2; counts up to the number of blocks): a `LocalSwarm` of
+  `swarm serve` subprocesses on 127.0.0.1 holding `even_spans` of the blocks, and `AutoDistributedModelForCausalLM` on
+  those peers. Inside `model.inference_session(max_length=...)` the same prefill, warm-up and N timed steps are done by
+  calling
   `model(input_ids=all_ids_so_far)`; the session sends only the new token's hidden state through the chain of
   servers, whose attention caches hold the rest. The greedy tokens are checked against the local ones (a warning
   in the table when they differ), and the largest logit difference to the local run is reported.
@@ -30,6 +33,7 @@ Run (from the repository root, no network needed; the default run takes a few mi
 
     .venv/bin/python benchmarks/bench_inference.py
     .venv/bin/python benchmarks/bench_inference.py --models tiny --servers 1,2 --steps 32 --repeats 5 --json out.json
+    .venv/bin/python benchmarks/bench_inference.py --models smollm2
 """
 
 from __future__ import annotations
@@ -65,7 +69,10 @@ MODELS: dict[str, dict[str, int]] = {
     "mid": dict(hidden_size=1024, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8,
                 intermediate_size=2816, vocab_size=4096),
 }
-DEFAULT_STEPS = {"tiny": 64, "mid": 32}
+REAL = "smollm2"  # the demo chat model (swarm.core.chat_demo)
+REAL_QUESTION = "What is the capital of France? Answer in one long sentence."
+DEFAULT_STEPS = {"tiny": 64, "mid": 32, REAL: 32}
+DEFAULT_SERVERS = {"tiny": [1, 2, 4], "mid": [1, 2, 4], REAL: [1, 2, 3]}
 
 console = Console()
 if not console.is_terminal:  # keep the table readable when the output goes to a file or a pipe
@@ -84,6 +91,7 @@ class Run:
     max_step_ms: float
     prefill_ms: float
     tokens: list[int] = field(default_factory=list)  # warm-up + timed greedy tokens
+    prompt_length: int = PROMPT_LENGTH
     tokens_equal: bool | None = None
     max_abs_logit_diff: float | None = None  # vs local, over the prefill's last position and every step
     ratio_vs_local: float | None = None
@@ -113,7 +121,29 @@ def build_checkpoint(path: Path, name: str) -> Path:
     return path
 
 
-def prompt_ids(vocab: int) -> torch.Tensor:
+def checkpoint(tmp: Path, name: str) -> Path:
+    """The model directory of `name`: the demo chat model from the cache, or a random checkpoint built in `tmp`."""
+    if name == REAL:
+        from swarm.core.chat_demo import ensure_chat_model
+
+        return ensure_chat_model(on_status=lambda message: console.print(f"[dim]{message}[/]", highlight=False))
+    return build_checkpoint(tmp / name, name)
+
+
+def num_blocks(path: Path) -> int:
+    from swarm.core.chat_demo import num_blocks as read
+
+    return read(path)
+
+
+def prompt_ids(path: Path, vocab: int) -> torch.Tensor:
+    """A chat-templated question for a model with a tokenizer (the real one), else PROMPT_LENGTH random tokens."""
+    if (path / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        return tokenizer.apply_chat_template([{"role": "user", "content": REAL_QUESTION}], add_generation_prompt=True,
+                                             return_tensors="pt", return_dict=True)["input_ids"]
     gen = torch.Generator().manual_seed(SEED + 1)
     return torch.randint(0, vocab, (1, PROMPT_LENGTH), generator=gen)
 
@@ -139,7 +169,7 @@ def decode_loop(prefill: Callable[[torch.Tensor], torch.Tensor], step: Callable[
         if i >= WARMUP_STEPS:
             durations.append(time.perf_counter() - t0)
         all_logits.append(logits)
-    return prefill_s, durations, ids[0, PROMPT_LENGTH:].tolist(), torch.cat(all_logits).float()
+    return prefill_s, durations, ids[0, prompt.shape[1]:].tolist(), torch.cat(all_logits).float()
 
 
 def make_run(model: str, servers: int, prefill_s: float, durations: list[float], tokens: list[int],
@@ -163,7 +193,7 @@ def bench_local(name: str, path: Path, steps: int, repeats: int) -> Run:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    prompt = prompt_ids(model.config.vocab_size)
+    prompt = prompt_ids(path, model.config.vocab_size)
     state: dict[str, object] = {}
 
     def prefill(ids: torch.Tensor) -> torch.Tensor:
@@ -179,6 +209,7 @@ def bench_local(name: str, path: Path, steps: int, repeats: int) -> Run:
     with torch.inference_mode():
         decode_loop(prefill, step, prompt, 2)  # warm the allocator and kernels on a throwaway sequence
         run = best_of([make_run(name, 0, *decode_loop(prefill, step, prompt, steps)) for _ in range(repeats)])
+    run.prompt_length = prompt.shape[1]
     return run  # the model is freed with this frame, before the servers load their copies
 
 
@@ -187,8 +218,7 @@ def bench_swarm(name: str, path: Path, servers: int, steps: int, threads: int, r
     from swarm.core.local_swarm import LocalSwarm, even_spans
     from swarm.transport.rpc import RpcClient
 
-    num_blocks = MODELS[name]["num_hidden_layers"]
-    spans = even_spans(num_blocks, servers)
+    spans = even_spans(num_blocks(path), servers)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
                TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false",
                SWARM_CACHE_DIR=str(path.parent / "swarm-cache"))
@@ -197,8 +227,8 @@ def bench_swarm(name: str, path: Path, servers: int, steps: int, threads: int, r
         model = AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=swarm.endpoints,
                                                                 torch_dtype="float32")
         startup_s = time.perf_counter() - t0
-        prompt = prompt_ids(model.config.vocab_size)
-        max_length = PROMPT_LENGTH + 1 + WARMUP_STEPS + steps
+        prompt = prompt_ids(path, model.config.vocab_size)
+        max_length = prompt.shape[1] + 1 + WARMUP_STEPS + steps
 
         def prefill(ids: torch.Tensor) -> torch.Tensor:
             return model(input_ids=ids).logits[:, -1]
@@ -208,7 +238,7 @@ def bench_swarm(name: str, path: Path, servers: int, steps: int, threads: int, r
 
         try:
             with torch.inference_mode():
-                with model.inference_session(max_length=PROMPT_LENGTH + 3 + WARMUP_STEPS):
+                with model.inference_session(max_length=prompt.shape[1] + 3 + WARMUP_STEPS):
                     decode_loop(prefill, step, prompt, 2)  # throwaway session: connections, server-side warm-up
                 runs = []
                 for _ in range(repeats):  # a fresh session each time, as the local runs start a fresh cache
@@ -226,6 +256,7 @@ def bench_swarm(name: str, path: Path, servers: int, steps: int, threads: int, r
         finally:
             model.blocks.close()
     run.ping_median_ms = statistics.median(pings) * 1000
+    run.prompt_length = prompt.shape[1]
     run.spans = [list(s) for s in spans]
     run.startup_s = startup_s
     return run
@@ -243,16 +274,16 @@ def derive(local: Run, run: Run) -> None:
 
 def print_table(runs: list[Run], threads: int) -> None:
     repeats = runs[0].repeats if runs else 1
-    table = Table(title=f"decode, batch 1, prompt {PROMPT_LENGTH} tokens, float32, {threads} torch thread(s) "
+    table = Table(title=f"decode, batch 1, float32, {threads} torch thread(s) "
                         f"per process, best of {repeats} sequence(s)")
-    for col in ("model", "servers", "steps", "tokens/s", "median step ms", "prefill ms", "ratio vs local",
+    for col in ("model", "servers", "steps", "tokens/s", "median step ms", "prompt", "prefill ms", "ratio vs local",
                 "added ms/hop", "tokens equal", "max |Δlogit|"):
         table.add_column(col, justify="left" if col in ("model", "servers") else "right")
     for run in runs:
         local = run.servers == 0
         equal = "" if local else ("yes" if run.tokens_equal else "[bold red]NO (warning)[/]")
         table.add_row(run.model, "local" if local else str(run.servers), str(run.steps), f"{run.tokens_per_s:.1f}",
-                      f"{run.median_step_ms:.2f}", f"{run.prefill_ms:.1f}",
+                      f"{run.median_step_ms:.2f}", str(run.prompt_length), f"{run.prefill_ms:.1f}",
                       "" if local else f"{run.ratio_vs_local:.2f}",
                       "" if local else f"{run.added_ms_per_hop:+.2f}", equal,
                       "" if run.max_abs_logit_diff is None else f"{run.max_abs_logit_diff:.1e}")
@@ -274,8 +305,10 @@ def parse_list(text: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--models", default="tiny,mid", help="comma-separated: tiny, mid (default: both)")
-    parser.add_argument("--servers", default="1,2,4", help="comma-separated server counts (default: 1,2,4)")
+    parser.add_argument("--models", default=f"tiny,mid,{REAL}",
+                        help=f"comma-separated: tiny, mid (random), {REAL} (the real demo model) (default: all)")
+    parser.add_argument("--servers", default=None,
+                        help="comma-separated server counts (default: 1,2,4; 1,2,3 for smollm2)")
     parser.add_argument("--steps", type=int, default=None,
                         help="timed decode steps (default: 64 for tiny, 32 for mid)")
     parser.add_argument("--repeats", type=int, default=3,
@@ -287,14 +320,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     models = parse_list(args.models)
-    unknown = [m for m in models if m not in MODELS]
+    unknown = [m for m in models if m not in DEFAULT_STEPS]
     if unknown:
-        parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+        parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(DEFAULT_STEPS)}")
     try:
-        counts = [int(s) for s in parse_list(args.servers)]
+        counts = [int(s) for s in parse_list(args.servers)] if args.servers is not None else None
     except ValueError:
         parser.error("--servers takes comma-separated integers")
-    if any(c < 1 for c in counts):
+    if counts is not None and any(c < 1 for c in counts):
         parser.error("--servers counts must be 1 or more")
     if args.steps is not None and args.steps < 1:
         parser.error("--steps must be 1 or more")
@@ -314,13 +347,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="swarm-bench-") as tmp:
         for name in models:
             steps = args.steps or DEFAULT_STEPS[name]
-            console.print(f"[bold]{name}[/]: building the checkpoint", highlight=False)
-            path = build_checkpoint(Path(tmp) / name, name)
+            console.print(f"[bold]{name}[/]: preparing the checkpoint", highlight=False)
+            path = checkpoint(Path(tmp), name)
             console.print(f"[bold]{name}[/]: local transformers, {steps} steps", highlight=False)
             local = bench_local(name, path, steps, args.repeats)
             runs.append(local)
-            for count in counts:
-                if count > MODELS[name]["num_hidden_layers"]:
+            for count in counts or DEFAULT_SERVERS[name]:
+                if count > num_blocks(path):
                     console.print(f"[bold]{name}[/]: skipping {count} servers (more than its blocks)")
                     continue
                 console.print(f"[bold]{name}[/]: swarm of {count} server(s), {steps} steps", highlight=False)
@@ -334,9 +367,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{load_after[0]:.2f} after on {os.cpu_count()} CPUs (other work on the machine skews the figures)")
     if args.json is not None:
         report = {
-            "prompt_length": PROMPT_LENGTH, "warmup_steps": WARMUP_STEPS, "threads": args.threads,
+            "random_prompt_length": PROMPT_LENGTH, "warmup_steps": WARMUP_STEPS, "threads": args.threads,
             "repeats": args.repeats,
-            "ping_calls": PING_CALLS, "seed": SEED, "models": {m: MODELS[m] for m in models},
+            "ping_calls": PING_CALLS, "seed": SEED, "models": {m: MODELS.get(m, REAL) for m in models},
             "python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
             "cpu_count": os.cpu_count(), "elapsed_s": elapsed,
             "load_average_before": list(load_before), "load_average_after": list(load_after),
