@@ -9,6 +9,7 @@ key prefixes from safetensors files, single or sharded through `model.safetensor
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -61,22 +62,43 @@ class ModelSource:
             if required:
                 raise ConfigError(f"{self.local} has no {filename}")
             return None
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
+        if self._hub_problem is not None:  # the cache only: no request would get through
+            cached = try_to_load_from_cache(self.name, filename)
+            if isinstance(cached, str):
+                return Path(cached)
+            if cached is None:  # never fetched
+                raise self._offline_error(self._hub_problem)
+            if required:  # the cache knows the hub has no such file
+                raise ConfigError(f"model {self.name!r} has no {filename}")
+            return None
         try:
             return Path(hf_hub_download(self.name, filename))
+        except LocalEntryNotFoundError as e:  # (an EntryNotFoundError too) the hub went away since the probe
+            raise self._offline_error(f"the Hugging Face hub cannot be reached ({_first_line(e)})") from None
         except EntryNotFoundError:
             if required:
                 raise ConfigError(f"model {self.name!r} has no {filename}") from None
             return None
-        except LocalEntryNotFoundError:
-            raise ConfigError(f"model {self.name!r} is not in the local Hugging Face cache and the hub cannot be "
-                              "reached; pass a local model directory instead") from None
-        except Exception as e:  # repository not found, gated, network...
+        except RepositoryNotFoundError:
+            raise ConfigError(f"model {self.name!r} is neither a local directory nor a repository on the Hugging "
+                              "Face hub that this machine may read (check the name; a gated model needs "
+                              "`hf auth login`)") from None
+        except Exception as e:  # network trouble after the probe, server errors...
             if not required and "404" in str(e):
                 return None
-            raise ConfigError(f"cannot get {filename} of model {self.name!r}: {e}") from None
+            raise ConfigError(f"cannot get {filename} of model {self.name!r}: {_first_line(e)}") from None
+
+    @functools.cached_property
+    def _hub_problem(self) -> str | None:
+        """Why the hub cannot serve this model's files (offline mode, no network), or None; asked once."""
+        return hub_unreachable(self.name)
+
+    def _offline_error(self, problem: str) -> ConfigError:
+        return ConfigError(f"model {self.name!r} is not in the local Hugging Face cache and {problem}; pass a local "
+                           "model directory instead, or run once with network access to fill the cache")
 
     @property
     def path_for_transformers(self) -> str:
@@ -102,11 +124,15 @@ class ModelSource:
         """The model's tokenizer (transformers' AutoTokenizer); a ConfigError when it cannot be loaded."""
         from transformers import AutoTokenizer
 
+        offline: dict[str, Any] = {}
+        if self.local is None and self._hub_problem is not None:  # from the cache, without waiting on retries
+            offline["local_files_only"] = True
         try:
-            return AutoTokenizer.from_pretrained(self.path_for_transformers, **self.transformers_kwargs)
+            return AutoTokenizer.from_pretrained(self.path_for_transformers, **self.transformers_kwargs, **offline)
         except (OSError, ValueError) as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConfigError(f"cannot load the tokenizer of {self.name!r}: {reason}") from None
+            if offline:
+                raise self._offline_error(self._hub_problem) from None
+            raise ConfigError(f"cannot load the tokenizer of {self.name!r}: {_first_line(e)}") from None
 
     def config(self, dtype: str = "auto") -> Any:
         """The transformers config, with sdpa attention, the resolved `dtype` and eval-time settings."""
@@ -173,6 +199,38 @@ class ModelSource:
         return tensors
 
 
+HUB_PROBE_TIMEOUT = 5.0  # seconds the one request that checks whether the hub answers may take
+
+
+def hub_unreachable(repo_id: str, repo_type: str = "model", filename: str = "config.json") -> str | None:
+    """Why the Hugging Face hub cannot be used right now (offline mode, or no network), or None when it answers.
+
+    One request without retries, bounded by HUB_PROBE_TIMEOUT: a machine without network learns it at once,
+    instead of after huggingface_hub's retries (half a minute of warnings per file).
+    """
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
+
+    offline = "the hub may not be used (offline mode: HF_HUB_OFFLINE is set)"
+    if constants.is_offline_mode():
+        return offline
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, filename, repo_type=repo_type), timeout=HUB_PROBE_TIMEOUT)
+    except OfflineModeIsEnabled:
+        return offline
+    except (HfHubHTTPError, HFValidationError):  # an HTTP answer (not found, gated...), or a bad id: not the network
+        return None
+    except Exception as e:  # connection refused, no DNS, timeout...
+        return f"the Hugging Face hub ({constants.ENDPOINT}) cannot be reached ({_first_line(e)})"
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    line = text.splitlines()[0] if text else type(error).__name__
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
 def resolve_dtype(dtype: str | torch.dtype, config: Any = None) -> torch.dtype:
     """`auto` is the checkpoint's dtype (float32 when it says nothing, or float16 on a machine without CUDA)."""
     if isinstance(dtype, torch.dtype):
@@ -208,4 +266,4 @@ def assign_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], wh
     module.load_state_dict({k: tensors[k] for k in expected}, strict=True, assign=True)
 
 
-__all__: list[Any] = ["ModelSource", "resolve_dtype", "assign_weights", "strip_prefix", "DTYPES"]
+__all__: list[Any] = ["ModelSource", "hub_unreachable", "resolve_dtype", "assign_weights", "strip_prefix", "DTYPES"]

@@ -388,6 +388,15 @@ def _load_hub(dataset: str, task: str, text_field: str | None, label_field: str 
         alias = DatasetAlias(name, config or None, None, None, validation_split=None)
     elif task == "classification" and alias.label_field is None and label_field is None:
         raise ConfigError(f"dataset {dataset!r} has no labels; use it with the lm task")
+    from huggingface_hub import constants
+
+    if not (_offline() or constants.is_offline_mode()):  # one quick request first: datasets would retry for half
+        from ..weights import hub_unreachable  # a minute per file when the hub is unreachable
+
+        problem = hub_unreachable(alias.path, repo_type="dataset", filename="README.md")
+        if problem is not None:
+            raise ConfigError(f"dataset {dataset!r} cannot be fetched: {problem}; if it is in the local datasets "
+                              f"cache, set HF_HUB_OFFLINE=1 to use that copy, or {_HINT}")
     import datasets
 
     try:
@@ -398,13 +407,17 @@ def _load_hub(dataset: str, task: str, text_field: str | None, label_field: str 
                           seed, max_examples)
 
 
+def _offline() -> bool:
+    """Whether offline mode is on for datasets (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE)."""
+    return any(os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+               for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
 def _hub_error(dataset: str, exc: Exception) -> ConfigError:
     from datasets import config
     from datasets.exceptions import DatasetNotFoundError
 
-    offline = bool(config.HF_HUB_OFFLINE) or any(
-        os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
-        for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    offline = bool(config.HF_HUB_OFFLINE) or _offline()
     if isinstance(exc, DatasetNotFoundError) and not offline:
         return ConfigError(f"dataset {dataset!r} was not found on the Hugging Face hub, or it needs a login "
                            f"({_reason(exc)}); check the name, or {_HINT}")
