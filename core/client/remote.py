@@ -135,8 +135,16 @@ class RemoteSequential(torch.nn.Module):
         return not missing_ranges([_span(r) for r in self.servers()], 0, self.num_blocks)
 
     def wait_ready(self, timeout: float) -> bool:
-        """Wait (bounded) until the known servers cover every block."""
-        return self.discovery.wait(lambda _: self.covered(), timeout)
+        """Wait (bounded) until the known servers cover every block; when servers are found but some blocks have
+        none after a first gossip round, say which at once."""
+        deadline = time.monotonic() + timeout
+        if self.discovery.wait(lambda _: self.covered(), min(timeout, FIRST_LOOK)):
+            return True
+        left = deadline - time.monotonic()
+        servers = self.servers()
+        if servers and left > 0:
+            log.warning("%s; waiting up to %.0f s for them", _missing_text(self.spans(), 0, self.num_blocks), left)
+        return self.discovery.wait(lambda _: self.covered(), max(0.0, left))
 
     def spans(self) -> list[SpanInfo]:
         """A snapshot of the usable servers, as routing sees them."""
@@ -173,10 +181,11 @@ class RemoteSequential(torch.nn.Module):
                 if time.monotonic() >= deadline:
                     raise MissingBlocks(e.missing, [(r.start, r.end) for r in self.servers()],
                                         waited=self.config.wait_for_blocks) from None
-                if not announced:
+                if not announced:  # at once, so a user knows what the wait is for (Ctrl-C ends it)
                     announced = True
-                    log.warning("waiting up to %.0f s for a server of blocks %s", self.config.wait_for_blocks,
-                                ", ".join(f"{a}:{b}" for a, b in e.missing))
+                    log.warning("%s; waiting up to %.0f s for a server of them", _missing_text(self.spans(), start,
+                                end), max(0.0, deadline - time.monotonic()))
+                # short polls (time.sleep inside), so an interrupt ends the wait at once
                 self.discovery.wait(lambda _: not missing_ranges([_span(r) for r in self.servers()], start, end),
                                     min(1.0, max(0.0, deadline - time.monotonic())))
 
@@ -292,6 +301,16 @@ def _release(clients: dict[str, RpcClient], discovery: Discovery | None, stop_pi
     clients.clear()
     if discovery is not None:
         discovery.stop()
+
+
+FIRST_LOOK = 1.0  # seconds of discovery before blocks without a server are reported while joining
+
+
+def _missing_text(spans: list[SpanInfo], start: int, end: int) -> str:
+    """'no server covers blocks 2:4 (live servers cover 0:2)', for warnings."""
+    gaps = ", ".join(f"{a}:{b}" for a, b in missing_ranges(spans, start, end))
+    served = ", ".join(f"{a}:{b}" for a, b in sorted({(s.start, s.end) for s in spans})) or "nothing"
+    return f"no server covers blocks {gaps} of the model (live servers cover {served})"
 
 
 def _span(record: ServerRecord, rtt: float | None = None) -> SpanInfo:
@@ -605,6 +624,26 @@ class InferenceSession:
             except SwarmError as e:  # gone too: its own call ends with that
                 log.debug("cancelling a relayed step on %s failed: %s", hop_session.hop.peer, e)
         wait_futures(pending, timeout=self.seq.config.request_timeout)
+
+    def rewind(self, position: int) -> None:
+        """Forget the tokens after the first `position`, which must be where a step began: the next step goes on
+        from there (every step tells the servers its start position, and they drop what their caches hold beyond
+        it). Used to drop an interrupted or unwanted continuation, e.g. a chat answer stopped with Ctrl-C."""
+        if isinstance(position, bool) or not isinstance(position, int) or not 0 <= position <= self.position:
+            raise ConfigError(f"can only rewind to a position in [0, {self.position}], got {position!r}")
+        keep = []
+        for hop_session in self.hops:
+            count, total = 0, 0
+            for hidden, _, _ in hop_session.history:
+                if total >= position:
+                    break
+                total, count = total + hidden.shape[1], count + 1
+            if total != position:
+                raise ConfigError(f"cannot rewind to {position}: no step of this session began there")
+            keep.append(count)
+        for hop_session, count in zip(self.hops, keep, strict=True):
+            del hop_session.history[count:]  # a step half done when interrupted goes too
+        self.position = position
 
     def _close_sessions(self, hops: list[_HopSession]) -> None:
         for hop_session in hops:
