@@ -20,6 +20,7 @@ from .errors import ProtocolError
 
 RECORD_VERSION = 1
 MAX_RECORD_BYTES = 4096  # one encoded record
+MAX_PATH_CHARS = 1024  # a record's model directory path
 STATES = ("joining", "online", "draining", "offline")
 _PEER_ID = re.compile(r"^[0-9a-f]{8,64}$")
 
@@ -42,6 +43,7 @@ class ServerRecord:
     adapters: tuple[str, ...] = ()
     protocol: int = 1
     version: str = ""  # swarm package version
+    path: str = ""  # for a model served from a local directory: its absolute path on the server's machine
     seq: int = 0  # grows with every republish by the owner
     updated_at: float = field(default_factory=time.time)  # owner's wall-clock time of publishing (informative)
     ttl: float = 15.0  # seconds a receiver believes this record without hearing a newer one
@@ -114,6 +116,8 @@ def record_from_wire(data: Any) -> ServerRecord:
     state = _str(data, "state", 16)
     _check(state in STATES, f"state must be one of {', '.join(STATES)}")
     addresses = _strs(data, "addresses", 8, 200)
+    path = _str(data, "path", MAX_PATH_CHARS, "")  # optional: older peers send none
+    _check(path.isprintable(), "path must be printable")
     _check(bool(addresses) and all(a.startswith("tcp://") for a in addresses), "addresses must be tcp:// endpoints")
     return ServerRecord(
         peer_id=peer_id, model=_str(data, "model", 300), start=start, end=end, num_blocks=num_blocks,
@@ -121,7 +125,7 @@ def record_from_wire(data: Any) -> ServerRecord:
         throughput=_float(data, "throughput", 0.0), cache_tokens_free=_int(data, "cache_tokens_free", default=0),
         cache_tokens_total=_int(data, "cache_tokens_total", default=0), dtype=_str(data, "dtype", 32, "float32"),
         quant=_str(data, "quant", 32, "none"), adapters=_strs(data, "adapters", 64, 200),
-        protocol=_int(data, "protocol", 0, 1 << 16, 1), version=_str(data, "version", 64, ""),
+        protocol=_int(data, "protocol", 0, 1 << 16, 1), version=_str(data, "version", 64, ""), path=path,
         seq=_int(data, "seq"), updated_at=_float(data, "updated_at"), ttl=_positive(data, "ttl"),
         record_version=_int(data, "record_version", 0, 1 << 16, RECORD_VERSION),
     )

@@ -12,11 +12,12 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ... import __version__
 from ...transport.discovery import Announcement, Discovery, DiscoveryConfig, local_endpoints
 from ...transport.errors import ConfigError
-from ...transport.records import ServerRecord
+from ...transport.records import MAX_PATH_CHARS, ServerRecord
 from ...transport.rpc import RpcServer, RpcServerConfig
 from ..aliases import announced_id
 from ..weights import ModelSource, resolve_dtype
@@ -121,11 +122,17 @@ class Server:
                     peer_id=self.peer_id, model=self.model_id, start=span.start, end=span.end,
                     num_blocks=span.family.num_blocks(span.config), hidden_size=span.hidden_size,
                     addresses=self.addresses, throughput=self.throughput, cache_tokens_total=handler.budget.total,
-                    dtype=str(span.dtype).removeprefix("torch."), version=__version__,
+                    dtype=str(span.dtype).removeprefix("torch."), version=__version__, path=self._local_path(),
                     ttl=self.config.discovery.record_ttl, **changes)
             else:
                 self._record = self._record.bump(**changes)
             return self._record
+
+    def _local_path(self) -> str:
+        """The model directory's absolute path, announced so a client on this machine can use it ("" for a hub id
+        or a path too long for a record)."""
+        path = "" if self.source.local is None else str(Path(self.config.model).expanduser().resolve())
+        return path if len(path) <= MAX_PATH_CHARS and path.isprintable() else ""
 
     def _known_peer(self, endpoint: str) -> bool:
         """Whether `endpoint` is a server of this model that discovery knows (the only relay targets)."""
