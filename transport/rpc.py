@@ -12,6 +12,7 @@ wait bounded. After a timeout the socket is replaced, so a request that never le
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import logging
 import threading
@@ -32,6 +33,11 @@ log = logging.getLogger(__name__)
 ERROR = "error"  # message type of an error reply
 RESULT = "result"  # message type of a successful reply
 _LOST_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+# why a bind failed, in words a user can act on (ZeroMQ reports a host it cannot parse as "no such device")
+_BIND_ERRORS = {errno.EADDRINUSE: "address in use (another process listens on that port)",
+                errno.EADDRNOTAVAIL: "not an address of this machine",
+                errno.ENODEV: "no such address or interface on this machine",
+                errno.EACCES: "permission denied (ports below 1024 need privileges)"}
 
 
 def normalize_endpoint(address: str) -> str:
@@ -112,7 +118,8 @@ class RpcServer:
             self._router.close(linger=0)
             if self._own_context:
                 self._ctx.term()
-            raise ConfigError(f"cannot listen on {self.config.host}:{self.config.port}: {e}") from None
+            address = f"tcp://{self.config.host}:{self.config.port or '*'}"
+            raise ConfigError(f"cannot listen on {address}: {_BIND_ERRORS.get(e.errno, e.strerror)}") from None
         inproc = f"inproc://swarm-replies-{id(self)}"
         self._pull = self._ctx.socket(zmq.PULL)
         self._pull.setsockopt(zmq.LINGER, 0)

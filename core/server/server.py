@@ -1,7 +1,8 @@
 """A swarm server: loads a span of blocks, answers requests on a ZeroMQ ROUTER socket, stops cleanly.
 
-`Server(config).start()` loads the blocks, starts the compute worker and the I/O loop, and returns; `endpoint` is
-the address clients use. `stop()` stops taking new sessions and work, finishes what is queued (bounded), and closes
+`Server(config).start()` binds its socket first (a port in use or a bad host fails at once, not after minutes of
+loading), loads the blocks, starts the compute worker and the I/O loop, and returns; `endpoint` is the address
+clients use. `stop()` stops taking new sessions and work, finishes what is queued (bounded), and closes
 the socket. The CLI's `swarm serve` wraps this with signal handling.
 """
 
@@ -18,7 +19,7 @@ from ... import __version__
 from ...transport.discovery import Announcement, Discovery, DiscoveryConfig, local_endpoints
 from ...transport.errors import ConfigError
 from ...transport.records import MAX_PATH_CHARS, ServerRecord
-from ...transport.rpc import RpcServer, RpcServerConfig
+from ...transport.rpc import Request, RpcServer, RpcServerConfig
 from ..aliases import announced_id
 from ..weights import ModelSource, resolve_dtype
 from .backend import BlockSpan
@@ -82,12 +83,23 @@ class Server:
             self.stop()
             raise
 
+    def num_blocks(self) -> int:
+        """How many blocks the model has (reads its config only)."""
+        return self.source.family().num_blocks(self.source.config(self.config.dtype))
+
     def _start(self) -> Server:
         config = self.config
         if config.cache_tokens < 0:
             raise ConfigError("--cache-tokens must be 0 or more")
+        # bind before anything slow; the I/O loop starts (and requests reach the handler) only once it exists
+        self._rpc = RpcServer(self._dispatch, RpcServerConfig(host=config.host, port=config.port,
+                                                              poll_ms=config.poll_ms), tick=self._tick)
         model_config = self.source.config(config.dtype)
         dtype = resolve_dtype(config.dtype, model_config)
+        total = self.num_blocks()
+        if not 0 <= config.blocks[0] < config.blocks[1] <= total:
+            raise ConfigError(f"blocks {config.blocks[0]}:{config.blocks[1]} are outside the model's {total} blocks "
+                              f"(0:{total})")
         started = time.perf_counter()
         self.span = BlockSpan.load(self.source, *config.blocks, dtype=dtype)
         log.info("loaded blocks %d:%d of %s (%s) in %.1f s", *config.blocks, config.model,
@@ -100,14 +112,20 @@ class Server:
                                                           "cache_bytes_per_token": per_token,
                                                           "throughput": self.throughput},
                                on_gossip=self._on_gossip, relay=self._relay, relay_allowed=self._known_peer)
-        self._rpc = RpcServer(self.handler, RpcServerConfig(host=config.host, port=config.port,
-                                                            poll_ms=config.poll_ms), tick=self.handler.tick)
         self._rpc.start()
         self.addresses = local_endpoints(config.host, self._rpc.port)
         self.discovery = Discovery(config.initial_peers, config.discovery, own_record=self.record,
                                    announce=Announcement(self.peer_id, self._rpc.port, self.model_id, config.host))
         self.discovery.start()
         return self
+
+    def _dispatch(self, request: Request) -> None:
+        if self.handler is not None:  # always set: the I/O loop starts after the handler is built
+            self.handler(request)
+
+    def _tick(self) -> None:
+        if self.handler is not None:
+            self.handler.tick()
 
     def record(self, state: str | None = None) -> ServerRecord:
         """This server's record, republished (seq + 1) with fresh load figures."""
