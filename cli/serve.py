@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -10,13 +11,7 @@ from typing import Annotated
 
 import typer
 
-from ..core.server import Server, ServerConfig, parse_blocks
-from ..core.server.handler import HandlerLimits
-from ..transport.discovery import DiscoveryConfig
 from ..transport.errors import ConfigError
-from ..transport.gossip import GossipConfig
-from ..transport.mdns import MdnsSettings
-from ..transport.rpc import normalize_endpoint
 from .common import (
     EXIT_INTERRUPTED,
     InitialPeersOption,
@@ -55,6 +50,13 @@ def serve(
 ) -> None:
     """Serve a span of transformer blocks of MODEL to the swarm."""
     setup_logging(log_level)
+    from ..core.server import Server, ServerConfig, parse_blocks
+    from ..core.server.handler import HandlerLimits
+    from ..transport.discovery import DiscoveryConfig
+    from ..transport.gossip import GossipConfig
+    from ..transport.mdns import MdnsSettings
+    from ..transport.rpc import normalize_endpoint
+
     try:
         span = parse_blocks(blocks)
     except ConfigError as e:
@@ -74,17 +76,33 @@ def serve(
     config = ServerConfig(model=model, blocks=span, host=host, port=port, dtype=dtype, cache_tokens=cache_tokens,
                           limits=HandlerLimits(session_timeout=session_timeout), initial_peers=peers,
                           discovery=discovery, model_id=model_id, link_delay=max(0.0, simulate_rtt_ms) / 2000)
+    server = Server(config)
+    total = server.num_blocks()  # reads the model's config only
+    if span[1] > total:
+        raise UsageError(f"--blocks {span[0]}:{span[1]} is outside the model's {total} blocks (0:{total})")
     stop = threading.Event()
     received: list[int] = []
+    starting = True
 
     def on_signal(signum: int, frame: object) -> None:
         received.append(signum)
         stop.set()
+        if starting and len(received) == 1:  # abort the load rather than serve once it is done
+            raise _StoppedWhileStarting
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    server = Server(config)
-    server.start()
+    try:
+        _follow_parent()
+        server.start()
+        starting = False
+    except _StoppedWhileStarting:
+        starting = False
+        log.info("stopped before serving")
+        server.stop()
+        if received[0] == signal.SIGINT:
+            sys.exit(EXIT_INTERRUPTED)
+        return
     try:
         span_text = f"{span[0]}:{span[1]}"
         dtype_text = str(server.span.dtype).removeprefix("torch.") if server.span else dtype
@@ -99,3 +117,49 @@ def serve(
         server.stop()
     if received and received[-1] == signal.SIGINT:
         sys.exit(EXIT_INTERRUPTED)
+
+
+class _StoppedWhileStarting(Exception):
+    """SIGTERM or SIGINT arrived while the server was still loading."""
+
+
+def _follow_parent() -> None:
+    """When started as a child ($SWARM_PARENT_PID, set by core/local_swarm.py), die with the parent: SIGTERM to
+    this process once the parent is gone.
+
+    Linux delivers that signal itself (PR_SET_PDEATHSIG, unless $SWARM_PARENT_DEATHSIG is 0: the kernel ties it to
+    the parent's thread that started us, not to its process); and a thread watches for the parent to go (this process
+    is then re-parented, so `os.getppid()` changes), on any POSIX system.
+    """
+    text = os.environ.pop("SWARM_PARENT_PID", "")
+    deathsig = os.environ.pop("SWARM_PARENT_DEATHSIG", "1") != "0"
+    if not text.isdigit():
+        return
+    parent = int(text)
+    if deathsig and sys.platform.startswith("linux"):
+        _parent_death_signal(signal.SIGTERM)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            threading.Event().wait(0.5)
+        log.warning("the parent process %d is gone; stopping", parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    if os.getppid() != parent:  # it died before we started watching
+        log.warning("the parent process %d is gone; stopping", parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    threading.Thread(target=watch, name="swarm-parent-watch", daemon=True).start()
+
+
+def _parent_death_signal(sig: int) -> None:
+    """Ask Linux to send `sig` to this process when its parent dies (best effort)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(pr_set_pdeathsig, int(sig), 0, 0, 0) != 0:
+            log.debug("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+    except (OSError, AttributeError) as e:
+        log.debug("prctl(PR_SET_PDEATHSIG) unavailable: %s", e)

@@ -2,6 +2,7 @@
 
 `LocalSwarm(model, spans)` starts one server per span on 127.0.0.1 with any free port, waits (bounded) for each to
 print its endpoint, and stops every process by its PID on exit (SIGTERM, then SIGKILL after a grace period).
+The servers also die with this process when it is killed outright (`$SWARM_PARENT_PID`, see `swarm serve`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +39,10 @@ class ServeProcess:
                  start_timeout: float = 180.0):
         env = dict(env if env is not None else os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        # die with this process: the server watches this pid, and on Linux asks for SIGTERM when its parent goes,
+        # which the kernel ties to the thread starting it: only safe from the main thread, which lives as long
+        env["SWARM_PARENT_PID"] = str(os.getpid())
+        env["SWARM_PARENT_DEATHSIG"] = "1" if threading.current_thread() is threading.main_thread() else "0"
         self.log_path = log_path
         with open(log_path, "w") as log_file:
             self.proc = subprocess.Popen([sys.executable, "-m", "swarm", "serve", *args], stdout=subprocess.PIPE,
