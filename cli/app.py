@@ -1,22 +1,62 @@
 """The `swarm` command line: one module per command, errors as one red line and an exit code.
 
-Exit codes: 0 ok, 1 runtime error, 2 usage error, 130 interrupted (Ctrl-C).
+Exit codes: 0 ok, 1 runtime error (a server not found, a model that cannot load, ...), 2 usage error (an unknown
+option, a missing argument, a bad value), 130 interrupted (Ctrl-C).
+
+Importing this module is cheap (no torch, transformers or ZeroMQ): `--help`, `--version`, completions and usage
+errors answer at once, and each command imports what it needs when it runs.
 """
 
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
 import typer
+import typer.core
 
+from .. import __version__
 from ..transport.errors import SwarmError
 from . import bench, chat, completions, serve, status, tune
-from .common import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, UsageError, print_error
+from .common import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError, print_error
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+
+def _plain_flags(params: list[Any]) -> list[Any]:
+    """Flags take no value, so their help shows none (typer's rich help would print `<bool>` beside them)."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class _Command(typer.core.TyperCommand):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _plain_flags(super().get_params(ctx))
+
+
+class _Group(typer.core.TyperGroup):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _plain_flags(super().get_params(ctx))
+
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, cls=_Group,
                   help="Run and fine-tune large language models on machines pooled over a network.")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"swarm {__version__}")
+        raise typer.Exit(EXIT_OK)
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", help="Print swarm's version and exit.", is_eager=True,
+                                          callback=_print_version)] = False,
+) -> None:
+    """Run and fine-tune large language models on machines pooled over a network."""
 
 
 def command(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -40,14 +80,42 @@ def command(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 PEER_ARGS = {"allow_extra_args": True}
-app.command(context_settings=PEER_ARGS)(command(serve.serve))
-app.command(context_settings=PEER_ARGS)(command(chat.chat))
-app.command(context_settings=PEER_ARGS)(command(status.status))
-app.command(context_settings=PEER_ARGS)(command(bench.bench))
-app.command(context_settings=PEER_ARGS)(command(tune.tune))
-app.command(name="completions")(command(completions.make_command(app)))
+app.command(context_settings=PEER_ARGS, cls=_Command)(command(serve.serve))
+app.command(context_settings=PEER_ARGS, cls=_Command)(command(chat.chat))
+app.command(context_settings=PEER_ARGS, cls=_Command)(command(status.status))
+app.command(context_settings=PEER_ARGS, cls=_Command)(command(bench.bench))
+app.command(context_settings=PEER_ARGS, cls=_Command)(command(tune.tune))
+app.command(name="completions", cls=_Command)(command(completions.make_command(app)))
+
+
+def run(args: list[str] | None = None) -> int:
+    """Run the command line on `args` (default: sys.argv[1:]) and return its exit code.
+
+    Click's usage errors (unknown option, missing argument, bad value) become one red `error:` line and exit code 2,
+    like swarm's own; `swarm` alone prints the help and exits 0.
+    """
+    try:  # typer vendors click since 0.23; before, it used click itself
+        from typer._click import exceptions as click_exceptions
+    except ImportError:
+        from click import exceptions as click_exceptions  # type: ignore[no-redef]
+
+    try:
+        code = app(args=args, prog_name="swarm", standalone_mode=False)
+    except getattr(click_exceptions, "NoArgsIsHelpError", ()):  # the help is printed already
+        return EXIT_OK
+    except click_exceptions.UsageError as e:
+        command_path = e.ctx.command_path if e.ctx is not None else "swarm"
+        print_error(f"{e.format_message().rstrip('.')} (see {command_path} --help)")
+        return EXIT_USAGE
+    except click_exceptions.ClickException as e:
+        print_error(e.format_message())
+        return e.exit_code or EXIT_ERROR
+    except (typer.Abort, KeyboardInterrupt):
+        print_error("interrupted")
+        return EXIT_INTERRUPTED
+    return code if isinstance(code, int) else EXIT_OK
 
 
 def main() -> None:
     """Console-script entry point."""
-    app(prog_name="swarm")
+    sys.exit(run())

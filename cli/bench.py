@@ -9,7 +9,6 @@ import typer
 from rich.table import Table
 
 from ..core.aliases import matches
-from ..core.bench import Bench, as_dicts
 from ..core.coverage import models_served
 from ..transport.errors import SwarmError
 from .common import (
@@ -21,6 +20,7 @@ from .common import (
     err_console,
     listener,
     model_and_peers,
+    searched,
     setup_logging,
 )
 
@@ -44,6 +44,8 @@ def bench(
     model, peers = model_and_peers(model, initial_peers, list(ctx.args))
     if steps < 1 or batch < 1 or length < 1 or wait < 0:
         raise UsageError("--steps, --batch and --length must be at least 1 and --wait 0 or more")
+    from ..core.bench import Bench, as_dicts
+
     with listener(peers, mdns, mdns_interface) as discovery:
         discovery.listen(wait)
         records = [r for r in discovery.records() if r.state == "online"]
@@ -52,11 +54,11 @@ def bench(
         if len(served) > 1:
             raise UsageError(f"several models are served ({'; '.join(served)}); name one: swarm bench MODEL")
         if not served:
-            raise SwarmError("found no server to measure (try --initial-peers tcp://HOST:PORT or a longer --wait)")
+            raise SwarmError(f"found no server ({searched(peers, mdns, mdns_interface, wait)})")
         model = served[0]
     records = [r for r in records if matches(model, r.model)]
     if not records:
-        raise SwarmError(f"found no server of {model!r}")
+        raise SwarmError(f"found no server of {model!r} ({searched(peers, mdns, mdns_interface, wait)})")
     runner = Bench(records)
     try:
         with err_console.status(f"measuring {len(records)} servers of {records[0].model}..."):

@@ -1,19 +1,23 @@
-"""What every command shares: the stderr console, logging setup, error lines and exit codes."""
+"""What every command shares: the stderr console, logging setup, error lines and exit codes.
+
+The cli modules import nothing heavy at import time (no torch, transformers or ZeroMQ), so `--help`, completions and
+usage errors come back at once: each command imports what it needs inside its function.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Annotated
+import sys
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
 
-from ..transport.discovery import Discovery, DiscoveryConfig
 from ..transport.errors import ConfigError
-from ..transport.gossip import GossipConfig
-from ..transport.mdns import MdnsSettings
+
+if TYPE_CHECKING:
+    from ..transport.discovery import Discovery
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -38,13 +42,17 @@ def setup_logging(level: str | None, default: str = "INFO") -> None:
     name = (level or os.environ.get("SWARM_LOG_LEVEL") or default).upper()
     if name not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise UsageError(f"--log-level must be one of debug, info, warning, error; got {level!r}")
+    from rich.logging import RichHandler
+
     handler = RichHandler(console=err_console, show_path=False, rich_tracebacks=False, log_time_format="[%X]")
     logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
     logging.getLogger("swarm").setLevel(name)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from transformers.utils import logging as hf_logging
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when transformers is first imported
+    if "transformers" in sys.modules:  # already imported (commands run in-process): switch them off directly
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+        hf_logging.disable_progress_bar()
 
 
 def print_error(message: str) -> None:
@@ -76,5 +84,23 @@ def model_and_peers(model: str | None, values: list[str] | None, extra: list[str
 
 def listener(peers: list[str], mdns: bool | None, mdns_interface: str | None) -> Discovery:
     """A discovery that only listens (for `status` and `bench`), gossiping every half second; not started."""
+    from ..transport.discovery import Discovery, DiscoveryConfig
+    from ..transport.gossip import GossipConfig
+    from ..transport.mdns import MdnsSettings
+
     settings = DiscoveryConfig(mdns=MdnsSettings.from_options(mdns, mdns_interface), gossip=GossipConfig(period=0.5))
     return Discovery(peers, settings)
+
+
+def searched(peers: list[str], mdns: bool | None, mdns_interface: str | None, wait: float) -> str:
+    """Where a command looked for servers, for its 'found no server' line."""
+    from ..transport.mdns import MdnsSettings
+
+    places = []
+    if MdnsSettings.from_options(mdns, mdns_interface).enabled:
+        places.append("mDNS on the local network")
+    if peers:
+        places.append(", ".join(peers))
+    if not places:
+        return "mDNS is off and no --initial-peers were given; try --initial-peers tcp://HOST:PORT or --mdns"
+    return f"searched {' and '.join(places)} for {wait:g} s; try --initial-peers tcp://HOST:PORT or a longer --wait"

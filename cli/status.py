@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Group
-from rich.live import Live
+from rich.console import Console, Group, RenderableType
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
 from ..core.aliases import matches
 from ..core.coverage import ModelCoverage, model_coverage, models_served
-from ..transport.discovery import Discovery
+from ..transport.errors import SwarmError
 from ..transport.records import ServerRecord, record_to_wire
 from .common import (
     InitialPeersOption,
@@ -24,8 +24,12 @@ from .common import (
     err_console,
     listener,
     model_and_peers,
+    searched,
     setup_logging,
 )
+
+if TYPE_CHECKING:
+    from ..transport.discovery import Discovery
 
 STATE_STYLE = {"online": "green", "joining": "cyan", "draining": "yellow", "offline": "red"}
 
@@ -38,7 +42,9 @@ def servers_table(records: list[ServerRecord], discovery: Discovery) -> Table:
     table = Table(title="servers", title_justify="left", expand=False)
     for column in ("peer", "address", "model", "blocks", "state", "tokens/s", "free cache", "dtype", "version",
                    "last seen"):
-        table.add_column(column, justify="right" if column in ("tokens/s", "free cache") else "left")
+        # addresses and model names are never cut short: folded in a narrow terminal, whole elsewhere (print_wide)
+        table.add_column(column, justify="right" if column in ("tokens/s", "free cache") else "left",
+                         overflow="fold" if column in ("address", "model") else "ellipsis")
     for r in sorted(records, key=lambda r: (r.model, r.start, r.end, r.peer_id)):
         table.add_row(r.peer_id[:8], r.addresses[0], r.model, f"{r.start}:{r.end}",
                       Text(r.state, style=STATE_STYLE.get(r.state, "")), f"{r.throughput:,.0f}",
@@ -88,9 +94,20 @@ def as_json(records: list[ServerRecord], coverages: list[ModelCoverage], discove
 
 def render(records: list[ServerRecord], coverages: list[ModelCoverage], discovery: Discovery) -> Group:
     if not records:
-        return Group(Text("no servers found (try --initial-peers tcp://HOST:PORT, or a longer --wait)",
-                          style="yellow"))
+        return Group(Text("no servers found yet (try --initial-peers tcp://HOST:PORT)", style="yellow"))
     return Group(servers_table(records, discovery), *(coverage_view(c) for c in coverages))
+
+
+def print_wide(renderable: RenderableType) -> None:
+    """Print on stderr; when it is not a terminal (a pipe, a log), as wide as the content needs, so that no address
+    or model name is folded over lines."""
+    console = err_console
+    if not console.is_terminal:
+        unbounded = console.options.update(max_width=1 << 16)
+        width = Measurement.get(console, unbounded, renderable).maximum
+        if width > console.width:
+            console = Console(stderr=True, width=width)  # print() caps its width at the console's
+    console.print(renderable)
 
 
 def status(
@@ -111,12 +128,18 @@ def status(
         raise UsageError("--wait must be 0 or more")
     with listener(peers, mdns, mdns_interface) as discovery:
         discovery.listen(wait)
-        if json_:
-            print(json.dumps(as_json(*snapshot(discovery, model), discovery), indent=2))
+        if json_ or not watch:
+            records, coverages = snapshot(discovery, model)
+            if not records:
+                of = f" of {model!r}" if model is not None else ""
+                raise SwarmError(f"found no server{of} ({searched(peers, mdns, mdns_interface, wait)})")
+            if json_:
+                print(json.dumps(as_json(records, coverages, discovery), indent=2))
+            else:
+                print_wide(render(records, coverages, discovery))
             return
-        if not watch:
-            err_console.print(render(*snapshot(discovery, model), discovery))
-            return
+        from rich.live import Live
+
         with Live(render(*snapshot(discovery, model), discovery), console=err_console, refresh_per_second=2) as live:
             while True:
                 discovery.listen(1.0)

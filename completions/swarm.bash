@@ -4,12 +4,12 @@ _swarm_completion() {
     cur="${COMP_WORDS[COMP_CWORD]}"
     cmd="${COMP_WORDS[1]}"
     if [ "$COMP_CWORD" -eq 1 ]; then
-        COMPREPLY=($(compgen -W "bench chat completions serve status tune --help" -- "$cur"))
+        COMPREPLY=($(compgen -W "bench chat completions serve status tune --help --version" -- "$cur"))
         return
     fi
     case "$cmd" in
         bench) opts="--all-routes --batch --help --initial-peers --json --length --log-level --mdns --mdns-interface --steps --wait" ;;
-        chat) opts="--help --initial-peers --log-level --max-length --max-new-tokens --mdns --mdns-interface --prompt --prompts --relay --seed --show-route --system --temperature --top-p" ;;
+        chat) opts="--demo --help --initial-peers --log-level --max-length --max-new-tokens --mdns --mdns-interface --prompt --prompts --relay --seed --show-route --system --temperature --top-p" ;;
         completions) opts="--help --write" ;;
         serve) opts="--blocks --cache-tokens --dtype --gossip-period --help --host --initial-peers --log-level --mdns --mdns-interface --model-id --port --record-ttl --session-timeout --simulate-rtt-ms" ;;
         status) opts="--help --initial-peers --json --log-level --mdns --mdns-interface --wait --watch" ;;
