@@ -106,6 +106,7 @@ def chat(
     from ..transport.discovery import Discovery, DiscoveryConfig
 
     setup_logging(log_level, default="WARNING")
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # a hub it cannot reach is one error line
     model, peers = model_and_peers(model, initial_peers, list(ctx.args))
     if demo not in DEMOS:
         raise UsageError(f"--demo must be one of {', '.join(DEMOS)}; got {demo!r}")
@@ -145,35 +146,82 @@ def _run(session: ChatSession, prompt: str | None, show_route: bool) -> None:
         if prompt is not None:
             _answer(session, prompt, show_route)
             return
-        err_console.print("[dim]Type a message and press Enter; Ctrl-D to quit.[/]")
+        err_console.print("[dim]Type a message and press Enter; Ctrl-C stops an answer; Ctrl-D (or Ctrl-C here) "
+                          "quits.[/]")
         while True:
             try:
                 text = err_console.input("[bold cyan]you>[/] ")
-            except EOFError:
+            except (EOFError, KeyboardInterrupt):  # leaving is not an error
                 err_console.print()
                 return
-            if text.strip():
+            if not text.strip():
+                continue
+            try:
                 _answer(session, text, show_route)
+            except KeyboardInterrupt:  # the session dropped the unfinished turn: the conversation goes on
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+                err_console.print("[dim](stopped; that message and its answer are left out of the conversation)[/]")
 
 
 def _pick_model(discovery: Discovery, wait: float) -> str | None:
-    """The one model the swarm serves; None when none is found; a usage error listing them when several are."""
+    """The one model the swarm serves; None when none is found; a usage error listing them when several are.
+
+    A model served from a local directory is announced by the directory's name: when its servers also announce the
+    directory's path and this machine has that directory with the same model, the path is returned; otherwise an
+    error says to pass the path."""
     discovery.wait(lambda records: bool(models_served(records)), wait)
-    models = models_served(discovery.records())
+    records = discovery.records()
+    models = models_served(records)
     if len(models) > 1:
         listing = "; ".join(models)
         raise UsageError(f"several models are served ({listing}); name one: swarm chat MODEL")
-    return models[0] if models else None
+    if not models:
+        return None
+    served = [r for r in records if r.model == models[0] and r.path]
+    if not served:
+        return models[0]
+    for record in served:
+        if _same_model(record):
+            return record.path
+    raise ConfigError(f"the swarm serves {models[0]!r} from a local directory ({served[0].path} on the servers' "
+                      "machine), which this machine does not have; pass the model's path here: swarm chat PATH")
+
+
+def _same_model(record: Any) -> bool:
+    """Whether `record.path` is, on this machine, the directory of the model the record's server serves."""
+    from pathlib import Path
+
+    from ..core.aliases import announced_id
+    from ..core.weights import ModelSource
+    from ..transport.errors import SwarmError
+
+    try:
+        if not Path(record.path).is_absolute() or announced_id(record.path) != record.model:
+            return False
+        source = ModelSource(record.path)
+        config = source.config()
+        return (source.family().num_blocks(config) == record.num_blocks
+                and int(config.hidden_size) == record.hidden_size)
+    except (SwarmError, OSError, ValueError):  # not there, not a model, or another one
+        return False
 
 
 def _answer(session: ChatSession, text: str, show_route: bool = False) -> None:
+    from ..core.chat import printable
+
     def write(piece: str) -> None:
-        sys.stdout.write(piece)
+        sys.stdout.write(printable(piece))  # a model's output never drives the terminal
         sys.stdout.flush()
 
-    session.send(text, on_text=write)
+    answer = session.send(text, on_text=write)
     sys.stdout.write("\n")
     sys.stdout.flush()
+    if not answer:  # e.g. a random model that greedily repeats a role token
+        err_console.print("[dim](no text: the model answered with special tokens only, which are not shown)[/]")
+    elif not printable(answer):
+        err_console.print("[dim](no text: the model answered with control characters only, which are not "
+                          "shown)[/]")
     active = session.model.active_session
     if show_route and active is not None:
         route = " -> ".join(f"{hop.peer}[{hop.start}:{hop.end}]" for hop in active.route)

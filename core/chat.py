@@ -63,6 +63,7 @@ class ChatSession:
         self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
         self.ids: list[int] = []  # token ids the servers hold (or will, with the next step)
         self._session_cm: Any = None
+        self._undo_to: tuple[int, list[dict[str, str]], list[int]] = (0, [], [])  # state before the current turn
 
     @classmethod
     def connect(cls, model_name: str, peers: list[str], config: ClientConfig | None = None,
@@ -122,13 +123,27 @@ class ChatSession:
         return self.ids + delta
 
     def send(self, text: str, on_text: Callable[[str], None] | None = None) -> str:
-        """Add a user message, generate the answer (streamed to `on_text`), and return it."""
+        """Add a user message, generate the answer (streamed to `on_text`), and return it.
+
+        When the answer does not complete (Ctrl-C, which may come from `on_text`, or an error), the turn is dropped:
+        the conversation, here and in the servers' caches, is as it was before this message, and the exception
+        goes on to the caller, who may send the next message.
+        """
+        self._undo_to = (self._position(), list(self.messages), list(self.ids))
+        try:
+            return self._send(text, on_text)
+        except BaseException:
+            self._undo(*self._undo_to)
+            raise
+
+    def _send(self, text: str, on_text: Callable[[str], None] | None) -> str:
         ids = self._next_input(text)
         if len(ids) + self.max_new_tokens > self.max_length:
             log.warning("the conversation is full (--max-length %d); starting a new one", self.max_length)
             self._close()
             self._open()
             self.messages = [m for m in self.messages if m["role"] == "system"] + [self.messages[-1]]
+            self._undo_to = (0, self.messages[:-1], [])
             ids = self._encode(self._render(self.messages, add_generation_prompt=True), first=True)
             if len(ids) + self.max_new_tokens > self.max_length:
                 raise ConfigError(f"the message is too long for --max-length {self.max_length}")
@@ -145,3 +160,30 @@ class ChatSession:
         answer = self.tokenizer.decode(new, skip_special_tokens=True)
         self.messages.append({"role": "assistant", "content": answer})
         return answer
+
+    def _position(self) -> int:
+        session = self.model.active_session
+        return 0 if session is None else session.position
+
+    def _undo(self, position: int, messages: list[dict[str, str]], ids: list[int]) -> None:
+        """Back to the end of the last complete turn: the servers' caches too (the next step starts there)."""
+        self.messages, self.ids = messages, ids
+        session = self.model.active_session
+        if session is None or session.closed:
+            return
+        try:
+            session.rewind(position)
+        except ConfigError as e:  # not where a step began (cannot happen in a chat): start over, cleanly
+            log.warning("cannot go back to the end of the last answer (%s); starting a new conversation", e)
+            self._close()
+            self._open()
+            self.messages = [m for m in messages if m["role"] == "system"]
+
+
+_CONTROL_OK = "\n\t\u200c\u200d"  # newline, tab, and the zero-width (non-)joiners emoji and some scripts need
+
+
+def printable(text: str) -> str:
+    """`text` without control and format characters (escape sequences, bells, carriage returns, bidi overrides...)
+    but with newlines and tabs, for printing a model's output to a terminal."""
+    return "".join(ch for ch in text if ch.isprintable() or ch in _CONTROL_OK)
