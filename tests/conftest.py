@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+import multiprocessing
 import os
 import signal
+import subprocess
+import sys
+import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -121,9 +127,10 @@ _LIVE: list[ServeProcess] = []
 @pytest.fixture
 def serve_process(tmp_path) -> Iterator[Callable[..., ServeProcess]]:
     started: list[ServeProcess] = []
+    numbers = itertools.count()  # servers may be started from several threads at once
 
     def start(*args: str) -> ServeProcess:
-        proc = ServeProcess(list(args), tmp_path / f"serve-{len(started)}.log", swarm_env(tmp_path), 120.0)
+        proc = ServeProcess(list(args), tmp_path / f"serve-{next(numbers)}.log", swarm_env(tmp_path), 120.0)
         started.append(proc)
         _LIVE.append(proc)
         return proc
@@ -135,9 +142,118 @@ def serve_process(tmp_path) -> Iterator[Callable[..., ServeProcess]]:
             proc.stop()
 
 
+# swarm commands in processes forked from a server that has imported torch and transformers once: real processes
+# (signals, exit codes, their own sockets, stdout and stderr) that start in a fraction of a second instead of several.
+# For tests of what servers and commands do; the start-up of `python -m swarm` itself is tested with subprocesses.
+_FORKS = multiprocessing.get_context("forkserver")
+_FORKS.set_forkserver_preload(["torch", "transformers.models.llama.modeling_llama", "tokenizers", "rich.logging",
+                               "rich.live", "swarm.cli.app", "swarm.cli.serve", "swarm.core.chat",
+                               "swarm.core.client.model", "swarm.transport.discovery", "conftest"])
+
+
+def _run_cli(args: list[str], out_path: str, err_path: str, env: dict[str, str], cwd: str | None) -> None:
+    """The forked child: `swarm ARGS` with this environment and directory, stdout and stderr going to files."""
+    os.environ.clear()
+    os.environ.update(env)
+    if cwd is not None:
+        os.chdir(cwd)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for path, fd in ((out_path, 1), (err_path, 2)):
+        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(target, fd)
+        os.close(target)
+    from swarm.cli.app import run
+
+    code = run(args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.exit(code)
+
+
+def fork_swarm(*args: str, env: dict[str, str], cwd: Path | None = None,
+               timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    """`swarm ARGS` in a forked process, like subprocess.run(capture_output=True, text=True, timeout=...)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+        proc = _FORKS.Process(target=_run_cli, args=(list(args), str(out), str(err), env,
+                                                     None if cwd is None else str(cwd)))
+        proc.start()
+        try:
+            proc.join(timeout)
+            if proc.is_alive():
+                raise subprocess.TimeoutExpired(["swarm", *args], timeout)
+        finally:
+            if proc.is_alive():
+                proc.kill()
+                proc.join(10)
+        return subprocess.CompletedProcess(["swarm", *args], proc.exitcode, out.read_text() if out.exists() else "",
+                                           err.read_text() if err.exists() else "")
+
+
+class ForkedServe:
+    """`swarm serve ARGS` in a forked process; the endpoint it prints is read (bounded)."""
+
+    def __init__(self, args: list[str], out_path: Path, log_path: Path, env: dict[str, str],
+                 start_timeout: float = 120.0):
+        self.log_path = log_path
+        self.proc = _FORKS.Process(target=_run_cli, args=(["serve", *args], str(out_path), str(log_path), env, None))
+        self.proc.start()
+        deadline = time.monotonic() + start_timeout
+        while time.monotonic() < deadline and self.proc.is_alive():
+            line = out_path.read_text() if out_path.exists() else ""
+            if line.startswith("tcp://") and line.endswith("\n"):
+                self.endpoint = line.splitlines()[0].strip()
+                return
+            time.sleep(0.02)
+        code = self.stop(signal.SIGKILL)
+        err = log_path.read_text(errors="replace").strip() if log_path.exists() else ""
+        raise RuntimeError(f"a forked server did not start within {start_timeout:.0f} s (exit code {code}): "
+                           f"{err.splitlines()[-1] if err else 'no output'}")
+
+    def alive(self) -> bool:
+        return self.proc.is_alive()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
+        """Send `sig` (SIGKILL after `timeout`) and return the exit code."""
+        if self.proc.is_alive() and self.proc.pid is not None:
+            os.kill(self.proc.pid, sig)
+        self.proc.join(timeout)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(10)
+        return self.proc.exitcode
+
+
+_FORKED: list[ForkedServe] = []
+
+
+@pytest.fixture
+def fork_serve(tmp_path) -> Iterator[Callable[..., ForkedServe]]:
+    """Like serve_process, but forked: for tests of servers (gossip, recovery, relay), not of the CLI's start-up."""
+    started: list[ForkedServe] = []
+    numbers = itertools.count()
+
+    def start(*args: str) -> ForkedServe:
+        n = next(numbers)
+        server = ForkedServe(list(args), tmp_path / f"fork-{n}.out", tmp_path / f"fork-{n}.log", swarm_env(tmp_path))
+        started.append(server)
+        _FORKED.append(server)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.stop()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _kill_leftover_children():
     yield
     for server in _LIVE:
         if server.proc.poll() is None:
             server.stop(signal.SIGKILL)
+    for forked in _FORKED:
+        if forked.alive():
+            forked.stop(signal.SIGKILL)

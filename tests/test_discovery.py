@@ -6,12 +6,11 @@ import json
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
-from conftest import load_reference, make_tiny_model, swarm_env
+from conftest import fork_swarm, load_reference, make_tiny_model, swarm_env
 
 from swarm import AutoDistributedModelForCausalLM
 from swarm.core.server import Server, ServerConfig
@@ -47,10 +46,10 @@ def model_dir(tmp_path):
     return make_tiny_model(tmp_path / f"disc-{tmp_path.name[-12:]}", layers=4, seed=11)
 
 
-def test_servers_find_each_other_through_one_initial_peer(model_dir, serve_process):
-    first = serve_process(str(model_dir), "--blocks", "0:2", *FAST)
-    second = serve_process(str(model_dir), "--blocks", "2:4", "--initial-peers", first.endpoint, *FAST)
-    third = serve_process(str(model_dir), "--blocks", "1:3", "--initial-peers", first.endpoint, *FAST)
+def test_servers_find_each_other_through_one_initial_peer(model_dir, fork_serve):
+    first = fork_serve(str(model_dir), "--blocks", "0:2", *FAST)
+    second = fork_serve(str(model_dir), "--blocks", "2:4", "--initial-peers", first.endpoint, *FAST)
+    third = fork_serve(str(model_dir), "--blocks", "1:3", "--initial-peers", first.endpoint, *FAST)
     servers = [first, second, third]
     # every server knows all three (the first learns of the others only from their pushes, the others via gossip)
     assert wait_until(lambda: all(len(table(s.endpoint)) == 3 for s in servers), timeout=15)
@@ -122,16 +121,15 @@ def test_bad_records_do_not_poison_views(model_dir, start_server):
 
 
 def run_status(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "swarm", "status", *args], capture_output=True, text=True,
-                          env=env, timeout=60, stdin=subprocess.DEVNULL)
+    return fork_swarm("status", *args, env=env, timeout=60)
 
 
-def test_status_lists_what_runs(model_dir, serve_process, tmp_path):
-    a = serve_process(str(model_dir), "--blocks", "0:3", *FAST)
-    b = serve_process(str(model_dir), "--blocks", "1:4", "--initial-peers", a.endpoint, *FAST)
+def test_status_lists_what_runs(model_dir, fork_serve, tmp_path):
+    a = fork_serve(str(model_dir), "--blocks", "0:3", *FAST)
+    b = fork_serve(str(model_dir), "--blocks", "1:4", "--initial-peers", a.endpoint, *FAST)
     assert wait_until(lambda: len(table(a.endpoint)) == 2, timeout=10)
     env = swarm_env(tmp_path)
-    result = run_status("--initial-peers", b.endpoint, "--json", "--wait", "1", env=env)
+    result = run_status("--initial-peers", b.endpoint, "--json", "--wait", "0.6", env=env)
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert sorted((s["start"], s["end"]) for s in data["servers"]) == [(0, 3), (1, 4)]
@@ -140,39 +138,37 @@ def test_status_lists_what_runs(model_dir, serve_process, tmp_path):
     assert model["model"] == model_dir.name and model["complete"] and model["servers_per_block"] == [1, 2, 2, 1]
     assert model["bottleneck_tokens_per_s"] > 0
 
-    result = run_status("--initial-peers", a.endpoint, "--wait", "1", env=env)
+    result = run_status("--initial-peers", a.endpoint, "--wait", "0.6", env=env)
     assert result.returncode == 0, result.stderr
     assert "all blocks served" in result.stderr and model_dir.name in result.stderr
 
     a.stop(signal.SIGTERM)
-    result = run_status("--initial-peers", b.endpoint, "--json", "--wait", "1", env=env)
+    result = run_status("--initial-peers", b.endpoint, "--json", "--wait", "0.6", env=env)
     data = json.loads(result.stdout)
     states = {s["start"]: s["state"] for s in data["servers"]}
     assert states[1] == "online" and states.get(0, "offline") == "offline"
     assert data["models"][0]["missing"] == [[0, 1]]
 
 
-def test_chat_without_a_model_name_uses_or_lists_served_models(model_dir, serve_process, tmp_path):
+def test_chat_without_a_model_name_uses_or_lists_served_models(model_dir, fork_serve, tmp_path):
     from swarm.core.demo import build_demo_tokenizer
 
     tokenizer = build_demo_tokenizer()
     chat_dir = make_tiny_model(model_dir.parent / "chatty", layers=2, vocab=len(tokenizer), seed=4,
                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     tokenizer.save_pretrained(chat_dir)
-    server = serve_process(str(chat_dir), "--blocks", "0:2", *FAST)
+    server = fork_serve(str(chat_dir), "--blocks", "0:2", *FAST)
     env = swarm_env(tmp_path)
-    args = [sys.executable, "-m", "swarm", "chat", "--initial-peers", server.endpoint, "--prompt", "hi",
-            "--temperature", "0", "--max-new-tokens", "4"]
+    args = ["chat", "--initial-peers", server.endpoint, "--prompt", "hi", "--temperature", "0", "--max-new-tokens",
+            "4"]
     # the server announces "chatty"; run where that name is a local directory
-    result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120, cwd=chat_dir.parent,
-                            stdin=subprocess.DEVNULL)
+    result = fork_swarm(*args, env=env, cwd=chat_dir.parent)
     assert result.returncode == 0, result.stderr
     assert result.stdout.endswith("\n")
 
     other = shutil.copytree(chat_dir, model_dir.parent / "chatty2")
-    serve_process(str(other), "--blocks", "0:2", "--initial-peers", server.endpoint, *FAST)
+    fork_serve(str(other), "--blocks", "0:2", "--initial-peers", server.endpoint, *FAST)
     assert wait_until(lambda: len(table(server.endpoint)) == 2, timeout=10)
-    result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120, cwd=chat_dir.parent,
-                            stdin=subprocess.DEVNULL)
+    result = fork_swarm(*args, env=env, cwd=chat_dir.parent)
     assert result.returncode == 2
     assert "several models are served (chatty; chatty2)" in result.stderr

@@ -239,7 +239,7 @@ def test_peft_loads_ptune_prompts_onto_a_local_model(tiny_llama, two_servers, tm
 
 
 @pytest.mark.slow
-def test_deep_prompt_gradients_survive_a_server_killed_between_forward_and_backward(serve_process, tmp_path):
+def test_deep_prompt_gradients_survive_a_server_killed_between_forward_and_backward(fork_serve, tmp_path):
     import signal
 
     from conftest import make_tiny_model
@@ -247,8 +247,8 @@ def test_deep_prompt_gradients_survive_a_server_killed_between_forward_and_backw
 
     model_dir = make_tiny_model(tmp_path / f"ptune-ft-{tmp_path.name[-10:]}", layers=4, seed=31)
     ref = load_reference(model_dir)
-    first = serve_process(str(model_dir), "--blocks", "0:2", *FAST)
-    others = {s.endpoint: s for s in start_all(serve_process, model_dir, [(2, 4), (2, 4)], [first.endpoint])}
+    first = fork_serve(str(model_dir), "--blocks", "0:2", *FAST)
+    others = {s.endpoint: s for s in start_all(fork_serve, model_dir, [(2, 4), (2, 4)], [first.endpoint])}
     torch.manual_seed(7)
     model = AutoDistributedModelForSequenceClassification.from_pretrained(
         str(model_dir), num_labels=2, tuning_mode="deep_ptune", pre_seq_len=PRE, initial_peers=[first.endpoint],

@@ -23,11 +23,11 @@ def model_dir(tmp_path):
     return make_tiny_model(tmp_path / f"ft-{tmp_path.name[-10:]}", layers=4, seed=21)
 
 
-def start_all(serve_process, model_dir, spans, peers=()):
+def start_all(fork_serve, model_dir, spans, peers=()):
     """Start servers for `spans` at once (each gossips with `peers`); returns them in order."""
     extra = ["--initial-peers", *peers] if peers else []
     with ThreadPoolExecutor(len(spans)) as pool:
-        return list(pool.map(lambda span: serve_process(str(model_dir), "--blocks", f"{span[0]}:{span[1]}",
+        return list(pool.map(lambda span: fork_serve(str(model_dir), "--blocks", f"{span[0]}:{span[1]}",
                                                          *FAST, *extra), spans))
 
 
@@ -69,10 +69,10 @@ class KillDuring:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("at,batch", [(0, 1), (5, 2), (9, 1)], ids=["first-step", "middle-batch2", "last-step"])
-def test_generation_survives_a_killed_server(model_dir, serve_process, at, batch):
+def test_generation_survives_a_killed_server(model_dir, fork_serve, at, batch):
     ref = load_reference(model_dir)
-    first = serve_process(str(model_dir), "--blocks", "0:2", *FAST)
-    others = start_all(serve_process, model_dir, [(2, 4), (2, 4)], [first.endpoint])
+    first = fork_serve(str(model_dir), "--blocks", "0:2", *FAST)
+    others = start_all(fork_serve, model_dir, [(2, 4), (2, 4)], [first.endpoint])
     model = connect(model_dir, first, 3)
     ids = PROMPT if batch == 1 else torch.tensor([[0, 0, 5, 6, 7, 8, 9], [7, 3, 9, 1, 4, 4, 2]])
     mask = torch.ones_like(ids) if batch == 1 else torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7])
@@ -87,9 +87,9 @@ def test_generation_survives_a_killed_server(model_dir, serve_process, at, batch
 
 
 @pytest.mark.slow
-def test_two_failures_in_one_generation_and_sampling_is_unchanged(model_dir, serve_process):
-    first = serve_process(str(model_dir), "--blocks", "0:2", *FAST)
-    others = start_all(serve_process, model_dir, [(2, 4), (2, 4), (2, 4)], [first.endpoint])
+def test_two_failures_in_one_generation_and_sampling_is_unchanged(model_dir, fork_serve):
+    first = fork_serve(str(model_dir), "--blocks", "0:2", *FAST)
+    others = start_all(fork_serve, model_dir, [(2, 4), (2, 4), (2, 4)], [first.endpoint])
     model = connect(model_dir, first, 4)
     sample = dict(max_new_tokens=12, do_sample=True, top_p=0.9, temperature=0.9)
     with model:
@@ -105,16 +105,16 @@ def test_two_failures_in_one_generation_and_sampling_is_unchanged(model_dir, ser
 
 
 @pytest.mark.slow
-def test_replacement_that_appears_after_the_failure(model_dir, serve_process):
+def test_replacement_that_appears_after_the_failure(model_dir, fork_serve):
     ref = load_reference(model_dir)
-    first = serve_process(str(model_dir), "--blocks", "0:2", *FAST)
-    (only,) = start_all(serve_process, model_dir, [(2, 4)], [first.endpoint])
+    first = fork_serve(str(model_dir), "--blocks", "0:2", *FAST)
+    (only,) = start_all(fork_serve, model_dir, [(2, 4)], [first.endpoint])
     model = connect(model_dir, first, 2)
     expected = ref.generate(PROMPT, max_new_tokens=8, do_sample=False)
     started: list = []
 
     def late_replacement():  # starts only once the only server of blocks 2:4 is dead
-        started.append(serve_process(str(model_dir), "--blocks", "2:4", *FAST, "--initial-peers", first.endpoint))
+        started.append(fork_serve(str(model_dir), "--blocks", "2:4", *FAST, "--initial-peers", first.endpoint))
 
     thread = threading.Thread(target=late_replacement)
     with model, model.inference_session(max_length=32) as session:
@@ -126,9 +126,9 @@ def test_replacement_that_appears_after_the_failure(model_dir, serve_process):
 
 
 @pytest.mark.slow
-def test_no_server_left_is_a_clear_error_after_the_wait(model_dir, serve_process):
-    first = serve_process(str(model_dir), "--blocks", "0:2", *FAST)
-    (only,) = start_all(serve_process, model_dir, [(2, 4)], [first.endpoint])
+def test_no_server_left_is_a_clear_error_after_the_wait(model_dir, fork_serve):
+    first = fork_serve(str(model_dir), "--blocks", "0:2", *FAST)
+    (only,) = start_all(fork_serve, model_dir, [(2, 4)], [first.endpoint])
     model = connect(model_dir, first, 2, wait_for_blocks=1.5)
     with model, model.inference_session(max_length=32) as session:
         KillDuring(session, [only], at=[2])
@@ -137,10 +137,10 @@ def test_no_server_left_is_a_clear_error_after_the_wait(model_dir, serve_process
 
 
 @pytest.mark.slow
-def test_forward_and_backward_retry_on_another_server(model_dir, serve_process):
+def test_forward_and_backward_retry_on_another_server(model_dir, fork_serve):
     ref = load_reference(model_dir)
-    first = serve_process(str(model_dir), "--blocks", "0:2", *FAST)
-    others = start_all(serve_process, model_dir, [(2, 4), (2, 4)], [first.endpoint])
+    first = fork_serve(str(model_dir), "--blocks", "0:2", *FAST)
+    others = start_all(fork_serve, model_dir, [(2, 4), (2, 4)], [first.endpoint])
     model = connect(model_dir, first, 3)
     ids = PROMPT
     with model:
@@ -160,7 +160,7 @@ def test_forward_and_backward_retry_on_another_server(model_dir, serve_process):
         model.blocks.plan = plan_dead_first
         out = model(inputs_embeds=embeds, labels=ids)
         # the server that ran the forward pass dies before the backward pass: it is recomputed elsewhere
-        third = serve_process(str(model_dir), "--blocks", "2:4", *FAST, "--initial-peers", first.endpoint)
+        third = fork_serve(str(model_dir), "--blocks", "2:4", *FAST, "--initial-peers", first.endpoint)
         assert model.blocks.discovery.wait(
             lambda _: third.endpoint in {r.addresses[0] for r in model.blocks.servers()}, 15)
         alive.stop(signal.SIGKILL)

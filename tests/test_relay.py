@@ -45,10 +45,10 @@ def count_calls(model):
 
 
 @pytest.mark.slow
-def test_relayed_generation_is_exact_and_sends_each_hop_its_input_once(model_dir, serve_process):
+def test_relayed_generation_is_exact_and_sends_each_hop_its_input_once(model_dir, fork_serve):
     ref = load_reference(model_dir)
-    first = serve_process(str(model_dir), "--blocks", "0:2", *FAST)
-    others = start_all(serve_process, model_dir, [(2, 4), (4, 6)], [first.endpoint])
+    first = fork_serve(str(model_dir), "--blocks", "0:2", *FAST)
+    others = start_all(fork_serve, model_dir, [(2, 4), (4, 6)], [first.endpoint])
     # the servers must know each other to relay: wait until the first knows all three
     model = connect(model_dir, first, 3)
     calls = count_calls(model)
@@ -72,10 +72,10 @@ def test_relayed_generation_is_exact_and_sends_each_hop_its_input_once(model_dir
 
 @pytest.mark.slow
 @pytest.mark.parametrize("block", [2, 4], ids=["middle", "last"])
-def test_relay_recovers_a_dead_downstream_server(model_dir, serve_process, block):
+def test_relay_recovers_a_dead_downstream_server(model_dir, fork_serve, block):
     ref = load_reference(model_dir)
-    first = serve_process(str(model_dir), "--blocks", "0:2", *FAST)
-    spares = start_all(serve_process, model_dir, [(2, 4), (2, 4), (4, 6), (4, 6)], [first.endpoint])
+    first = fork_serve(str(model_dir), "--blocks", "0:2", *FAST)
+    spares = start_all(fork_serve, model_dir, [(2, 4), (2, 4), (4, 6), (4, 6)], [first.endpoint])
     model = connect(model_dir, first, 5)
     expected = ref.generate(PROMPT, max_new_tokens=10, do_sample=False)
     with model, model.inference_session(max_length=32) as session:
