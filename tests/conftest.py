@@ -147,8 +147,8 @@ def serve_process(tmp_path) -> Iterator[Callable[..., ServeProcess]]:
 # For tests of what servers and commands do; the start-up of `python -m swarm` itself is tested with subprocesses.
 _FORKS = multiprocessing.get_context("forkserver")
 _FORKS.set_forkserver_preload(["torch", "transformers.models.llama.modeling_llama", "tokenizers", "rich.logging",
-                               "rich.live", "swarm.cli.app", "swarm.cli.serve", "swarm.core.chat",
-                               "swarm.core.client.model", "swarm.transport.discovery", "conftest"])
+                               "rich.live", "swarm.cli.app", "swarm.core.server", "swarm.core.chat", "swarm.core.tune",
+                               "swarm.core.bench", "swarm.transport.discovery", "conftest"])
 
 
 def _run_cli(args: list[str], out_path: str, err_path: str, env: dict[str, str], cwd: str | None) -> None:

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 
 import torch
-from conftest import make_tiny_model, swarm_env
+from conftest import fork_swarm, make_tiny_model, swarm_env
 
 from swarm.core.bench import all_chains
 from swarm.core.client.routing import Hop, SpanInfo
@@ -19,9 +17,8 @@ def test_bench_json_measures_servers_and_routes(tmp_path, start_server):
     path = make_tiny_model(tmp_path / f"bench-{tmp_path.name[-10:]}", layers=4, seed=31)
     servers = [start_server(path, span) for span in ((0, 4), (0, 2), (2, 4))]
     peers = [s.endpoint for s in servers]
-    result = subprocess.run([sys.executable, "-m", "swarm", "bench", "--initial-peers", *peers, "--json",
-                             "--steps", "3", "--batch", "2", "--length", "8", "--all-routes", "--wait", "0.5"],
-                            capture_output=True, text=True, env=swarm_env(tmp_path), timeout=120)
+    result = fork_swarm("bench", "--initial-peers", *peers, "--json", "--steps", "3", "--batch", "2", "--length", "8",
+                        "--all-routes", "--wait", "0.5", env=swarm_env(tmp_path), timeout=120)
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["model"] == path.name and data["steps"] == 3

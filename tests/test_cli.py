@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -26,8 +27,10 @@ def chat_model(tmp_path_factory) -> Path:
 
 
 def test_chat_prompt_through_subprocess_servers(chat_model, serve_process, tmp_path):
-    a = serve_process(str(chat_model), "--blocks", "0:2", "--host", "127.0.0.1", "--port", "0")
-    b = serve_process(str(chat_model), "--blocks", "2:4", "--host", "127.0.0.1")
+    with ThreadPoolExecutor(2) as pool:  # both start at once
+        a, b = pool.map(lambda args: serve_process(str(chat_model), *args),
+                        [("--blocks", "0:2", "--host", "127.0.0.1", "--port", "0"),
+                         ("--blocks", "2:4", "--host", "127.0.0.1")])
     result = run_swarm("chat", str(chat_model), "--initial-peers", a.endpoint, b.endpoint, "--prompt",
                        "Hello, swarm!", "--temperature", "0", "--max-new-tokens", "12", "--show-route",
                        env=swarm_env(tmp_path))
@@ -47,10 +50,11 @@ def test_chat_prompt_through_subprocess_servers(chat_model, serve_process, tmp_p
 
 
 def test_serve_stops_cleanly_on_sigterm_and_sigint(chat_model, serve_process):
-    server = serve_process(str(chat_model), "--blocks", "0:4", "--host", "127.0.0.1")
-    assert server.stop(signal.SIGTERM) == 0
-    server = serve_process(str(chat_model), "--blocks", "0:4", "--host", "127.0.0.1")
-    assert server.stop(signal.SIGINT) == 130
+    with ThreadPoolExecutor(2) as pool:  # both start at once
+        first, second = pool.map(lambda _: serve_process(str(chat_model), "--blocks", "0:4", "--host", "127.0.0.1"),
+                                 range(2))
+    assert first.stop(signal.SIGTERM) == 0
+    assert second.stop(signal.SIGINT) == 130
 
 
 @pytest.mark.parametrize("args,message,code", [

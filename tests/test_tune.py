@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tokenized_model, swarm_env
+from conftest import fork_swarm, make_tokenized_model, swarm_env
 
 from swarm import AutoDistributedModelForCausalLM, AutoDistributedModelForSequenceClassification
 from swarm.core.tune import Trainer, TuneConfig, load_data, predict
@@ -85,7 +85,7 @@ def test_tune_cli_writes_outputs_that_load_back_with_the_same_predictions(tune_m
     train = write_jsonl(tmp_path / "t.jsonl", synthetic(96, 3))
     val = write_jsonl(tmp_path / "v.jsonl", synthetic(24, 4))
     out = tmp_path / "out"
-    result = run_swarm("tune", str(tune_model), "--dataset", str(train), "--validation-file", str(val),
+    result = fork_swarm("tune", str(tune_model), "--dataset", str(train), "--validation-file", str(val),
                        "--text-field", "sentence", "--mode", "ptune", "--prompt-length", "4", "--max-steps", "6",
                        "--batch-size", "16", "--lr", "0.05", "--max-length", "32", "--json", "--output", str(out),
                        "--initial-peers", *servers, env=swarm_env(tmp_path))
@@ -108,7 +108,7 @@ def test_tune_cli_writes_outputs_that_load_back_with_the_same_predictions(tune_m
     assert accuracy == pytest.approx(final["val_accuracy"], abs=1e-4)
     assert predictions == again
     # continue training from the saved result
-    more = run_swarm("tune", str(tune_model), "--dataset", str(train), "--validation-file", str(val),
+    more = fork_swarm("tune", str(tune_model), "--dataset", str(train), "--validation-file", str(val),
                      "--prompts", str(out), "--max-steps", "2", "--batch-size", "16", "--max-length", "32",
                      "--output", str(tmp_path / "more"), "--initial-peers", *servers, env=swarm_env(tmp_path))
     assert more.returncode == 0, more.stderr
@@ -154,7 +154,7 @@ def test_lm_tuning_and_chat_with_the_prompts(tune_model, servers, tmp_path):
         final = trainer.run()
         assert final["val_perplexity"] < first
         model.save_tuned(str(tmp_path / "lm-prompts"))
-    result = run_swarm("chat", str(tune_model), "--prompts", str(tmp_path / "lm-prompts"), "--prompt", "the swarm",
+    result = fork_swarm("chat", str(tune_model), "--prompts", str(tmp_path / "lm-prompts"), "--prompt", "the swarm",
                        "--temperature", "0", "--max-new-tokens", "8", "--initial-peers", *servers,
                        env=swarm_env(tmp_path))
     assert result.returncode == 0, result.stderr
