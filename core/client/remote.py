@@ -143,7 +143,7 @@ class RemoteSequential(torch.nn.Module):
         left = deadline - time.monotonic()
         servers = self.servers()
         if servers and left > 0:
-            log.warning("%s; waiting up to %.0f s for them", _missing_text(self.spans(), 0, self.num_blocks), left)
+            log.warning("%s yet", _missing_text(self.spans(), 0, self.num_blocks))
         return self.discovery.wait(lambda _: self.covered(), max(0.0, left))
 
     def spans(self) -> list[SpanInfo]:
@@ -183,8 +183,8 @@ class RemoteSequential(torch.nn.Module):
                                         waited=self.config.wait_for_blocks) from None
                 if not announced:  # at once, so a user knows what the wait is for (Ctrl-C ends it)
                     announced = True
-                    log.warning("%s; waiting up to %.0f s for a server of them", _missing_text(self.spans(), start,
-                                end), max(0.0, deadline - time.monotonic()))
+                    log.warning("%s; waiting up to %.0f s for one to join", _missing_text(self.spans(), start, end),
+                                max(0.0, deadline - time.monotonic()))
                 # short polls (time.sleep inside), so an interrupt ends the wait at once
                 self.discovery.wait(lambda _: not missing_ranges([_span(r) for r in self.servers()], start, end),
                                     min(1.0, max(0.0, deadline - time.monotonic())))
@@ -307,7 +307,7 @@ FIRST_LOOK = 1.0  # seconds of discovery before blocks without a server are repo
 
 
 def _missing_text(spans: list[SpanInfo], start: int, end: int) -> str:
-    """'no server covers blocks 2:4 (live servers cover 0:2)', for warnings."""
+    """'no server covers blocks 2:4 of the model (live servers cover 0:2)', for warnings."""
     gaps = ", ".join(f"{a}:{b}" for a, b in missing_ranges(spans, start, end))
     served = ", ".join(f"{a}:{b}" for a, b in sorted({(s.start, s.end) for s in spans})) or "nothing"
     return f"no server covers blocks {gaps} of the model (live servers cover {served})"
