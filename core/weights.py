@@ -69,11 +69,11 @@ class ModelSource:
             cached = try_to_load_from_cache(self.name, filename)
             if isinstance(cached, str):
                 return Path(cached)
-            if cached is None:  # never fetched
+            if not required:  # known to be absent, or never fetched (a snapshot download notes no absent files)
+                return None
+            if cached is None:
                 raise self._offline_error(self._hub_problem)
-            if required:  # the cache knows the hub has no such file
-                raise ConfigError(f"model {self.name!r} has no {filename}")
-            return None
+            raise ConfigError(f"model {self.name!r} has no {filename}")  # the cache knows the hub has none
         try:
             return Path(hf_hub_download(self.name, filename))
         except LocalEntryNotFoundError as e:  # (an EntryNotFoundError too) the hub went away since the probe

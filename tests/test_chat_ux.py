@@ -82,6 +82,25 @@ def test_tune_dataset_without_hub_is_one_line(tmp_path, offline):
     assert took < 60
 
 
+@pytest.mark.parametrize("offline", [True, False], ids=["offline", "unreachable"])
+def test_a_cached_hub_model_loads_without_the_hub(chat_model, tmp_path, offline):
+    """A model fetched earlier (a snapshot in the hub cache, with no notes of absent files) needs no network."""
+    env = hubless_env(tmp_path, offline)
+    repo = Path(env["HF_HOME"]) / "hub" / "models--some-org--tiny"
+    shutil.copytree(chat_model, repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    script = ("from swarm.core.weights import ModelSource\n"
+              "s = ModelSource('some-org/tiny')\n"
+              "print(s.config().num_hidden_layers, sorted(s.load_tensors(['model.norm'])), "
+              "type(s.tokenizer()).__name__)\n")
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[:2] == ["4", "['model.norm.weight']"]
+    assert time.monotonic() - started < 60
+
+
 # ----------------------------------------------------------------------------- 2. chat with no MODEL, a directory
 
 
