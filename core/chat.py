@@ -2,7 +2,9 @@
 
 `ChatSession` renders the conversation with the tokenizer's chat template (or a plain `User:`/`Assistant:` layout
 when it has none), sends only what the servers do not hold yet, and streams decoded text as tokens arrive. The token
-ids the servers hold are kept exactly (never re-tokenized), so each turn extends the same attention cache.
+ids the servers hold are kept exactly (never re-tokenized), so each turn extends the same attention cache. A turn that
+does not complete (Ctrl-C, an error) is dropped, here and on the servers (the session rewinds to where it began).
+`printable` is what of a model's text may reach a terminal.
 """
 
 from __future__ import annotations
