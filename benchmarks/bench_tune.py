@@ -1,7 +1,10 @@
 """Prompt-tuning throughput: forward+backward tokens/s through a local swarm against local training with transformers.
 
 A random Llama (hidden 256, intermediate 688, 8 blocks, 4 heads, vocab 1024; `--hidden`, `--layers` change it) is saved
-in a temporary directory. For each tuning mode, ptune and deep_ptune (16 soft prompts), a training step on a batch of
+in a temporary directory, or `--model smollm2` trains SmolLM2-135M-Instruct (30 blocks, hidden 576, vocab 49152) and
+`--model PATH` a local model directory (a Llama-like one, with `model.embed_tokens` and `model.layers`), whose blocks
+are split evenly over the servers the same way; the batch's ids are random below the model's vocabulary size (no
+text is generated). For each tuning mode, ptune and deep_ptune (16 soft prompts), a training step on a batch of
 `--batch` x `--length` tokens (8 x 128, random ids, all-ones mask, 2 labels) is timed in two settings:
 
 * local -- the checkpoint loaded by plain transformers (`AutoModelForSequenceClassification`, float32) and frozen,
@@ -16,8 +19,8 @@ A step is zero_grad, forward with labels, `loss.backward()` and an AdamW step ov
 untimed warm-up steps, `--steps` steps are timed; tokens/s = batch * length / median step time. Every process (this
 one and each server) uses 1 torch thread, so local and swarm runs use the same compute per block.
 
-    .venv/bin/python benchmarks/bench_tune.py [--batch 8] [--length 128] [--steps 5] [--hidden 256] [--layers 8]
-                                              [--servers 2] [--json out.json]
+    .venv/bin/python benchmarks/bench_tune.py [--model random|smollm2|PATH] [--batch 8] [--length 128] [--steps 5]
+                                              [--hidden 256] [--layers 8] [--servers 2] [--json out.json]
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from model_choice import RANDOM, add_model_option, resolve_model
 from rich.console import Console
 from rich.table import Table
 
@@ -131,40 +135,55 @@ def measure_swarm(model_dir: Path, peer: str, servers: int, mode: str, ids: torc
         return time_steps(step, steps)
 
 
+def build_model(path: Path, hidden: int, layers: int) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    intermediate = -(-hidden * 8 // 3 // 16) * 16  # 688 for hidden 256
+    LlamaForCausalLM(LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                                 num_attention_heads=hidden // 64, vocab_size=1024,
+                                 initializer_range=0.1)).save_pretrained(path)
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=128, help="tokens per sequence (the prompts come on top)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
-    parser.add_argument("--hidden", type=int, default=256, help="hidden size, a multiple of 64 (64 per head)")
-    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, help="hidden size of the random model, a multiple of 64 (64 per head; "
+                                                   "default 256)")
+    parser.add_argument("--layers", type=int, help="blocks of the random model (default 8)")
     parser.add_argument("--servers", type=int, default=2)
     parser.add_argument("--json", type=Path)
+    add_model_option(parser, "hidden 256, 8 blocks, vocab 1024")
     args = parser.parse_args()
+    if args.model != RANDOM and (args.hidden is not None or args.layers is not None):
+        parser.error("--hidden and --layers shape the random model: not with --model " + args.model)
+    args.hidden = 256 if args.hidden is None else args.hidden
+    args.layers = 8 if args.layers is None else args.layers
     if args.hidden < 64 or args.hidden % 64:
         parser.error("--hidden must be a multiple of 64")
     if min(args.batch, args.length, args.steps, args.layers, args.servers) < 1:
         parser.error("--batch, --length, --steps, --layers and --servers must be 1 or more")
-    if args.servers > args.layers:
-        parser.error("--servers must not exceed --layers")
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     torch.set_num_threads(1)
-    vocab, tokens = 1024, args.batch * args.length
-    ids, mask, labels = batch_of(vocab, args.batch, args.length)
+    tokens = args.batch * args.length
     rows = []
     with tempfile.TemporaryDirectory(prefix="swarm-bench-tune-") as tmp:
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers import AutoConfig
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        torch.manual_seed(0)
-        model_dir = Path(tmp) / "model"
-        intermediate = -(-args.hidden * 8 // 3 // 16) * 16  # 688 for hidden 256
-        LlamaForCausalLM(LlamaConfig(hidden_size=args.hidden, intermediate_size=intermediate,
-                                     num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-                                     vocab_size=vocab, initializer_range=0.1)).save_pretrained(model_dir)
+        chosen = resolve_model(args.model, lambda: build_model(Path(tmp) / "model", args.hidden, args.layers),
+                               "random Llama")
+        if args.servers > chosen.blocks:
+            parser.error(f"--servers must not exceed the model's {chosen.blocks} blocks")
+        model_dir, config = chosen.path, AutoConfig.from_pretrained(chosen.path)
+        hidden, layers = config.hidden_size, chosen.blocks
+        ids, mask, labels = batch_of(config.vocab_size, args.batch, args.length)
         local = {mode: measure_local(model_dir, mode, ids, mask, labels, args.steps) for mode in MODES}
-        spans = [f"{start}:{end}" for start, end in even_spans(args.layers, args.servers)]
+        spans = [f"{start}:{end}" for start, end in even_spans(layers, args.servers)]
         procs: list[ServeProcess] = []
         try:
             procs.append(ServeProcess([str(model_dir), "--blocks", spans[0], *ARGS], Path(tmp) / "0.log", env))
@@ -180,11 +199,11 @@ def main() -> None:
         rows.append({"mode": mode, "local_tokens_per_s": tokens / local[mode],
                      "swarm_tokens_per_s": tokens / swarm[mode], "ratio": local[mode] / swarm[mode],
                      "local_step_ms": local[mode] * 1000, "swarm_step_ms": swarm[mode] * 1000,
-                     "hidden": args.hidden, "layers": args.layers, "batch": args.batch, "length": args.length,
-                     "servers": args.servers})
+                     "model": chosen.label, "hidden": hidden, "layers": layers, "batch": args.batch,
+                     "length": args.length, "servers": args.servers})
     table = Table(title=f"prompt tuning, forward+backward of {args.batch} x {args.length} tokens (+{PRE_SEQ_LEN} "
-                        f"prompts), hidden {args.hidden}, {args.layers} blocks, {args.servers} servers, "
-                        f"median of {args.steps} steps")
+                        f"prompts), {chosen.label}, hidden {hidden}, {layers} blocks, {args.servers} servers "
+                        f"({', '.join(spans)}), median of {args.steps} steps")
     for column in ("mode", "local tokens/s", "swarm tokens/s", "swarm / local"):
         table.add_column(column, justify="left" if column == "mode" else "right")
     for r in rows:
