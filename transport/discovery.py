@@ -57,8 +57,8 @@ class Discovery:
     def start(self) -> Discovery:
         if self._browser is not None:
             self._browser.start()
-        if self._announcer is not None:
-            self._announcer.start()
+        if self._announcer is not None:  # zeroconf probes for about a second: gossip need not wait for it
+            self._announcer.start_in_background()
         self._node.start()
         self._started = True
         return self

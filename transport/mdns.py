@@ -187,6 +187,7 @@ class MdnsAnnouncer:
         self._info: Any = None
         self._endpoints: tuple[str, ...] = ()
         self._lock = threading.Lock()
+        self._wanted = False  # cleared by close(): a background start that runs late then does nothing
 
     @property
     def endpoints(self) -> tuple[str, ...]:
@@ -195,8 +196,19 @@ class MdnsAnnouncer:
 
     def start(self) -> MdnsAnnouncer:
         """Register the service (blocks for zeroconf's probing, about a second). Idempotent; never raises."""
+        self._wanted = True
+        return self._register()
+
+    def start_in_background(self) -> threading.Thread:
+        """`start` on a thread of its own, so that a server is not held up by zeroconf's probing."""
+        self._wanted = True
+        thread = threading.Thread(target=self._register, name="swarm-mdns-announce", daemon=True)
+        thread.start()
+        return thread
+
+    def _register(self) -> MdnsAnnouncer:
         with self._lock:
-            if self._info is not None or not self.settings.enabled or zeroconf is None:
+            if self._info is not None or not self._wanted or not self.settings.enabled or zeroconf is None:
                 return self
             if self._zc is None:
                 self._zc = open_zeroconf(self.settings)
@@ -222,6 +234,7 @@ class MdnsAnnouncer:
 
     def close(self) -> None:
         """Withdraw the service (goodbye packets, bounded wait) and close our own Zeroconf. Idempotent."""
+        self._wanted = False
         with self._lock:
             if self._info is not None and self._zc is not None:
                 self._unregister(self._zc, self._info)
