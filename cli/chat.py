@@ -106,7 +106,6 @@ def chat(
     from ..transport.discovery import Discovery, DiscoveryConfig
 
     setup_logging(log_level, default="WARNING")
-    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # a hub it cannot reach is one error line
     model, peers = model_and_peers(model, initial_peers, list(ctx.args))
     if demo not in DEMOS:
         raise UsageError(f"--demo must be one of {', '.join(DEMOS)}; got {demo!r}")

@@ -47,6 +47,8 @@ def setup_logging(level: str | None, default: str = "INFO") -> None:
     handler = RichHandler(console=err_console, show_path=False, rich_tracebacks=False, log_time_format="[%X]")
     logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
     logging.getLogger("swarm").setLevel(name)
+    for noisy in ("huggingface_hub", "httpx", "httpcore", "filelock"):  # their retries and cache notes: errors only
+        logging.getLogger(noisy).setLevel(logging.DEBUG if name == "DEBUG" else logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when transformers is first imported
     if "transformers" in sys.modules:  # already imported (commands run in-process): switch them off directly

@@ -142,8 +142,10 @@ class ModelSource:
             self.file(self.gguf_file or "config.json")
             if self.gguf_file is not None:
                 self.gguf()  # a clear error for a corrupt file or an architecture swarm does not read
+            offline = {"local_files_only": True} if self.local is None and self._hub_problem is not None else {}
             try:
-                self._config = AutoConfig.from_pretrained(self.path_for_transformers, **self.transformers_kwargs)
+                self._config = AutoConfig.from_pretrained(self.path_for_transformers, **self.transformers_kwargs,
+                                                          **offline)
             except (OSError, ValueError, KeyError) as e:
                 raise ConfigError(f"cannot read the config of {self.name!r}: {e}") from None
             self._config._attn_implementation = "sdpa"
@@ -170,6 +172,8 @@ class ModelSource:
             return {str(k): str(v) for k, v in weight_map.items()}
         single = self.file(SINGLE_FILE, required=False)
         if single is None:
+            if self.local is None and self._hub_problem is not None:  # not "has none": the cache lacks them
+                raise self._offline_error(self._hub_problem)
             raise ConfigError(f"model {self.name!r} has no {SINGLE_FILE} nor {INDEX_FILE} (only safetensors "
                               "checkpoints are supported)")
         with safe_open(single, framework="pt") as f:
