@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -89,6 +91,7 @@ def start_server() -> Iterator[Callable[..., Server]]:
 
     def start(model: Path, blocks: tuple[int, int], **kwargs) -> Server:
         limits = kwargs.pop("limits", HandlerLimits())
+        kwargs.setdefault("poll_ms", 20)  # the I/O loop sees stop() sooner: a test's servers stop in ~0.1 s
         server = Server(ServerConfig(str(model), blocks, host="127.0.0.1", port=0, limits=limits, **kwargs))
         servers.append(server)
         return server.start()
@@ -151,10 +154,25 @@ _FORKS.set_forkserver_preload(["torch", "transformers.models.llama.modeling_llam
                                "swarm.core.bench", "swarm.transport.discovery", "conftest"])
 
 
+def _die_with_pytest() -> None:
+    """SIGKILL this forked process once pytest is gone, even killed (the fork server outlives it while its children
+    run, so $SWARM_PARENT_PID would not do)."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="die-with-pytest", daemon=True).start()
+
+
 def _run_cli(args: list[str], out_path: str, err_path: str, env: dict[str, str], cwd: str | None) -> None:
     """The forked child: `swarm ARGS` with this environment and directory, stdout and stderr going to files."""
     os.environ.clear()
     os.environ.update(env)
+    _die_with_pytest()
     if cwd is not None:
         os.chdir(cwd)
     sys.stdout.flush()
