@@ -26,6 +26,7 @@ def chat_model(tmp_path_factory) -> Path:
     return make_tokenized_model(tmp_path_factory.mktemp("chat") / "llama", layers=4, seed=5)
 
 
+@pytest.mark.slow
 def test_chat_prompt_through_subprocess_servers(chat_model, serve_process, tmp_path):
     with ThreadPoolExecutor(2) as pool:  # both start at once
         a, b = pool.map(lambda args: serve_process(str(chat_model), *args),
@@ -49,6 +50,7 @@ def test_chat_prompt_through_subprocess_servers(chat_model, serve_process, tmp_p
     assert result.stdout == expected + "\n"
 
 
+@pytest.mark.slow
 def test_serve_stops_cleanly_on_sigterm_and_sigint(chat_model, serve_process):
     with ThreadPoolExecutor(2) as pool:  # both start at once
         first, second = pool.map(lambda _: serve_process(str(chat_model), "--blocks", "0:4", "--host", "127.0.0.1"),

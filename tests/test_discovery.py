@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -46,6 +47,7 @@ def model_dir(tmp_path):
     return make_tiny_model(tmp_path / f"disc-{tmp_path.name[-12:]}", layers=4, seed=11)
 
 
+@pytest.mark.slow
 def test_servers_find_each_other_through_one_initial_peer(model_dir, fork_serve):
     first = fork_serve(str(model_dir), "--blocks", "0:2", *FAST)
     second = fork_serve(str(model_dir), "--blocks", "2:4", "--initial-peers", first.endpoint, *FAST)
@@ -79,13 +81,16 @@ def test_servers_find_each_other_through_one_initial_peer(model_dir, fork_serve)
         listener.stop()
 
 
+@pytest.mark.slow
 def test_client_without_peers_finds_servers_by_mdns(tmp_path):
     path = make_tiny_model(tmp_path / f"mdns-{tmp_path.name[-12:]}", layers=4, seed=12)
     ref = load_reference(path)
     discovery = DiscoveryConfig(mdns=LOOPBACK_MDNS, gossip=GossipConfig(period=0.2), record_ttl=3)
-    servers = [Server(ServerConfig(str(path), span, host="127.0.0.1", discovery=discovery)).start()
+    servers = [Server(ServerConfig(str(path), span, host="127.0.0.1", discovery=discovery))
                for span in ((0, 2), (2, 4))]
     try:
+        with ThreadPoolExecutor(2) as pool:  # each announcement probes the network for ~1.5 s: both at once
+            list(pool.map(Server.start, servers))
         model = AutoDistributedModelForCausalLM.from_pretrained(str(path), mdns=True, mdns_interface="127.0.0.1")
         with model:
             ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
@@ -124,6 +129,7 @@ def run_status(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[s
     return fork_swarm("status", *args, env=env, timeout=60)
 
 
+@pytest.mark.slow
 def test_status_lists_what_runs(model_dir, fork_serve, tmp_path):
     a = fork_serve(str(model_dir), "--blocks", "0:3", *FAST)
     b = fork_serve(str(model_dir), "--blocks", "1:4", "--initial-peers", a.endpoint, *FAST)

@@ -97,8 +97,8 @@ def test_two_announcers_found_and_closed_one_disappears(browser):
     b = MdnsAnnouncer(second, 45002, "m", LOOPBACK)
     try:
         watcher.start()
-        a.start()
-        b.start()
+        with ThreadPoolExecutor(2) as pool:  # each registration probes for ~1.5 s: both at once
+            list(pool.map(MdnsAnnouncer.start, (a, b)))
         assert browser.wait_for(lambda ps: by_id(ps, first) and by_id(ps, second), WAIT)
         assert watcher.wait_for(lambda ps: by_id(ps, first) and by_id(ps, second), WAIT)
         assert len(changes) >= 2

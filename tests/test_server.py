@@ -31,10 +31,11 @@ def test_worker_runs_steps_before_forward_before_backward():
     worker = ComputeWorker().start()
     order: list[str] = []
     answers: list = []
-    gate = threading.Event()
+    gate, busy = threading.Event(), threading.Event()
     try:
-        worker.submit(PRIORITY_BACKWARD, _Recorder("busy", answers), lambda: (gate.wait(10), ({}, []))[1])
-        time.sleep(0.05)  # the worker is now inside the first task; the rest queue up behind it
+        worker.submit(PRIORITY_BACKWARD, _Recorder("busy", answers),
+                      lambda: (busy.set(), gate.wait(10), ({}, []))[2])
+        assert busy.wait(10)  # the worker is now inside the first task; the rest queue up behind it
         for priority, name in [(PRIORITY_BACKWARD, "backward"), (PRIORITY_FORWARD, "forward"),
                                (PRIORITY_STEP, "step"), (PRIORITY_FORWARD, "forward2"), (PRIORITY_STEP, "step2")]:
             worker.submit(priority, _Recorder(name, answers), lambda n=name: (order.append(n), ({}, []))[1])

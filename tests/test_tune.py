@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import torch
 from conftest import fork_swarm, make_tokenized_model, swarm_env
 
 from swarm import AutoDistributedModelForCausalLM, AutoDistributedModelForSequenceClassification
+from swarm.core.server import Server, ServerConfig
 from swarm.core.tune import Trainer, TuneConfig, load_data, predict
 
 LETTERS = {0: "abcdefg", 1: "tuvwxyz"}
@@ -28,9 +30,15 @@ def tune_model(tmp_path_factory) -> Path:
     return make_tokenized_model(tmp_path_factory.mktemp("tune") / "tune-llama", layers=4, seed=8)
 
 
-@pytest.fixture
-def servers(tune_model, start_server):
-    return [start_server(tune_model, span).endpoint for span in ((0, 2), (2, 4))]
+@pytest.fixture(scope="module")
+def servers(tune_model) -> Iterator[list[str]]:
+    """Two servers of tune_model, shared by the module: tuning runs only read them."""
+    started = [Server(ServerConfig(str(tune_model), span, host="127.0.0.1")) for span in ((0, 2), (2, 4))]
+    try:
+        yield [server.start().endpoint for server in started]
+    finally:
+        for server in started:
+            server.stop()
 
 
 def synthetic(n: int, seed: int) -> list[dict]:
