@@ -141,6 +141,9 @@ def serve_process(tmp_path) -> Iterator[Callable[..., ServeProcess]]:
     try:
         yield start
     finally:
+        for proc in started:  # all stop at once
+            if proc.proc.poll() is None:
+                proc.proc.send_signal(signal.SIGTERM)
         for proc in started:
             proc.stop()
 
@@ -262,6 +265,9 @@ def fork_serve(tmp_path) -> Iterator[Callable[..., ForkedServe]]:
     try:
         yield start
     finally:
+        for server in started:  # all stop at once
+            if server.alive() and server.proc.pid is not None:
+                os.kill(server.proc.pid, signal.SIGTERM)
         for server in started:
             server.stop()
 
