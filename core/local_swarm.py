@@ -45,8 +45,11 @@ class ServeProcess:
         env["SWARM_PARENT_DEATHSIG"] = "1" if threading.current_thread() is threading.main_thread() else "0"
         self.log_path = log_path
         with open(log_path, "w") as log_file:
+            # a session of its own: Ctrl-C in the terminal (SIGINT to the foreground process group) is for the
+            # parent, which stops an answer or stops its servers itself; it must not kill the servers under it
             self.proc = subprocess.Popen([sys.executable, "-m", "swarm", "serve", *args], stdout=subprocess.PIPE,
-                                         stderr=log_file, stdin=subprocess.DEVNULL, text=True, env=env)
+                                         stderr=log_file, stdin=subprocess.DEVNULL, text=True, env=env,
+                                         start_new_session=True)
         try:
             self.endpoint = self._read_endpoint(start_timeout)
         except BaseException:

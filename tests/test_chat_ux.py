@@ -304,6 +304,38 @@ def test_ctrl_c_in_the_chat_cli_stops_the_answer_and_the_chat_goes_on(chat_model
             proc.wait(10)
 
 
+def test_ctrl_c_in_a_terminal_spares_the_demo_servers(tmp_path):
+    """A terminal's Ctrl-C goes to the whole foreground process group: the demo swarm's servers must not get it (they
+    run in sessions of their own), so the chat goes on after the stopped answer, and they stop when it ends."""
+    from swarm.core.demo import ensure_demo_model
+
+    env = swarm_env(tmp_path)
+    demo = ensure_demo_model(tmp_path / "cache")
+    tokens = 400
+    first = long_prompt(demo, load_reference(demo), tokens)
+    proc = subprocess.Popen([sys.executable, "-m", "swarm", "chat", "--demo", "random", "--temperature", "0",
+                             "--max-new-tokens", str(tokens)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, start_new_session=True)  # its own group, as in a shell
+    try:
+        read_until(proc, proc.stderr, "you>", 180)
+        proc.stdin.write(f"{first}\n".encode())
+        proc.stdin.flush()
+        read_until(proc, proc.stdout, "", 60)  # the answer has started
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        stderr = read_until(proc, proc.stderr, "you>", 60)
+        assert "stopped" in stderr and "Traceback" not in stderr
+        proc.stdin.write(b"Again\n")
+        proc.stdin.flush()
+        out, err = (b.decode("utf-8", "replace") for b in proc.communicate(timeout=240))
+        assert proc.returncode == 0, err
+        assert "failed" not in err and "error" not in err, err  # the servers answered the next message
+        assert out.strip()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
 def test_ctrl_c_at_the_prompt_leaves_quietly(chat_model, start_server, tmp_path):
     peers = [start_server(chat_model, (0, 4)).endpoint]
     proc = subprocess.Popen([sys.executable, "-m", "swarm", "chat", str(chat_model), "--initial-peers", *peers],
