@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random models saved as real safetensors checkpoints, and servers on 127.0.0.1."""
+"""Shared fixtures: tiny random models saved as real safetensors checkpoints, and servers on 127.0.0.1 (in process,
+as `python -m swarm serve` subprocesses, or as processes forked from a fork server that imported torch once)."""
 
 from __future__ import annotations
 
