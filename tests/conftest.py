@@ -57,13 +57,13 @@ def make_tiny_model(path: Path, family: str = "llama", layers: int = 4, hidden: 
     return path
 
 
-def make_tokenized_model(path: Path, layers: int = 4, seed: int = 0) -> Path:
+def make_tokenized_model(path: Path, layers: int = 4, seed: int = 0, **overrides) -> Path:
     """A tiny random Llama with swarm's byte-level tokenizer (and its chat template) saved beside it."""
     from swarm.core.demo import build_demo_tokenizer
 
     tokenizer = build_demo_tokenizer()
     make_tiny_model(path, layers=layers, vocab=len(tokenizer), seed=seed, bos_token_id=tokenizer.bos_token_id,
-                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **overrides)
     tokenizer.save_pretrained(path)
     return path
 

@@ -44,6 +44,17 @@ def reference(chat_model):
     return load_reference(chat_model)
 
 
+# answers long enough (in tokens and in time) that a Ctrl-C sent when the first text shows surely lands mid-answer,
+# even on a busy machine
+LONG_ANSWER = 600
+
+
+@pytest.fixture(scope="module")
+def long_chat_model(tmp_path_factory) -> Path:
+    return make_tokenized_model(tmp_path_factory.mktemp("ux-long") / "llama", layers=8, seed=4, hidden=256,
+                                max_position_embeddings=4096)
+
+
 # ----------------------------------------------------------------------------------------------------- 1. no hub
 
 
@@ -273,10 +284,10 @@ def long_prompt(path: Path, reference, tokens: int) -> str:
     raise AssertionError("no candidate prompt gives a long answer")
 
 
-def test_ctrl_c_in_the_chat_cli_stops_the_answer_and_the_chat_goes_on(chat_model, reference, start_server,
-                                                                        tmp_path):
-    peers = [start_server(chat_model, span).endpoint for span in ((0, 2), (2, 4))]
-    tokens = 400
+def test_ctrl_c_in_the_chat_cli_stops_the_answer_and_the_chat_goes_on(long_chat_model, start_server, tmp_path):
+    chat_model, reference = long_chat_model, load_reference(long_chat_model)
+    peers = [start_server(chat_model, span).endpoint for span in ((0, 4), (4, 8))]
+    tokens = LONG_ANSWER
     first = long_prompt(chat_model, reference, tokens)
     proc = subprocess.Popen([sys.executable, "-m", "swarm", "chat", str(chat_model), "--initial-peers", *peers,
                              "--temperature", "0", "--max-new-tokens", str(tokens)],
@@ -311,7 +322,7 @@ def test_ctrl_c_in_a_terminal_spares_the_demo_servers(tmp_path):
 
     env = swarm_env(tmp_path)
     demo = ensure_demo_model(tmp_path / "cache")
-    tokens = 400
+    tokens = LONG_ANSWER
     first = long_prompt(demo, load_reference(demo), tokens)
     proc = subprocess.Popen([sys.executable, "-m", "swarm", "chat", "--demo", "random", "--temperature", "0",
                              "--max-new-tokens", str(tokens)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
