@@ -9,6 +9,7 @@ key prefixes from safetensors files, single or sharded through `model.safetensor
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
@@ -134,8 +135,8 @@ class ModelSource:
                 raise self._offline_error(self._hub_problem) from None
             raise ConfigError(f"cannot load the tokenizer of {self.name!r}: {_first_line(e)}") from None
 
-    def config(self, dtype: str = "auto") -> Any:
-        """The transformers config, with sdpa attention, the resolved `dtype` and eval-time settings."""
+    def config(self, dtype: str | torch.dtype = "auto") -> Any:
+        """A copy of the transformers config, with sdpa attention, the resolved `dtype` and eval-time settings."""
         if self._config is None:
             from transformers import AutoConfig
 
@@ -149,8 +150,8 @@ class ModelSource:
             except (OSError, ValueError, KeyError) as e:
                 raise ConfigError(f"cannot read the config of {self.name!r}: {e}") from None
             self._config._attn_implementation = "sdpa"
-        config = self._config
-        config.dtype = resolve_dtype(dtype, config)
+        config = copy.deepcopy(self._config)  # the config as read stays as it was: each caller gets its own
+        config.dtype = resolve_dtype(dtype, self._config)
         return config
 
     def family(self) -> ModelFamily:

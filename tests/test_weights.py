@@ -113,3 +113,14 @@ def test_checkpoint_missing_a_block_tensor(tmp_path, eight_blocks):
     save_file(tensors, broken / "model.safetensors")
     with pytest.raises(ConfigError, match="lacks tensors of block 1: mlp.up_proj.weight"):
         BlockSpan.load(ModelSource(broken), 0, 2, torch.float32)
+
+
+def test_config_copies_leave_the_config_as_read(eight_blocks):
+    source = ModelSource(eight_blocks)
+    half = source.config("bfloat16")
+    assert half.dtype == torch.bfloat16
+    assert source.config().dtype == torch.float32 and half.dtype == torch.bfloat16  # the first copy is untouched
+    half.num_hidden_layers = 99
+    assert source.config().num_hidden_layers == 8
+    span = BlockSpan.load(source, 0, 1, torch.bfloat16)
+    assert span.config.dtype == torch.bfloat16 and span.blocks[0].mlp.up_proj.weight.dtype == torch.bfloat16

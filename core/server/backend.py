@@ -62,7 +62,7 @@ class BlockSpan(torch.nn.Module):
 
     @classmethod
     def load(cls, source: ModelSource, start: int, end: int, dtype: torch.dtype) -> BlockSpan:
-        config = source.config()
+        config = source.config(dtype)
         family = source.family()
         total = family.num_blocks(config)
         if not 0 <= start < end <= total:
