@@ -66,14 +66,14 @@ class ModelSource:
         from huggingface_hub import hf_hub_download, try_to_load_from_cache
         from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-        if self._hub_problem is not None:  # the cache only: no request would get through
+        if self._cache_only is not None:  # no request would get through
             cached = try_to_load_from_cache(self.name, filename)
             if isinstance(cached, str):
                 return Path(cached)
             if not required:  # known to be absent, or never fetched (a snapshot download notes no absent files)
                 return None
             if cached is None:
-                raise self._offline_error(self._hub_problem)
+                raise self._offline_error(self._cache_only)
             raise ConfigError(f"model {self.name!r} has no {filename}")  # the cache knows the hub has none
         try:
             return Path(hf_hub_download(self.name, filename))
@@ -93,9 +93,10 @@ class ModelSource:
             raise ConfigError(f"cannot get {filename} of model {self.name!r}: {_first_line(e)}") from None
 
     @functools.cached_property
-    def _hub_problem(self) -> str | None:
-        """Why the hub cannot serve this model's files (offline mode, no network), or None; asked once."""
-        return hub_unreachable(self.name)
+    def _cache_only(self) -> str | None:
+        """Why this hub model's files must come from the local cache alone (offline mode, no network), or None (also
+        for a local model, which never asks the hub); the hub is asked once."""
+        return None if self.local is not None else hub_unreachable(self.name)
 
     def _offline_error(self, problem: str) -> ConfigError:
         return ConfigError(f"model {self.name!r} is not in the local Hugging Face cache and {problem}; pass a local "
@@ -103,8 +104,6 @@ class ModelSource:
 
     @property
     def path_for_transformers(self) -> str:
-        if self.gguf_file is not None and self.local is not None:
-            return str(self.local)
         return str(self.local) if self.local is not None else self.name
 
     @property
@@ -125,43 +124,46 @@ class ModelSource:
         """The model's tokenizer (transformers' AutoTokenizer); a ConfigError when it cannot be loaded."""
         from transformers import AutoTokenizer
 
-        offline: dict[str, Any] = {}
-        if self.local is None and self._hub_problem is not None:  # from the cache, without waiting on retries
-            offline["local_files_only"] = True
+        problem = self._cache_only  # then from the cache, without waiting on retries
         try:
-            return AutoTokenizer.from_pretrained(self.path_for_transformers, **self.transformers_kwargs, **offline)
+            return AutoTokenizer.from_pretrained(self.path_for_transformers, **self.transformers_kwargs,
+                                                 local_files_only=problem is not None)
         except (OSError, ValueError) as e:
-            if offline:
-                raise self._offline_error(self._hub_problem) from None
+            if problem is not None:
+                raise self._offline_error(problem) from None
             raise ConfigError(f"cannot load the tokenizer of {self.name!r}: {_first_line(e)}") from None
 
     def config(self, dtype: str | torch.dtype = "auto") -> Any:
         """A copy of the transformers config, with sdpa attention, the resolved `dtype` and eval-time settings."""
+        config = copy.deepcopy(self._read_config())  # the config as read stays as it was: each caller gets its own
+        config.dtype = resolve_dtype(dtype, self._config)
+        return config
+
+    def _read_config(self) -> Any:
+        """The config as read (once); only read here, never changed."""
         if self._config is None:
             from transformers import AutoConfig
 
             self.file(self.gguf_file or "config.json")
             if self.gguf_file is not None:
                 self.gguf()  # a clear error for a corrupt file or an architecture swarm does not read
-            offline = {"local_files_only": True} if self.local is None and self._hub_problem is not None else {}
             try:
-                self._config = AutoConfig.from_pretrained(self.path_for_transformers, **self.transformers_kwargs,
-                                                          **offline)
+                config = AutoConfig.from_pretrained(self.path_for_transformers, **self.transformers_kwargs,
+                                                    local_files_only=self._cache_only is not None)
             except (OSError, ValueError, KeyError) as e:
                 raise ConfigError(f"cannot read the config of {self.name!r}: {e}") from None
-            self._config._attn_implementation = "sdpa"
-        config = copy.deepcopy(self._config)  # the config as read stays as it was: each caller gets its own
-        config.dtype = resolve_dtype(dtype, self._config)
-        return config
+            config._attn_implementation = "sdpa"
+            self._config = config
+        return self._config
 
     def family(self) -> ModelFamily:
-        return family_for(self.config())
+        return family_for(self._read_config())
 
     def weight_map(self) -> dict[str, str]:
         """Tensor name -> safetensors file name (or, for a GGUF file, the GGUF tensor name)."""
         if self.gguf_file is not None:
             if self._gguf_names is None:
-                config, family = self.config(), self.family()
+                config, family = self._read_config(), self.family()
                 self._gguf_names = self.gguf().name_map(family.checkpoint_names(config), family.num_blocks(config))
             return dict(self._gguf_names)
         index = self.file(INDEX_FILE, required=False)
@@ -173,8 +175,8 @@ class ModelSource:
             return {str(k): str(v) for k, v in weight_map.items()}
         single = self.file(SINGLE_FILE, required=False)
         if single is None:
-            if self.local is None and self._hub_problem is not None:  # not "has none": the cache lacks them
-                raise self._offline_error(self._hub_problem)
+            if self._cache_only is not None:  # not "has none": the cache lacks them
+                raise self._offline_error(self._cache_only)
             raise ConfigError(f"model {self.name!r} has no {SINGLE_FILE} nor {INDEX_FILE} (only safetensors "
                               "checkpoints are supported)")
         with safe_open(single, framework="pt") as f:
@@ -184,7 +186,7 @@ class ModelSource:
         """Only the tensors whose names start with one of `prefixes`, read file by file, cast to `dtype`."""
         prefixes = tuple(prefixes)
         if self.gguf_file is not None:
-            config, gguf = self.config(), self.gguf()
+            config, gguf = self._read_config(), self.gguf()
             return {key: gguf.tensor(name, config, dtype) for key, name in self.weight_map().items()
                     if key.startswith(prefixes)}
         by_file: dict[str, list[str]] = {}

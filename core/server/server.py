@@ -21,7 +21,7 @@ from ...transport.errors import ConfigError
 from ...transport.records import MAX_PATH_CHARS, ServerRecord
 from ...transport.rpc import Request, RpcServer, RpcServerConfig
 from ..aliases import announced_id
-from ..weights import ModelSource, resolve_dtype
+from ..weights import ModelSource
 from .backend import BlockSpan
 from .cache import CacheBudget, SessionCache
 from .handler import Handler, HandlerLimits
@@ -94,14 +94,9 @@ class Server:
         # bind before anything slow; the I/O loop starts (and requests reach the handler) only once it exists
         self._rpc = RpcServer(self._dispatch, RpcServerConfig(host=config.host, port=config.port,
                                                               poll_ms=config.poll_ms), tick=self._tick)
-        model_config = self.source.config(config.dtype)
-        dtype = resolve_dtype(config.dtype, model_config)
-        total = self.num_blocks()
-        if not 0 <= config.blocks[0] < config.blocks[1] <= total:
-            raise ConfigError(f"blocks {config.blocks[0]}:{config.blocks[1]} are outside the model's {total} blocks "
-                              f"(0:{total})")
+        dtype = self.source.config(config.dtype).dtype
         started = time.perf_counter()
-        self.span = BlockSpan.load(self.source, *config.blocks, dtype=dtype)
+        self.span = BlockSpan.load(self.source, *config.blocks, dtype=dtype)  # checks the span before reading weights
         log.info("loaded blocks %d:%d of %s (%s) in %.1f s", *config.blocks, config.model,
                  str(dtype).removeprefix("torch."), time.perf_counter() - started)
         per_token = SessionCache.bytes_per_token(len(self.span.blocks), self.span.kv_heads, self.span.head_dim, dtype)
