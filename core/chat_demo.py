@@ -19,7 +19,6 @@ import importlib.util
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,6 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from ..transport.errors import ConfigError
 from .demo import MARKER_FILE, build_once, default_cache_dir
@@ -90,20 +88,17 @@ def _prepare(out: Path, downloads: Path, status: Status) -> None:
 
 def _hub_snapshot(status: Status, tried: list[str]) -> Path | None:
     """The hub's copy (from its cache, or downloaded when the hub answers), or None."""
-    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import snapshot_download
+
+    from .weights import hub_unreachable
 
     try:
         return Path(snapshot_download(HUB_ID, allow_patterns=HUB_FILES, local_files_only=True))
     except Exception:  # not in the hub cache
         pass
-    if constants.HF_HUB_OFFLINE:
-        tried.append("the hub is off (HF_HUB_OFFLINE) and its cache lacks it")
-        return None
-    host = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((host.hostname or "", host.port or 443), timeout=3).close()
-    except OSError:
-        tried.append(f"the hub ({host.hostname}) cannot be reached")
+    problem = hub_unreachable(HUB_ID)  # one bounded request, no retries
+    if problem is not None:
+        tried.append(f"{HUB_ID} is not in the Hugging Face cache and {problem}")
         return None
     status(f"downloading {HUB_ID} from the hub (about 270 MB)")
     try:
