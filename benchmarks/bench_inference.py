@@ -55,8 +55,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+from model_choice import question_ids  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
+
+from swarm.core.chat_demo import num_blocks  # noqa: E402
 
 PROMPT_LENGTH = 16
 WARMUP_STEPS = 4
@@ -130,20 +133,10 @@ def checkpoint(tmp: Path, name: str) -> Path:
     return build_checkpoint(tmp / name, name)
 
 
-def num_blocks(path: Path) -> int:
-    from swarm.core.chat_demo import num_blocks as read
-
-    return read(path)
-
-
 def prompt_ids(path: Path, vocab: int) -> torch.Tensor:
     """A chat-templated question for a model with a tokenizer (the real one), else PROMPT_LENGTH random tokens."""
     if (path / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        return tokenizer.apply_chat_template([{"role": "user", "content": REAL_QUESTION}], add_generation_prompt=True,
-                                             return_tensors="pt", return_dict=True)["input_ids"]
+        return question_ids(path, REAL_QUESTION)
     gen = torch.Generator().manual_seed(SEED + 1)
     return torch.randint(0, vocab, (1, PROMPT_LENGTH), generator=gen)
 

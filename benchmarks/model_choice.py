@@ -34,13 +34,7 @@ class Model:
 
     def prompt(self, question: str) -> torch.Tensor:
         """Token ids [1, n] of `question`: chat-templated by the model's tokenizer, or the fixed random-model ids."""
-        if not self.real:
-            return torch.tensor(RANDOM_PROMPT)
-        tokenizer = self.tokenizer()
-        if tokenizer.chat_template:
-            return tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                                 return_tensors="pt", return_dict=True)["input_ids"]
-        return tokenizer(question, return_tensors="pt")["input_ids"]
+        return question_ids(self.path, question) if self.real else torch.tensor(RANDOM_PROMPT)
 
     def decode(self, ids: list[int]) -> str | None:
         """The text of `ids` for a real model (None for the random one)."""
@@ -50,6 +44,18 @@ class Model:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(self.path)
+
+
+def question_ids(path: Path, question: str) -> torch.Tensor:
+    """Token ids [1, n] of `question` for the model in `path`: chat-templated by its tokenizer (plain text when it
+    has no chat template)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                             return_tensors="pt", return_dict=True)["input_ids"]
+    return tokenizer(question, return_tensors="pt")["input_ids"]
 
 
 def add_model_option(parser: argparse.ArgumentParser, random_help: str) -> None:
