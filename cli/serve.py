@@ -139,16 +139,12 @@ def _follow_parent() -> None:
     if deathsig and sys.platform.startswith("linux"):
         _parent_death_signal(signal.SIGTERM)
 
-    def watch() -> None:
+    def watch() -> None:  # also when the parent died before we started watching
         while os.getppid() == parent:
             threading.Event().wait(0.5)
         log.warning("the parent process %d is gone; stopping", parent)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    if os.getppid() != parent:  # it died before we started watching
-        log.warning("the parent process %d is gone; stopping", parent)
-        os.kill(os.getpid(), signal.SIGTERM)
-        return
     threading.Thread(target=watch, name="swarm-parent-watch", daemon=True).start()
 
 
