@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ...transport.errors import ConfigError
-from .base import ClientPrefixes, ModelFamily
+from .base import ClientPrefixes, ModelFamily, PassContext
 from .llama import LlamaFamily
 
 FAMILIES: tuple[ModelFamily, ...] = (LlamaFamily(),)
@@ -29,4 +29,4 @@ def family_for(config: Any) -> ModelFamily:
     raise ConfigError(f"unsupported architecture {shown}; swarm supports: {', '.join(supported_architectures())}")
 
 
-__all__ = ["ClientPrefixes", "FAMILIES", "ModelFamily", "family_for", "supported_architectures"]
+__all__ = ["ClientPrefixes", "FAMILIES", "ModelFamily", "PassContext", "family_for", "supported_architectures"]

@@ -3,7 +3,8 @@
 Generic code (weight loading, the server's block runtime, the client) talks to a family only through `ModelFamily`.
 A family module describes:
 - where block i's tensors live in a checkpoint, and how to build block i from the config;
-- what the blocks need besides hidden states (rotary position embeddings, alibi, ...), computed once per step;
+- what the blocks need besides hidden states (rotary position embeddings, alibi, ...), computed once per pass from
+  the pass's context (`PassContext`: positions, masks, cache view);
 - the attention-cache layout of a block (key/value heads and head size) and its attention window;
 - the client's modules: input embeddings, final norm, LM head.
 Adding a family is one more module that subclasses `ModelFamily` and registers itself in `core/models/__init__.py`.
@@ -11,7 +12,7 @@ Adding a family is one more module that subclasses `ModelFamily` and registers i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,6 +27,50 @@ class ClientPrefixes:
     norm: str
     lm_head: str
     score: str = "score."  # a sequence-classification head, when the checkpoint has one
+
+
+@dataclass
+class PassContext:
+    """What one pass through a run of blocks gives every block besides hidden states, built by the generic block
+    runtime and read by the family module (which decides how its layers consume it).
+
+    - `positions` [batch, new]: position id of each new token (real tokens count up per row; padding gets 1);
+    - `key_valid` [batch, keys]: which key slots hold real tokens (cached ones, then the new ones);
+    - `query_slots` [new]: the key slot of each new token;
+    - `cache`: the blocks' attention cache (`update(key, value, layer_idx)` -> all keys and values so far), or None;
+    - `windows`: the attention window of each block of the pass (by its number in the model; None: full causal);
+    - `inputs`: what the family computed once for the pass (`ModelFamily.pass_inputs`: rotary embeddings, ...).
+    `block_mask(index)` is block `index`'s additive causal mask [batch, 1, new, keys], built once per window and
+    pass; a family with alibi reads `positions` and `key_valid` instead.
+    """
+
+    positions: torch.Tensor
+    key_valid: torch.Tensor
+    query_slots: torch.Tensor
+    dtype: torch.dtype
+    windows: dict[int, int | None] = field(default_factory=dict)
+    cache: Any | None = None
+    inputs: dict[str, Any] = field(default_factory=dict)
+    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def block_mask(self, index: int) -> torch.Tensor:
+        window = self.windows.get(index)
+        if window not in self._masks:
+            self._masks[window] = causal_mask(self.key_valid, self.query_slots, window, self.dtype)
+        return self._masks[window]
+
+
+def causal_mask(valid: torch.Tensor, query_slots: torch.Tensor, window: int | None, dtype: torch.dtype
+                ) -> torch.Tensor:
+    """Additive mask [batch, 1, queries, keys]: a query sees real keys at its slot or before (within `window`)."""
+    key_slots = torch.arange(valid.shape[1], device=valid.device)
+    allowed = key_slots[None, :] <= query_slots[:, None]
+    if window is not None:
+        allowed = allowed & (key_slots[None, :] > query_slots[:, None] - window)
+    allowed = allowed[None, :, :] & valid[:, None, :]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=valid.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None, :, :]
 
 
 class ModelFamily:
@@ -53,14 +98,13 @@ class ModelFamily:
         """A module holding what all blocks of a span share (e.g. rotary frequencies); may be empty."""
         return nn.Module()
 
-    def block_inputs(self, shared: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict[str, Any]:
-        """Keyword arguments every block gets for this step besides hidden states, mask and cache."""
+    def pass_inputs(self, shared: nn.Module, hidden: torch.Tensor, context: PassContext) -> dict[str, Any]:
+        """What every block of this pass needs besides hidden states, computed once (kept in `context.inputs`)."""
         return {}
 
-    def run_block(self, block: nn.Module, hidden: torch.Tensor, mask: torch.Tensor, inputs: dict[str, Any],
-                  cache: Any | None) -> torch.Tensor:
-        """Apply one block. `mask` is additive, [batch, 1, new, cached+new]; `cache` has `update(k, v, layer_idx)`."""
-        out = block(hidden, attention_mask=mask, past_key_values=cache, **inputs)
+    def run_block(self, block: nn.Module, index: int, hidden: torch.Tensor, context: PassContext) -> torch.Tensor:
+        """Apply block `index` (its number in the whole model) to `hidden` in the pass described by `context`."""
+        out = block(hidden, attention_mask=context.block_mask(index), past_key_values=context.cache, **context.inputs)
         return out[0] if isinstance(out, tuple) else out
 
     def kv_shape(self, config: Any) -> tuple[int, int]:

@@ -1,8 +1,8 @@
 """The Llama family: LlamaForCausalLM, and MistralForCausalLM / Qwen2ForCausalLM whose blocks have the same shape.
 
 Blocks are transformers' own decoder layers built through their public constructors. Rotary position embeddings
-are computed here once per step from each token's position id, with the family's rotary module; causal masks are
-computed by the generic block runtime from `attention_window`.
+are computed here once per pass from each token's position id (`PassContext.positions`), with the family's rotary
+module; causal masks come from the pass context, built by the generic block runtime from `attention_window`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import ClientPrefixes, ModelFamily
+from .base import ClientPrefixes, ModelFamily, PassContext
 
 
 @dataclass(frozen=True)
@@ -63,9 +63,9 @@ class LlamaFamily(ModelFamily):
     def build_shared(self, config: Any) -> nn.Module:
         return _Rotary(_classes(config).rotary(config=config))
 
-    def block_inputs(self, shared: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict[str, Any]:
-        cos, sin = shared.rotary(hidden, position_ids)
-        return {"position_embeddings": (cos, sin), "position_ids": position_ids}
+    def pass_inputs(self, shared: nn.Module, hidden: torch.Tensor, context: PassContext) -> dict[str, Any]:
+        cos, sin = shared.rotary(hidden, context.positions)
+        return {"position_embeddings": (cos, sin), "position_ids": context.positions}
 
     def kv_shape(self, config: Any) -> tuple[int, int]:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

@@ -1,9 +1,9 @@
 """The blocks a server holds, and the computations on them: forward, backward, and cached inference steps.
 
 `BlockSpan` loads blocks [start, end) of a model from its checkpoint (and nothing else), frozen, in one dtype. Each
-computation may run a sub-range of the span. Masks are built here from the padding mask and the family's attention
-window; position ids come from the padding mask (the count of real tokens before each one), as in transformers'
-`generate`.
+computation may run a sub-range of the span. Each pass gives the family one `PassContext` (positions, which keys are
+real, the cache, masks built from the family's attention windows); position ids come from the padding mask (the count
+of real tokens before each one), as in transformers' `generate`.
 
 Deep prompt tuning: a computation may carry `prompts` [blocks, batch or 1, prompt_length, hidden], one trainable
 prompt per block (sent by the client, never kept): before each block, its prompt is added to the hidden states of the
@@ -18,24 +18,11 @@ from typing import Any
 import torch
 
 from ...transport.errors import ConfigError
-from ..models import ModelFamily
+from ..models import ModelFamily, PassContext
 from ..weights import ModelSource, assign_weights, strip_prefix
 from .cache import SessionCache
 
 log = logging.getLogger(__name__)
-
-
-def causal_mask(valid: torch.Tensor, query_slots: torch.Tensor, window: int | None, dtype: torch.dtype
-                ) -> torch.Tensor:
-    """Additive mask [batch, 1, queries, keys]: a query sees real keys at its slot or before (within `window`)."""
-    key_slots = torch.arange(valid.shape[1], device=valid.device)
-    allowed = key_slots[None, :] <= query_slots[:, None]
-    if window is not None:
-        allowed = allowed & (key_slots[None, :] > query_slots[:, None] - window)
-    allowed = allowed[None, :, :] & valid[:, None, :]
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=valid.device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[:, None, :, :]
 
 
 def positions_from_mask(attention_mask: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
@@ -94,19 +81,20 @@ class BlockSpan(torch.nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones(batch, length, dtype=torch.long, device=hidden.device)
         hidden = hidden.to(self.dtype)
-        valid = attention_mask.bool()
-        positions = positions_from_mask(attention_mask)
-        slots = torch.arange(length, device=hidden.device)
-        inputs = self.family.block_inputs(self.shared, hidden, positions)
-        masks: dict[int | None, torch.Tensor] = {}
+        context = self._context(hidden, positions_from_mask(attention_mask), attention_mask.bool(),
+                                torch.arange(length, device=hidden.device), None)
         for n, j in enumerate(self._range(blocks)):
-            window = self.windows[j]
-            if window not in masks:
-                masks[window] = causal_mask(valid, slots, window, self.dtype)
             if prompts is not None:
                 hidden = add_prompt(hidden, prompts[n])
-            hidden = self.family.run_block(self.blocks[j], hidden, masks[window], inputs, None)
+            hidden = self.family.run_block(self.blocks[j], self.start + j, hidden, context)
         return hidden
+
+    def _context(self, hidden: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor,
+                 query_slots: torch.Tensor, cache: SessionCache | None) -> PassContext:
+        windows = {self.start + j: window for j, window in enumerate(self.windows)}
+        context = PassContext(positions, key_valid, query_slots, self.dtype, windows, cache)
+        context.inputs = self.family.pass_inputs(self.shared, hidden, context)
+        return context
 
     def new_cache(self, batch: int, max_length: int, blocks: tuple[int, int] | None = None) -> SessionCache:
         layers = [self.start + j for j in self._range(blocks)]
@@ -126,19 +114,13 @@ class BlockSpan(torch.nn.Module):
         hidden = hidden.to(self.dtype)
         start = cache.length
         cache.valid[:, start:start + new] = attention_mask.bool()
-        positions = positions_from_mask(attention_mask, cache.tokens_seen)
-        slots = torch.arange(start, start + new, device=hidden.device)
-        valid = cache.valid[:, :start + new]
-        inputs = self.family.block_inputs(self.shared, hidden, positions)
-        masks: dict[int | None, torch.Tensor] = {}
+        context = self._context(hidden, positions_from_mask(attention_mask, cache.tokens_seen),
+                                cache.valid[:, :start + new], torch.arange(start, start + new, device=hidden.device),
+                                cache)
         for n, layer in enumerate(cache.layers):
-            j = layer - self.start
-            window = self.windows[j]
-            if window not in masks:
-                masks[window] = causal_mask(valid, slots, window, self.dtype)
             if prompts is not None:
                 hidden = add_prompt(hidden, prompts[n])
-            hidden = self.family.run_block(self.blocks[j], hidden, masks[window], inputs, cache)
+            hidden = self.family.run_block(self.blocks[layer - self.start], layer, hidden, context)
         cache.tokens_seen += attention_mask.long().sum(dim=1)
         cache.advance(new)
         return hidden
