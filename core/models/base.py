@@ -30,34 +30,66 @@ class ClientPrefixes:
 
 
 @dataclass
+class Segment:
+    """One request's share of a pass: `rows` sequences of `new` tokens each, packed one row after the other at
+    `offset` in the pass's token axis.
+
+    - `key_valid` [rows, keys]: which key slots hold real tokens (the cached ones, then the new ones);
+    - `query_slots` [new]: the key slot of each new token;
+    - `cache`: the request's own attention cache (`layers[block].key/.value` [rows, kv_heads, slots, head_dim]), or
+      None for a request without one (its keys are its new tokens' only).
+    """
+
+    rows: int
+    new: int
+    offset: int
+    key_valid: torch.Tensor
+    query_slots: torch.Tensor
+    dtype: torch.dtype
+    cache: Any | None = None
+    _masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict, repr=False)
+
+    @property
+    def keys(self) -> int:
+        return int(self.key_valid.shape[1])
+
+    def mask(self, window: int | None) -> torch.Tensor | None:
+        """The additive causal mask [rows, 1, new, keys] for an attention `window` (None: full causal), built once
+        per pass; None when plain causal attention gives the same (every key real, no window cut, and the queries
+        either start at slot 0 or are a single token that sees every key)."""
+        if window not in self._masks:
+            plain = (bool(self.key_valid.all()) and (window is None or self.keys <= window)
+                     and (self.new == 1 or int(self.query_slots[0]) == 0))
+            self._masks[window] = None if plain else causal_mask(self.key_valid, self.query_slots, window, self.dtype)
+        return self._masks[window]
+
+    def tokens(self, packed: torch.Tensor, heads_dim: int = 1) -> torch.Tensor:
+        """This segment's part of a packed [1, heads, tokens, dim] tensor, as [rows, heads, new, dim]."""
+        part = packed[0, :, self.offset:self.offset + self.rows * self.new]
+        return part.reshape(part.shape[0], self.rows, self.new, part.shape[-1]).transpose(0, 1)
+
+
+@dataclass
 class PassContext:
     """What one pass through a run of blocks gives every block besides hidden states, built by the generic block
     runtime and read by the family module (which decides how its layers consume it).
 
-    - `positions` [batch, new]: position id of each new token (real tokens count up per row; padding gets 1);
-    - `key_valid` [batch, keys]: which key slots hold real tokens (cached ones, then the new ones);
-    - `query_slots` [new]: the key slot of each new token;
-    - `cache`: the blocks' attention cache (`update(key, value, layer_idx)` -> all keys and values so far), or None;
+    A pass packs the new tokens of several requests (sessions' steps, forwards) into one sequence [1, tokens, hidden]
+    for the linear layers; attention runs per `segments` entry, over that request's own keys.
+    - `positions` [1, tokens]: position id of each packed token (real tokens count up per row; padding gets 1);
+    - `segments`: the requests of the pass, in packing order;
     - `windows`: the attention window of each block of the pass (by its number in the model; None: full causal);
+    - `cache`: an object with `update(key, value, layer_idx)` that writes each segment's new keys and values into its
+      own cache (None when no segment has one);
     - `inputs`: what the family computed once for the pass (`ModelFamily.pass_inputs`: rotary embeddings, ...).
-    `block_mask(index)` is block `index`'s additive causal mask [batch, 1, new, keys], built once per window and
-    pass; a family with alibi reads `positions` and `key_valid` instead.
     """
 
     positions: torch.Tensor
-    key_valid: torch.Tensor
-    query_slots: torch.Tensor
+    segments: list[Segment]
     dtype: torch.dtype
     windows: dict[int, int | None] = field(default_factory=dict)
     cache: Any | None = None
     inputs: dict[str, Any] = field(default_factory=dict)
-    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict, repr=False)
-
-    def block_mask(self, index: int) -> torch.Tensor:
-        window = self.windows.get(index)
-        if window not in self._masks:
-            self._masks[window] = causal_mask(self.key_valid, self.query_slots, window, self.dtype)
-        return self._masks[window]
 
 
 def causal_mask(valid: torch.Tensor, query_slots: torch.Tensor, window: int | None, dtype: torch.dtype
@@ -103,9 +135,16 @@ class ModelFamily:
         return {}
 
     def run_block(self, block: nn.Module, index: int, hidden: torch.Tensor, context: PassContext) -> torch.Tensor:
-        """Apply block `index` (its number in the whole model) to `hidden` in the pass described by `context`."""
-        out = block(hidden, attention_mask=context.block_mask(index), past_key_values=context.cache, **context.inputs)
+        """Apply block `index` (its number in the whole model) to the packed `hidden` [1, tokens, hidden] of the pass
+        described by `context`. The default suits transformers layers that take `past_key_values` and hand extra
+        keyword arguments to their attention function (the registered "swarm" attention reads `swarm_pass`)."""
+        out = block(hidden, attention_mask=None, past_key_values=context.cache, swarm_pass=context, **context.inputs)
         return out[0] if isinstance(out, tuple) else out
+
+    def attention_implementation(self) -> str | None:
+        """The transformers attention implementation this family's blocks run with: "swarm" (per-segment attention
+        over each request's own cache, `core/models/attention.py`) for layers that call the `AttentionInterface`."""
+        return "swarm"
 
     def kv_shape(self, config: Any) -> tuple[int, int]:
         """(key/value heads, head size) of one block's attention cache."""

@@ -19,8 +19,10 @@ import torch
 
 from ...transport.errors import ConfigError
 from ..models import ModelFamily, PassContext
+from ..models import attention as _attention  # noqa: F401  (registers the "swarm" attention)
+from ..models.base import Segment
 from ..weights import ModelSource, assign_weights, strip_prefix
-from .cache import SessionCache
+from .cache import PassCache, SessionCache
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,9 @@ class BlockSpan(torch.nn.Module):
         self.shared = shared
         self.windows = [family.attention_window(config, i) for i in range(start, end)]
         self.kv_heads, self.head_dim = family.kv_shape(config)
+        implementation = family.attention_implementation()
+        if implementation is not None:  # the blocks read it from their config at each call
+            config._attn_implementation = implementation
         self.requires_grad_(False)
         self.eval()
 
@@ -77,24 +82,7 @@ class BlockSpan(torch.nn.Module):
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 blocks: tuple[int, int] | None = None, prompts: torch.Tensor | None = None) -> torch.Tensor:
         """Run the blocks over whole sequences, no cache (adding `prompts`, one per block, at the prompt positions)."""
-        batch, length, _ = hidden.shape
-        if attention_mask is None:
-            attention_mask = torch.ones(batch, length, dtype=torch.long, device=hidden.device)
-        hidden = hidden.to(self.dtype)
-        context = self._context(hidden, positions_from_mask(attention_mask), attention_mask.bool(),
-                                torch.arange(length, device=hidden.device), None)
-        for n, j in enumerate(self._range(blocks)):
-            if prompts is not None:
-                hidden = add_prompt(hidden, prompts[n])
-            hidden = self.family.run_block(self.blocks[j], self.start + j, hidden, context)
-        return hidden
-
-    def _context(self, hidden: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor,
-                 query_slots: torch.Tensor, cache: SessionCache | None) -> PassContext:
-        windows = {self.start + j: window for j, window in enumerate(self.windows)}
-        context = PassContext(positions, key_valid, query_slots, self.dtype, windows, cache)
-        context.inputs = self.family.pass_inputs(self.shared, hidden, context)
-        return context
+        return self.run([Work(hidden, attention_mask, None, prompts)], blocks)[0]
 
     def new_cache(self, batch: int, max_length: int, blocks: tuple[int, int] | None = None) -> SessionCache:
         layers = [self.start + j for j in self._range(blocks)]
@@ -108,22 +96,43 @@ class BlockSpan(torch.nn.Module):
 
         `prompts` (one per cached block) are added at the first positions: only a step at position 0 may carry them.
         """
-        batch, new, _ = hidden.shape
-        if attention_mask is None:
-            attention_mask = torch.ones(batch, new, dtype=torch.long, device=hidden.device)
-        hidden = hidden.to(self.dtype)
-        start = cache.length
-        cache.valid[:, start:start + new] = attention_mask.bool()
-        context = self._context(hidden, positions_from_mask(attention_mask, cache.tokens_seen),
-                                cache.valid[:, :start + new], torch.arange(start, start + new, device=hidden.device),
-                                cache)
-        for n, layer in enumerate(cache.layers):
-            if prompts is not None:
-                hidden = add_prompt(hidden, prompts[n])
-            hidden = self.family.run_block(self.blocks[layer - self.start], layer, hidden, context)
-        cache.tokens_seen += attention_mask.long().sum(dim=1)
-        cache.advance(new)
-        return hidden
+        return self.run([Work(hidden, attention_mask, cache, prompts)], cache.blocks)[0]
+
+    def run(self, works: list[Work], blocks: tuple[int, int] | None = None) -> list[torch.Tensor]:
+        """One pass of several requests through blocks [start, end) (default: the whole span): their new tokens are
+        packed into one sequence for the linear layers, and each attends over its own keys (its cache's, for a
+        session's step, which gets the new keys appended). Returns each request's output [rows, new, hidden]."""
+        hidden, segments = self._pack(works)
+        caches = [(w.cache, s) for w, s in zip(works, segments, strict=True) if w.cache is not None]
+        indices = list(self._range(blocks))
+        windows = {self.start + j: self.windows[j] for j in indices}
+        context = PassContext(torch.cat([_positions(w) for w in works], dim=1), segments, self.dtype, windows,
+                              PassCache(caches) if caches else None)
+        context.inputs = self.family.pass_inputs(self.shared, hidden, context)
+        for n, j in enumerate(indices):
+            hidden = _add_prompts(hidden, works, segments, n)
+            hidden = self.family.run_block(self.blocks[j], self.start + j, hidden, context)
+        for cache, segment in caches:
+            cache.tokens_seen += cache.valid[:, cache.length:cache.length + segment.new].sum(dim=1)
+            cache.advance(segment.new)
+        return [hidden[0, s.offset:s.offset + s.rows * s.new].view(s.rows, s.new, -1) for s in segments]
+
+    def _pack(self, works: list[Work]) -> tuple[torch.Tensor, list[Segment]]:
+        """The works' tokens as one sequence [1, tokens, hidden], and where each one's are."""
+        parts, segments, offset = [], [], 0
+        for work in works:
+            rows, new, size = work.hidden.shape
+            mask = work.mask
+            if work.cache is None:
+                valid, slots = mask.bool(), torch.arange(new, device=mask.device)
+            else:
+                start = work.cache.length
+                work.cache.valid[:, start:start + new] = mask.bool()
+                valid, slots = work.cache.valid[:, :start + new], torch.arange(start, start + new, device=mask.device)
+            segments.append(Segment(rows, new, offset, valid, slots, self.dtype, work.cache))
+            parts.append(work.hidden.to(self.dtype).reshape(1, rows * new, size))
+            offset += rows * new
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)), segments
 
     def forward_graph(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       blocks: tuple[int, int] | None = None, prompts: torch.Tensor | None = None) -> Graph:
@@ -147,6 +156,39 @@ class BlockSpan(torch.nn.Module):
         return grads[0], (grads[1] if graph.prompts is not None else None)
 
 
+class Work:
+    """One request's part of a pass: new tokens [rows, new, hidden], their padding mask [rows, new] (1: real),
+    the session's cache (None: no cache) and deep prompts [blocks of the pass, rows or 1, prompt_length, hidden]
+    whose columns start at `column` of the request (a long step runs in several passes, `column` tokens in)."""
+
+    __slots__ = ("hidden", "mask", "cache", "prompts", "column")
+
+    def __init__(self, hidden: torch.Tensor, mask: torch.Tensor | None = None, cache: SessionCache | None = None,
+                 prompts: torch.Tensor | None = None, column: int = 0):
+        rows, new = hidden.shape[:2]
+        self.hidden, self.cache, self.prompts, self.column = hidden, cache, prompts, column
+        self.mask = torch.ones(rows, new, dtype=torch.long, device=hidden.device) if mask is None else mask
+
+
+def _positions(work: Work) -> torch.Tensor:
+    seen = None if work.cache is None else work.cache.tokens_seen
+    return positions_from_mask(work.mask, seen).reshape(1, -1)
+
+
+def _add_prompts(hidden: torch.Tensor, works: list[Work], segments: list[Segment], n: int) -> torch.Tensor:
+    """`hidden` with each work's prompt for the pass's block `n` added at its prompt positions (out of place, so
+    autograd sees it)."""
+    for work, segment in zip(works, segments, strict=True):
+        if work.prompts is None or work.column >= work.prompts.shape[2]:
+            continue
+        prompt = work.prompts[n][:, work.column:work.column + segment.new]  # [rows or 1, columns, hidden]
+        rows = hidden[0, segment.offset:segment.offset + segment.rows * segment.new].view(segment.rows, segment.new, -1)
+        added = torch.cat([rows[:, :prompt.shape[1]] + prompt.to(hidden.dtype), rows[:, prompt.shape[1]:]], dim=1)
+        hidden = torch.cat([hidden[:, :segment.offset], added.reshape(1, -1, hidden.shape[-1]),
+                            hidden[:, segment.offset + segment.rows * segment.new:]], dim=1)
+    return hidden
+
+
 class Graph:
     """A forward pass recorded for autograd: its inputs (and prompts) as leaves, and its output."""
 
@@ -154,9 +196,3 @@ class Graph:
 
     def __init__(self, inputs: torch.Tensor, prompts: torch.Tensor | None, out: torch.Tensor):
         self.inputs, self.prompts, self.out = inputs, prompts, out
-
-
-def add_prompt(hidden: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
-    """`hidden` [batch, length, hidden] with `prompt` [batch or 1, prompt_length, hidden] added at its start."""
-    length = prompt.shape[1]
-    return torch.cat([hidden[:, :length] + prompt.to(hidden.dtype), hidden[:, length:]], dim=1)
