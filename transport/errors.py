@@ -32,6 +32,12 @@ class VersionMismatch(ProtocolError):
     code = "protocol_version"
 
 
+class UnknownMethod(ProtocolError):
+    """The message type is not one this peer knows (it may be newer: check its capabilities first)."""
+
+    code = "unknown_method"
+
+
 class PeerTimeout(SwarmError):
     """A peer did not answer within the timeout (it may be gone or overloaded)."""
 
