@@ -1,28 +1,21 @@
-"""The server's protocol: checks every request, answers cheap ones at once, queues compute on the worker.
+"""The server's protocol: turns each request into a typed, validated work item on the I/O thread, answers cheap
+requests at once, and queues compute on the engine (engine.py), which runs it in passes with others' work.
 
-Requests (message type -> fields / tensors; relayed steps: see relay.py):
-- `ping` -> {}                                       (latency probes)
-- `info` -> model, span, dtype, protocol, free cache, ...
-- `forward` {blocks?, names, keep?} [hidden, attention_mask?, prompts?] -> {kept?} [hidden]
-- `backward` {blocks?, names, kept?} [hidden, grad_output, attention_mask?, prompts?] -> [grad_input, grad_prompts?]
-- `open` {batch_size, max_length, blocks?} -> {session}
-- `step` {session, start?, names, push?} [hidden, attention_mask?, prompts?] -> [hidden]
-- `step` {session, start?, names, ticket, wait?, push?} [attention_mask?, prompts?] -> [hidden]  (input pushed)
-- `push` {session, ticket, names} [hidden] -> {}     (a relayed step's input, from the previous server)
-- `cancel` {session, ticket} -> {cancelled}          (drop a relayed step still waiting for its input)
-- `close` {session} -> {}
-- `gossip` {records} -> {records}                    (push-pull exchange of server records)
+Requests and their fields are the types of `transport/messages.py` (validated there once, on arrival); what depends on
+this server (its span, hidden size, limits, sessions, values finite in its dtype) is checked here, also on arrival,
+so a malformed request is refused before it is queued and queued bytes are bounded (`busy` past the bound).
 A forward with `keep` keeps its autograd graph (a few, for a while) and answers its id (`kept`); the backward that
 names it, with the same inputs, uses it instead of running the blocks again (training costs 2 passes, not 3).
 `prompts` are deep-prompt-tuning prompts, one per block computed: [blocks, batch or 1, prompt_length, hidden] (see
 backend.py); a step may carry them only at position 0.
-Anything a peer sends is validated here and refused with a stable error code; nothing a peer sends can stop the
-server or touch another client's session.
+Nothing a peer sends can stop the server or touch another client's session. A step that is refused or fails does not
+count as activity of its session (only answered steps keep a session from expiring).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import threading
 import time
@@ -33,12 +26,31 @@ from typing import Any
 import torch
 
 from ...transport.codec import PROTOCOL_VERSION
-from ...transport.errors import ProtocolError, RemoteError
+from ...transport.errors import ProtocolError, RemoteError, SwarmError
+from ...transport.messages import (
+    CAPABILITIES,
+    Backward,
+    BackwardReply,
+    Cancel,
+    CancelReply,
+    Close,
+    Forward,
+    ForwardReply,
+    Info,
+    Open,
+    OpenReply,
+    Ping,
+    Push,
+    Step,
+    StepReply,
+    parse_request,
+    require_finite,
+)
 from ...transport.rpc import Request
 from .backend import BlockSpan, Graph
 from .cache import CacheBudget, SessionCache
-from .relay import MAX_WAIT, Mailbox, Relay, parse_push, parse_ticket
-from .worker import PRIORITY_BACKWARD, PRIORITY_FORWARD, PRIORITY_STEP, ComputeWorker
+from .engine import BackwardJob, Engine, ForwardJob, Job, StepJob
+from .relay import Mailbox, Relay
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +74,12 @@ class HandlerLimits:
     session_timeout: float = 600.0  # seconds a session may stay idle before it is closed
     max_kept: int = 8  # forward passes whose graphs wait for their backward (oldest dropped first; 0: none)
     kept_ttl: float = 120.0  # seconds a kept graph waits for its backward
+    max_pass_bytes: int = 256 << 20  # memory one sequence's attention mask may take in a forward/backward pass
+
+    @property
+    def max_forward_length(self) -> int:
+        """The longest sequence a forward or backward may hold: its dense mask (length^2 floats) fits the bound."""
+        return max(1, math.isqrt(self.max_pass_bytes // 4))
 
 
 @dataclass
@@ -72,16 +90,17 @@ class Session:
     tokens: int  # cache tokens reserved in the budget
     last_used: float = field(default_factory=time.monotonic)
     cache: SessionCache | None = None
+    closed: bool = False
 
 
 class Handler:
     """Turns requests into answers for one BlockSpan."""
 
-    def __init__(self, span: BlockSpan, worker: ComputeWorker, budget: CacheBudget, model_name: str,
+    def __init__(self, span: BlockSpan, engine: Engine, budget: CacheBudget, model_name: str,
                  limits: HandlerLimits | None = None, extra_info: dict[str, Any] | None = None,
                  on_gossip: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
                  relay: Relay | None = None, relay_allowed: Callable[[str], bool] = lambda peer: False):
-        self.span, self.worker, self.budget = span, worker, budget
+        self.span, self.engine, self.budget = span, engine, budget
         self.model_name = model_name
         self.limits = limits or HandlerLimits()
         self.extra_info = extra_info or {}
@@ -92,61 +111,37 @@ class Handler:
         self._kept: dict[str, _Kept] = {}  # forward graphs waiting for their backward, oldest first
         self._lock = threading.Lock()
         self.accepting = True
+        engine.run_forward_alone = self._forward_kept
 
     # --- the I/O thread's entry points -------------------------------------------------------------------------
 
     def __call__(self, request: Request) -> None:
-        kind = request.message.type
-        if kind == "ping":
-            request.reply()
-        elif kind == "info":
-            request.reply(self.info())
-        elif kind == "gossip" and self.on_gossip is not None:
+        if request.message.type == "gossip" and self.on_gossip is not None:
             request.reply(self.on_gossip(dict(request.message.fields)))
-        elif kind == "open":
-            request.reply(self.open(request))
-        elif kind == "close":
-            self.close(_session_id(request))
+            return
+        message = parse_request(request.message)
+        if isinstance(message, Ping):
             request.reply()
-        elif kind == "step":
-            session_id = _session_id(request)
-            self._touch(session_id)
-            if "ticket" in request.message.fields:
-                self._await_input(session_id, request)
-            else:
-                self.worker.submit(PRIORITY_STEP, request, lambda: self._step(session_id, request))
-        elif kind == "push":
-            session_id = _session_id(request)
+        elif isinstance(message, Info):
+            request.reply(self.info())
+        elif isinstance(message, Open):
+            request.reply(*self.open(message).to_wire())
+        elif isinstance(message, Close):
+            self.close(message.session)
+            request.reply()
+        elif isinstance(message, Step):
+            self._step(request, message)
+        elif isinstance(message, Push):
             self._check_relays()
-            self._session(session_id)
-            hidden = self._tensors(request, ("hidden",))["hidden"]
-            self.mailbox.push(session_id, parse_ticket(request.message.get("ticket")), hidden)
+            self._session(message.session)
+            self.mailbox.push(message.session, message.ticket, message.hidden)
             request.reply()
-        elif kind == "cancel":
-            cancelled = self.mailbox.cancel(_session_id(request), parse_ticket(request.message.get("ticket")))
-            request.reply({"cancelled": cancelled})
-        elif kind == "forward":
-            self._check_accepting()
-            self.worker.submit(PRIORITY_FORWARD, request, lambda: self._forward(request))
-        elif kind == "backward":
-            self._check_accepting()
-            self.worker.submit(PRIORITY_BACKWARD, request, lambda: self._backward(request))
-        else:
-            raise Refused("unknown_method", f"unknown request type {kind!r}")
-
-    def _await_input(self, session_id: str, request: Request) -> None:
-        """A relayed step whose input comes from the previous server: run it once both halves are here."""
-        self._session(session_id)
-        self._check_relays()
-        ticket = parse_ticket(request.message.get("ticket"))
-        wait = request.message.get("wait", 60.0)
-        if not isinstance(wait, (int, float)) or isinstance(wait, bool) or not 0 < wait <= MAX_WAIT:
-            raise Refused("bad_request", f"wait must be a number of seconds in (0, {MAX_WAIT:g}]")
-
-        def start(hidden: torch.Tensor) -> None:
-            self.worker.submit(PRIORITY_STEP, request, lambda: self._step(session_id, request, hidden))
-
-        self.mailbox.wait(session_id, ticket, request, start, float(wait))
+        elif isinstance(message, Cancel):
+            request.reply(*CancelReply(self.mailbox.cancel(message.session, message.ticket)).to_wire())
+        elif isinstance(message, Forward):
+            self._forward(request, message)
+        elif isinstance(message, Backward):
+            self._backward(request, message)
 
     def tick(self) -> None:
         """Close sessions idle for longer than the session timeout; drop relayed steps and kept graphs that waited
@@ -175,23 +170,24 @@ class Handler:
             "hidden_size": span.hidden_size,
             "dtype": str(span.dtype).removeprefix("torch."),
             "protocol": PROTOCOL_VERSION,
+            "capabilities": list(CAPABILITIES),
             "cache_tokens_total": self.budget.total,
             "cache_tokens_free": self.budget.free,
             "sessions": sessions,
             "kept_graphs": len(self._kept),
-            "queue": self.worker.pending,
+            **self.engine.stats(),
             "accepting": self.accepting,
             "max_batch": self.limits.max_batch,
             "max_request_tokens": self.limits.max_request_tokens,
+            "max_forward_length": self.limits.max_forward_length,
             **self.extra_info,
         }
 
-    def open(self, request: Request) -> dict[str, Any]:
+    def open(self, message: Open) -> OpenReply:
         self._check_accepting()
-        msg = request.message
-        batch = _int(msg.get("batch_size", 1), "batch_size", 1, self.limits.max_batch)
-        max_length = _int(msg.get("max_length"), "max_length", 1, self.limits.max_session_length)
-        blocks = self._blocks(msg.get("blocks"))
+        batch = _int(message.batch_size, "batch_size", 1, self.limits.max_batch)
+        max_length = _int(message.max_length, "max_length", 1, self.limits.max_session_length)
+        blocks = self._blocks(message.blocks)
         tokens = batch * max_length
         if not self.budget.reserve(tokens):
             raise Refused("cache_full", f"cache full: the session needs {tokens} cache tokens (batch {batch} x "
@@ -200,12 +196,13 @@ class Handler:
         session_id = secrets.token_hex(16)
         with self._lock:
             self.sessions[session_id] = Session(batch, max_length, blocks, tokens)
-        return {"session": session_id, "cache_tokens_free": self.budget.free}
+        return OpenReply(session_id, self.budget.free)
 
     def close(self, session_id: str) -> None:
         with self._lock:
             session = self.sessions.pop(session_id, None)
         if session is not None:
+            session.closed = True
             self.budget.release(session.tokens)
             session.cache = None
             self.mailbox.drop_session(session_id)
@@ -215,6 +212,78 @@ class Handler:
             ids = list(self.sessions)
         for sid in ids:
             self.close(sid)
+
+    # --- turning requests into work items ----------------------------------------------------------------------
+
+    def _step(self, request: Request, message: Step) -> None:
+        session = self._session(message.session)
+        if message.push is not None:
+            self._check_relays()
+            if not self.relay_allowed(message.push.peer):
+                raise Refused("relay_refused", f"will not relay to {message.push.peer}: it is not a server of this "
+                                               "swarm known here")
+        if not message.relayed:
+            self._submit_step(request, message, session, message.hidden)
+            return
+        self._check_relays()
+
+        def start(hidden: torch.Tensor) -> None:  # on the I/O thread, when the pushed input is here
+            try:
+                self._submit_step(request, message, session, hidden)
+            except SwarmError as e:
+                request.fail(getattr(e, "code", "internal"), str(e))
+
+        self.mailbox.wait(message.session, message.ticket, request, start, message.wait or 60.0)
+
+    def _submit_step(self, request: Request, message: Step, session: Session, hidden: torch.Tensor) -> None:
+        hidden = self._hidden(hidden)
+        batch, new, _ = hidden.shape
+        if batch != session.batch:
+            raise Refused("bad_request", f"the session has batch size {session.batch}, the step has {batch}")
+        if new > session.max_length:
+            raise Refused("session_overflow", f"step of {new} tokens goes past the session's max_length "
+                                              f"{session.max_length}")
+        mask = self._mask(message.attention_mask, hidden)
+        prompts = self._prompts(message.prompts, hidden, session.blocks)
+        if prompts is not None and message.start not in (None, 0):
+            raise Refused("bad_request", "prompts may only come with the first step of a session (position 0)")
+        self._submit(StepJob(request, request.client, hidden, mask, prompts, session.blocks, session=session,
+                             session_id=message.session, start=message.start,
+                             finish=lambda job, out: self._finish_step(job, message, out)))
+
+    def _finish_step(self, job: StepJob, message: Step, out: torch.Tensor) -> None:
+        session = job.session
+        session.last_used = time.monotonic()  # only answered steps count as activity
+        if message.push is not None and self.relay is not None:
+            self.relay.push(message.push, out)  # first: the next server is on the critical path, the client is not
+        cache = session.cache
+        job.request.reply(*StepReply(out, 0 if cache is None else cache.length).to_wire())
+
+    def _forward(self, request: Request, message: Forward) -> None:
+        self._check_accepting()
+        hidden = self._hidden(message.hidden, forward=True)
+        blocks = self._blocks(message.blocks)
+        mask = self._mask(message.attention_mask, hidden)
+        prompts = self._prompts(message.prompts, hidden, blocks)
+        keep = message.keep and self.limits.max_kept > 0
+        self._submit(ForwardJob(request, request.client, hidden, mask, prompts, blocks, keep=keep,
+                                finish=lambda job, out: job.request.reply(*ForwardReply(out).to_wire())))
+
+    def _backward(self, request: Request, message: Backward) -> None:
+        self._check_accepting()
+        hidden = self._hidden(message.hidden, forward=True)
+        self._hidden(message.grad_output, "grad_output")
+        blocks = self._blocks(message.blocks)
+        mask = self._mask(message.attention_mask, hidden)
+        prompts = self._prompts(message.prompts, hidden, blocks)
+        self._submit(BackwardJob(request, request.client, hidden, mask, prompts, blocks,
+                                 grad_output=message.grad_output, kept=message.kept, run_alone=self._backward_run))
+
+    def _submit(self, job: Job) -> None:
+        try:
+            self.engine.submit(job)
+        except SwarmError as e:
+            raise Refused(getattr(e, "code", "busy"), str(e)) from None
 
     # --- checks ------------------------------------------------------------------------------------------------
 
@@ -234,128 +303,74 @@ class Handler:
         if not self.accepting:
             raise Refused("busy", "server is shutting down and takes no new work")
 
-    def _touch(self, session_id: str) -> None:
-        with self._lock:
-            session = self.sessions.get(session_id)
-            if session is not None:
-                session.last_used = time.monotonic()
-
-    def _blocks(self, value: Any) -> tuple[int, int]:
+    def _blocks(self, value: tuple[int, int] | None) -> tuple[int, int]:
         span = self.span
         if value is None:
             return span.start, span.end
-        if (not isinstance(value, (list, tuple)) or len(value) != 2
-                or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
-            raise Refused("bad_request", "blocks must be [start, end]")
         start, end = value
         if not span.start <= start < end <= span.end:
-            raise Refused("bad_request", f"blocks {start}:{end} are not within this server's span "
-                                         f"{span.start}:{span.end}")
+            raise Refused("wrong_blocks", f"blocks {start}:{end} are not within this server's span "
+                                          f"{span.start}:{span.end}")
         return start, end
 
-    def _tensors(self, request: Request, required: tuple[str, ...], optional: tuple[str, ...] = ()
-                 ) -> dict[str, torch.Tensor]:
-        msg = request.message
-        names = msg.get("names", list(required[: len(msg.tensors)]))
-        if not isinstance(names, list) or len(names) != len(msg.tensors) or len(set(map(str, names))) != len(names):
-            raise Refused("bad_request", "field 'names' must name each tensor of the message once")
-        tensors = dict(zip(map(str, names), msg.tensors, strict=True))
-        missing = [n for n in required if n not in tensors]
-        unknown = [n for n in tensors if n not in required + optional]
-        if missing or unknown:
-            raise Refused("bad_request", f"expected tensors {list(required)} (optional {list(optional)}), "
-                                         f"got {list(tensors)}")
-        return tensors
-
-    def _hidden(self, hidden: torch.Tensor, name: str = "hidden") -> torch.Tensor:
-        if hidden.dim() != 3 or not hidden.is_floating_point():
-            raise Refused("bad_request", f"{name} must be a float tensor [batch, length, hidden], got "
-                                         f"{str(hidden.dtype).removeprefix('torch.')}{list(hidden.shape)}")
+    def _hidden(self, hidden: torch.Tensor, name: str = "hidden", forward: bool = False) -> torch.Tensor:
         batch, length, size = hidden.shape
         if size != self.span.hidden_size:
             raise Refused("bad_request", f"{name} has hidden size {size}, this model's is {self.span.hidden_size}")
-        if batch < 1 or length < 1 or batch > self.limits.max_batch:
-            raise Refused("bad_request", f"{name} has batch {batch} and length {length}; both must be at least 1 "
-                                         f"and batch at most {self.limits.max_batch}")
+        if batch > self.limits.max_batch:
+            raise Refused("bad_request", f"{name} has batch {batch}; the limit is {self.limits.max_batch}")
         if batch * length > self.limits.max_request_tokens:
             raise Refused("bad_request", f"{batch * length} tokens in one request; the limit is "
                                          f"{self.limits.max_request_tokens}")
-        if not torch.isfinite(hidden.to(self.span.dtype)).all():
-            raise Refused("bad_request", f"{name} has NaN or infinite values")
+        if forward and length > self.limits.max_forward_length:
+            raise Refused("bad_request", f"sequences of {length} tokens do not fit this server's pass memory (the "
+                                         f"limit is {self.limits.max_forward_length}); split them")
+        _finite(name, hidden, self.span.dtype)
         return hidden
 
     @staticmethod
-    def _mask(tensors: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor | None:
-        mask = tensors.get("attention_mask")
+    def _mask(mask: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor | None:
         if mask is None:
             return None
-        if mask.is_floating_point() or mask.shape != hidden.shape[:2]:
+        if mask.shape != hidden.shape[:2]:
             raise Refused("bad_request", f"attention_mask must be an integer tensor {list(hidden.shape[:2])}")
-        if ((mask != 0) & (mask != 1)).any():
-            raise Refused("bad_request", "attention_mask must hold only 0 and 1")
         return mask.long()
 
-    # --- compute, on the worker thread -------------------------------------------------------------------------
-
-    def _prompts(self, tensors: dict[str, torch.Tensor], hidden: torch.Tensor, blocks: tuple[int, int]
+    def _prompts(self, prompts: torch.Tensor | None, hidden: torch.Tensor, blocks: tuple[int, int]
                  ) -> torch.Tensor | None:
-        prompts = tensors.get("prompts")
         if prompts is None:
             return None
         count, (batch, length, size) = blocks[1] - blocks[0], hidden.shape
-        if (prompts.dim() != 4 or not prompts.is_floating_point() or prompts.shape[0] != count
-                or prompts.shape[1] not in (1, batch) or not 0 < prompts.shape[2] <= length
+        if (prompts.shape[0] != count or prompts.shape[1] not in (1, batch) or not 0 < prompts.shape[2] <= length
                 or prompts.shape[3] != size):
             raise Refused("bad_request", f"prompts must be a float tensor [{count}, 1 or {batch}, 1..{length}, {size}] "
-                                         f"(one per block), got {str(prompts.dtype).removeprefix('torch.')}"
-                                         f"{list(prompts.shape)}")
-        if not torch.isfinite(prompts.to(self.span.dtype)).all():
-            raise Refused("bad_request", "prompts have NaN or infinite values")
+                                         f"(one per block), got {list(prompts.shape)}")
+        _finite("prompts", prompts, self.span.dtype)
         return prompts
 
-    def _forward(self, request: Request) -> tuple[dict[str, Any], list[torch.Tensor]]:
-        tensors = self._tensors(request, ("hidden",), ("attention_mask", "prompts"))
-        hidden = self._hidden(tensors["hidden"])
-        mask = self._mask(tensors, hidden)
-        blocks = self._blocks(request.message.get("blocks"))
-        prompts = self._prompts(tensors, hidden, blocks)
-        keep = request.message.get("keep", False)
-        if not isinstance(keep, bool):
-            raise Refused("bad_request", "keep must be true or false")
-        if keep and self.limits.max_kept > 0:
-            graph = self.span.forward_graph(hidden, mask, blocks, prompts)
-            kid = secrets.token_hex(12)
-            with self._lock:
-                self._kept[kid] = _Kept(graph, mask, blocks, time.monotonic() + self.limits.kept_ttl)
-                while len(self._kept) > self.limits.max_kept:
-                    del self._kept[next(iter(self._kept))]
-            return {"kept": kid}, [graph.out.detach().to(hidden.dtype)]
-        with torch.inference_mode():
-            out = self.span(hidden, mask, blocks, prompts)
-        return {}, [out.to(hidden.dtype)]
+    # --- training passes, run alone on the engine thread ---------------------------------------------------------
 
-    def _backward(self, request: Request) -> tuple[dict[str, Any], list[torch.Tensor]]:
-        tensors = self._tensors(request, ("hidden", "grad_output"), ("attention_mask", "prompts"))
-        hidden = self._hidden(tensors["hidden"])
-        grad_output = self._hidden(tensors["grad_output"], "grad_output")
-        if grad_output.shape != hidden.shape:
-            raise Refused("bad_request", "grad_output must have the shape of hidden")
-        mask = self._mask(tensors, hidden)
-        blocks = self._blocks(request.message.get("blocks"))
-        prompts = self._prompts(tensors, hidden, blocks)
-        graph = self._kept_graph(request.message.get("kept"), hidden, mask, blocks, prompts)
-        grad, grad_prompts = self.span.backward(hidden, grad_output, mask, blocks, prompts, graph)
-        if grad_prompts is None:
-            return {}, [grad.to(hidden.dtype)]
-        return {"names": ["grad_input", "grad_prompts"]}, [grad.to(hidden.dtype), grad_prompts.to(prompts.dtype)]
+    def _forward_kept(self, job: ForwardJob) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        graph = self.span.forward_graph(job.hidden, job.mask, job.blocks, job.prompts)
+        kid = secrets.token_hex(12)
+        with self._lock:
+            self._kept[kid] = _Kept(graph, job.mask, job.blocks, time.monotonic() + self.limits.kept_ttl)
+            while len(self._kept) > self.limits.max_kept:
+                del self._kept[next(iter(self._kept))]
+        return ForwardReply(graph.out.detach().to(job.hidden.dtype), kid).to_wire()
 
-    def _kept_graph(self, kid: Any, hidden: torch.Tensor, mask: torch.Tensor | None, blocks: tuple[int, int],
+    def _backward_run(self, job: BackwardJob) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        graph = self._kept_graph(job.kept, job.hidden, job.mask, job.blocks, job.prompts)
+        grad, grad_prompts = self.span.backward(job.hidden, job.grad_output, job.mask, job.blocks, job.prompts, graph)
+        dtype = job.hidden.dtype
+        return BackwardReply(grad.to(dtype), None if grad_prompts is None else grad_prompts.to(job.prompts.dtype)
+                             ).to_wire()
+
+    def _kept_graph(self, kid: str | None, hidden: torch.Tensor, mask: torch.Tensor | None, blocks: tuple[int, int],
                     prompts: torch.Tensor | None) -> Graph | None:
         """The kept graph of the forward `kid`, if it is still here and ran on exactly these inputs."""
         if kid is None:
             return None
-        if not isinstance(kid, str):
-            raise Refused("bad_request", "kept must be the id a forward answered")
         with self._lock:
             kept = self._kept.pop(kid, None)
         if kept is None:
@@ -365,43 +380,6 @@ class Handler:
                 and _same(graph.prompts, prompts))
         return graph if same else None
 
-    def _step(self, session_id: str, request: Request, pushed: torch.Tensor | None = None,
-              ) -> tuple[dict[str, Any], list[torch.Tensor]]:
-        session = self._session(session_id)
-        if pushed is None:
-            tensors = self._tensors(request, ("hidden",), ("attention_mask", "prompts"))
-        else:
-            tensors = {**self._tensors(request, (), ("attention_mask", "prompts")), "hidden": pushed}
-        hidden = self._hidden(tensors["hidden"])
-        mask = self._mask(tensors, hidden)
-        if session.cache is None:
-            session.cache = self.span.new_cache(session.batch, session.max_length, session.blocks)
-        cache = session.cache
-        start = request.message.get("start")
-        if start is not None:
-            start = _int(start, "start", 0, cache.length)
-        batch, new, _ = hidden.shape
-        if batch != session.batch:
-            raise Refused("bad_request", f"the session has batch size {session.batch}, the step has {batch}")
-        position = cache.length if start is None else start
-        if position + new > session.max_length:
-            raise Refused("session_overflow", f"step of {new} tokens at position {position} goes past the "
-                                              f"session's max_length {session.max_length}")
-        prompts = self._prompts(tensors, hidden, session.blocks)
-        if prompts is not None and position != 0:
-            raise Refused("bad_request", "prompts may only come with the first step of a session (position 0)")
-        push = request.message.get("push")
-        if push is not None:
-            self._check_relays()
-            target = parse_push(push, self.relay_allowed)
-        if start is not None:
-            cache.rewind(start)
-        out = self.span.step(hidden, cache, mask, prompts).to(hidden.dtype)
-        session.last_used = time.monotonic()
-        if push is not None:
-            self.relay.push(target, out)  # first: the next server is on the critical path, the client is not
-        return {"position": cache.length}, [out]
-
 
 @dataclass
 class _Kept:
@@ -409,6 +387,13 @@ class _Kept:
     mask: torch.Tensor | None
     blocks: tuple[int, int]
     deadline: float
+
+
+def _finite(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+    try:
+        require_finite(name, tensor, dtype)
+    except ProtocolError as e:
+        raise Refused("bad_request", str(e)) from None
 
 
 def _same(kept: torch.Tensor | None, given: torch.Tensor | None) -> bool:
@@ -422,13 +407,6 @@ def _int(value: Any, name: str, low: int, high: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
         raise Refused("bad_request", f"{name} must be an integer in [{low}, {high}], got {value!r}")
     return value
-
-
-def _session_id(request: Request) -> str:
-    session_id = request.message.get("session")
-    if not isinstance(session_id, str) or not 0 < len(session_id) <= 64:
-        raise Refused("bad_request", "field 'session' must be a session id string")
-    return session_id
 
 
 __all__ = ["Handler", "HandlerLimits", "Refused", "ProtocolError"]

@@ -20,45 +20,18 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from ...transport.errors import SwarmError
-from ...transport.rpc import Request, RpcClient, RpcClientConfig, normalize_endpoint
+from ...transport.messages import Push, PushTarget
+from ...transport.rpc import Request, RpcClient, RpcClientConfig
 
 log = logging.getLogger(__name__)
 
 MAX_WAITING = 1024  # halves of relayed steps held at once on one server (both kinds together)
-MAX_WAIT = 600.0  # seconds a request may wait for its pushed input
+MAX_PUSHED_BYTES = 256 << 20  # bytes of pushed inputs held at once on one server
 PUSH_TTL = 60.0  # seconds a pushed input waits for the client's request before it is dropped
-
-
-@dataclass(frozen=True)
-class PushTarget:
-    peer: str
-    session: str
-    ticket: str
-
-
-def parse_ticket(value: Any) -> str:
-    if not isinstance(value, str) or not 0 < len(value) <= 64:
-        raise _bad("field 'ticket' must be a string of 1 to 64 characters")
-    return value
-
-
-def parse_push(value: Any, allowed: Callable[[str], bool]) -> PushTarget:
-    """A validated push target; raises SwarmError (bad_request) on anything malformed or unknown."""
-    if not isinstance(value, dict) or not isinstance(value.get("peer"), str) \
-            or not isinstance(value.get("session"), str) or not 0 < len(value["session"]) <= 64:
-        raise _bad("relay push must be {peer: tcp://HOST:PORT, session: id, ticket: id}")
-    try:
-        peer = normalize_endpoint(value["peer"])
-    except SwarmError:
-        raise _bad(f"bad relay address {value['peer']!r}") from None
-    if not allowed(peer):
-        raise _error("relay_refused", f"will not relay to {peer}: it is not a server of this swarm known here")
-    return PushTarget(peer, value["session"], parse_ticket(value.get("ticket")))
 
 
 def _error(code: str, message: str) -> SwarmError:
@@ -84,17 +57,24 @@ class Mailbox:
     def __init__(self) -> None:
         self._waiting: dict[tuple[str, str], _Waiting] = {}
         self._pushed: dict[tuple[str, str], tuple[torch.Tensor, float]] = {}
+        self._bytes = 0  # of the pushed inputs held
         self._lock = threading.Lock()
 
-    def _room(self) -> None:
-        if len(self._waiting) + len(self._pushed) >= MAX_WAITING:
+    def _room(self, nbytes: int = 0) -> None:
+        if len(self._waiting) + len(self._pushed) >= MAX_WAITING or self._bytes + nbytes > MAX_PUSHED_BYTES:
             raise _error("busy", "too many relayed steps waiting on this server")
+
+    def _take(self, key: tuple[str, str]) -> tuple[torch.Tensor, float] | None:
+        pushed = self._pushed.pop(key, None)
+        if pushed is not None:
+            self._bytes -= pushed[0].nbytes
+        return pushed
 
     def wait(self, session: str, ticket: str, request: Request, start: Callable[[torch.Tensor], None],
              timeout: float) -> None:
         key = (session, ticket)
         with self._lock:
-            pushed = self._pushed.pop(key, None)
+            pushed = self._take(key)
             if pushed is None:
                 if key in self._waiting:
                     raise _bad("a request already waits with this ticket")
@@ -110,15 +90,16 @@ class Mailbox:
             if waiting is None:
                 if key in self._pushed:
                     raise _bad("an input was already pushed with this ticket")
-                self._room()
+                self._room(hidden.nbytes)
                 self._pushed[key] = (hidden, time.monotonic() + PUSH_TTL)
+                self._bytes += hidden.nbytes
                 return
         waiting.start(hidden)
 
     def cancel(self, session: str, ticket: str) -> bool:
         """Drop both halves of a relayed step; the waiting request (if any) is answered `cancelled`."""
         with self._lock:
-            self._pushed.pop((session, ticket), None)
+            self._take((session, ticket))
             waiting = self._waiting.pop((session, ticket), None)
         if waiting is None:
             return False
@@ -129,7 +110,7 @@ class Mailbox:
         with self._lock:
             dropped = [self._waiting.pop(k) for k in [k for k in self._waiting if k[0] == session]]
             for key in [k for k in self._pushed if k[0] == session]:
-                del self._pushed[key]
+                self._take(key)
         for waiting in dropped:
             waiting.request.fail("unknown_session", f"session {session[:8]} was closed")
 
@@ -138,7 +119,7 @@ class Mailbox:
         with self._lock:
             late = [self._waiting.pop(k) for k in [k for k, w in self._waiting.items() if w.deadline < now]]
             for key in [k for k, (_, deadline) in self._pushed.items() if deadline < now]:
-                del self._pushed[key]
+                self._take(key)
         for waiting in late:
             waiting.request.fail("relay_timeout", "the input of this relayed step never came from the previous "
                                                   "server")
@@ -169,8 +150,7 @@ class Relay:
 
     def _push(self, target: PushTarget, out: torch.Tensor) -> None:
         try:
-            self._client(target.peer).call("push", {"session": target.session, "ticket": target.ticket,
-                                                    "names": ["hidden"]}, [out])
+            self._client(target.peer).call(*Push(target.session, target.ticket, out).to_wire())
         except SwarmError as e:  # the client learns it from the next server (gone, or timing out on its input)
             log.info("relay to %s failed: %s", target.peer, e)
         except Exception:

@@ -24,9 +24,10 @@ from ..aliases import announced_id
 from ..weights import ModelSource
 from .backend import BlockSpan
 from .cache import CacheBudget, SessionCache
+from .engine import Engine, QueueLimits
 from .handler import Handler, HandlerLimits
 from .relay import Relay
-from .worker import ComputeWorker
+from .scheduler import PassLimits
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,9 @@ class ServerConfig:
     drain_timeout: float = 10.0  # seconds to finish queued work at shutdown
     poll_ms: int = 100  # I/O loop tick (session expiry granularity)
     link_delay: float = 0.0  # simulated one-way latency on this server's links to other servers (benchmarks)
+    passes: PassLimits = field(default_factory=PassLimits)  # tokens and requests per pass, starvation bound
+    queue: QueueLimits = field(default_factory=QueueLimits)  # requests and bytes waiting, per client too
+    batching: bool = True  # False: one request per pass, whole (the old one-at-a-time engine, for comparisons)
 
 
 class Server:
@@ -65,7 +69,7 @@ class Server:
         self.source = ModelSource(config.model)
         self.span: BlockSpan | None = None
         self._rpc: RpcServer | None = None
-        self._worker: ComputeWorker | None = None
+        self._engine: Engine | None = None
         self.handler: Handler | None = None
         self.discovery: Discovery | None = None
         self.peer_id = secrets.token_hex(16)
@@ -100,9 +104,11 @@ class Server:
         log.info("loaded blocks %d:%d of %s (%s) in %.1f s", *config.blocks, config.model,
                  str(dtype).removeprefix("torch."), time.perf_counter() - started)
         per_token = SessionCache.bytes_per_token(len(self.span.blocks), self.span.kv_heads, self.span.head_dim, dtype)
-        self._worker = ComputeWorker().start()
+        passes = config.passes if config.batching else PassLimits(max_tokens=1 << 62, max_requests=1,
+                                                                  starve_after=config.passes.starve_after)
+        self._engine = Engine(self.span, passes, config.queue).start()
         self.throughput = measure_throughput(self.span)
-        self.handler = Handler(self.span, self._worker, CacheBudget(config.cache_tokens), self.model_id,
+        self.handler = Handler(self.span, self._engine, CacheBudget(config.cache_tokens), self.model_id,
                                config.limits, extra_info={"version": __version__, "peer_id": self.peer_id,
                                                           "cache_bytes_per_token": per_token,
                                                           "throughput": self.throughput},
@@ -174,8 +180,8 @@ class Server:
         if self.discovery is not None:  # tell the swarm first, so clients stop routing here
             offline = self.record("offline") if self.span is not None and self.handler is not None else None
             self.discovery.stop(offline=offline)
-        if self._worker is not None:
-            self._worker.stop(self.config.drain_timeout)
+        if self._engine is not None:
+            self._engine.stop(self.config.drain_timeout)
         if self._rpc is not None:
             time.sleep(0.05)  # let the I/O thread flush replies of the last tasks
             self._rpc.stop()
