@@ -46,12 +46,18 @@ def serve(
     record_ttl: Annotated[float, typer.Option(help="Seconds others keep this server's record without news.")] = 15.0,
     simulate_rtt_ms: Annotated[float, typer.Option(help="Benchmarks: add this round trip (ms) to this server's "
                                                    "links to other servers.")] = 0.0,
+    pass_tokens: Annotated[int, typer.Option(
+        help="New tokens one pass through the blocks may hold, all requests together (longer prompts are chunked "
+             "over several passes).")] = 512,
+    batching: Annotated[bool, typer.Option(
+        help="Run the requests of many sessions in one pass (--no-batching: one request at a time, whole).")] = True,
     log_level: LogLevelOption = None,
 ) -> None:
     """Serve a span of transformer blocks of MODEL to the swarm."""
     setup_logging(log_level)
     from ..core.server import Server, ServerConfig, parse_blocks
     from ..core.server.handler import HandlerLimits
+    from ..core.server.scheduler import PassLimits
     from ..transport.discovery import DiscoveryConfig
     from ..transport.gossip import GossipConfig
     from ..transport.mdns import MdnsSettings
@@ -67,6 +73,8 @@ def serve(
         raise UsageError("--cache-tokens must be 0 or more")
     if session_timeout <= 0:
         raise UsageError("--session-timeout must be positive")
+    if pass_tokens < 1:
+        raise UsageError("--pass-tokens must be at least 1")
     peers = [normalize_endpoint(p) for p in collect_peers(initial_peers, ctx.args)]
     if gossip_period <= 0 or record_ttl <= gossip_period:
         raise UsageError("--gossip-period must be positive and --record-ttl longer than it")
@@ -75,7 +83,8 @@ def serve(
                                 record_ttl=record_ttl)
     config = ServerConfig(model=model, blocks=span, host=host, port=port, dtype=dtype, cache_tokens=cache_tokens,
                           limits=HandlerLimits(session_timeout=session_timeout), initial_peers=peers,
-                          discovery=discovery, model_id=model_id, link_delay=max(0.0, simulate_rtt_ms) / 2000)
+                          discovery=discovery, model_id=model_id, link_delay=max(0.0, simulate_rtt_ms) / 2000,
+                          passes=PassLimits(max_tokens=pass_tokens), batching=batching)
     server = Server(config)
     total = server.num_blocks()  # reads the model's config only
     if span[1] > total:

@@ -11,7 +11,7 @@ _swarm_completion() {
         bench) opts="--all-routes --batch --help --initial-peers --json --length --log-level --mdns --mdns-interface --steps --wait" ;;
         chat) opts="--demo --help --initial-peers --log-level --max-length --max-new-tokens --mdns --mdns-interface --prompt --prompts --relay --seed --show-route --system --temperature --top-p" ;;
         completions) opts="--help --write" ;;
-        serve) opts="--blocks --cache-tokens --dtype --gossip-period --help --host --initial-peers --log-level --mdns --mdns-interface --model-id --port --record-ttl --session-timeout --simulate-rtt-ms" ;;
+        serve) opts="--batching --blocks --cache-tokens --dtype --gossip-period --help --host --initial-peers --log-level --mdns --mdns-interface --model-id --pass-tokens --port --record-ttl --session-timeout --simulate-rtt-ms" ;;
         status) opts="--help --initial-peers --json --log-level --mdns --mdns-interface --wait --watch" ;;
         tune) opts="--batch-size --dataset --epochs --eval-every --help --initial-peers --json --label-field --log-level --lr --max-examples --max-length --max-steps --mdns --mdns-interface --mode --output --prompt-length --prompts --seed --task --text-field --validation-file --validation-split" ;;
         *) opts="" ;;

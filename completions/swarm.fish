@@ -31,6 +31,7 @@ complete -c swarm -n '__fish_seen_subcommand_from chat' -l temperature
 complete -c swarm -n '__fish_seen_subcommand_from chat' -l top-p
 complete -c swarm -n '__fish_seen_subcommand_from completions' -l help
 complete -c swarm -n '__fish_seen_subcommand_from completions' -l write
+complete -c swarm -n '__fish_seen_subcommand_from serve' -l batching
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l blocks
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l cache-tokens
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l dtype
@@ -42,6 +43,7 @@ complete -c swarm -n '__fish_seen_subcommand_from serve' -l log-level
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l mdns
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l mdns-interface
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l model-id
+complete -c swarm -n '__fish_seen_subcommand_from serve' -l pass-tokens
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l port
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l record-ttl
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l session-timeout
