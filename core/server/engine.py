@@ -8,7 +8,9 @@ tokens, and runs them:
 
 - sessions' steps and plain forwards share one pass (`BlockSpan.run`): their new tokens are packed together for the
   linear layers, attention runs per request over its own cache. A long step runs in column chunks over several
-  passes (chunked prefill), a big forward in row chunks, interleaved with everyone else's decoding;
+  passes (chunked prefill), a big forward in row chunks, interleaved with everyone else's decoding; a forward whose
+  sequences are longer than a pass holds borrows cache tokens from the budget for a temporary cache and runs in
+  column chunks too (when the budget has no room, it runs by whole rows, bounded by the handler's limits);
 - a forward that keeps its graph for a backward, and a backward, run alone (their autograd graphs are per request).
 
 Each item answers its own request. A pass that fails is run again item by item (each step's cache rewound first), so
@@ -31,6 +33,7 @@ import torch
 from ...transport.errors import SwarmError
 from ...transport.rpc import Request
 from .backend import BlockSpan, Work
+from .cache import CacheBudget
 from .scheduler import PassLimits, Pick, Queued, plan_pass
 
 log = logging.getLogger(__name__)
@@ -92,11 +95,18 @@ class StepJob(Job):
 class ForwardJob(Job):
     keep: bool = False
     finish: Callable[[ForwardJob, torch.Tensor], None] | None = None
+    reserved: int = 0  # cache tokens reserved for a long forward run in column chunks (0: run by whole rows)
+    cache: Any = None  # its temporary cache, while it runs
+    _cache_start: int = 0
+    _position: int = 0
 
     kind = "forward"
 
     def queued(self) -> Queued:
         rows, length = self.hidden.shape[:2]
+        if self.reserved:  # like a step: all rows, a few columns per pass
+            return Queued(self.id, "forward", self.client, rows * (length - self.done), rows, None, self.waited,
+                          True, self.blocks)
         return Queued(self.id, "forward", self.client, (rows - self.done) * length, length, None, self.waited,
                       not self.keep, self.blocks)
 
@@ -119,8 +129,9 @@ class Engine:
     """Runs submitted jobs in passes on its own thread."""
 
     def __init__(self, span: BlockSpan, limits: PassLimits | None = None, queue: QueueLimits | None = None,
-                 name: str = "swarm-engine"):
+                 budget: CacheBudget | None = None, name: str = "swarm-engine"):
         self.span = span
+        self.budget = budget  # long forwards borrow cache tokens from it to run in chunks
         self.limits = limits or PassLimits()
         self.queue_limits = queue or QueueLimits()
         self._jobs: dict[int, Job] = {}  # queued, in arrival order
@@ -169,6 +180,11 @@ class Engine:
                 raise EngineError("busy", f"this client has {len(mine)} requests waiting on this server already; "
                                           "wait for their answers first")
             job.id = next(self._ids)
+            if isinstance(job, ForwardJob) and not job.keep and job.hidden.shape[1] > self.limits.max_tokens \
+                    and self.budget is not None:
+                tokens = job.hidden.shape[0] * job.hidden.shape[1]
+                if self.budget.reserve(tokens):  # else it runs by whole rows (its memory is bounded by the limits)
+                    job.reserved = tokens
             self._jobs[job.id] = job
             self._bytes += job.nbytes
             self._cond.notify()
@@ -178,11 +194,13 @@ class Engine:
         with self._cond:
             self._stopping = True
             self._cond.notify()
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
         with self._cond:
             left = list(self._jobs.values())
             self._jobs.clear()
         for job in left:
+            self._remove(job)
             job.request.fail("busy", "server stopped before running this request")
 
     # --- the engine thread -------------------------------------------------------------------------------------
@@ -264,6 +282,14 @@ class Engine:
             mask = None if job.mask is None else job.mask[:, a:b]
             return Work(job.hidden[:, a:b], mask, job.session.cache, job.prompts, column=a), count
         rows, length = job.hidden.shape[:2]
+        if isinstance(job, ForwardJob) and job.reserved:
+            if job.cache is None:
+                job.cache = self.span.new_cache(rows, length, job.blocks)
+            count = min(length - job.done, max(1, pick.tokens // rows))
+            job._cache_start = job.cache.length
+            a, b = job.done, job.done + count
+            mask = None if job.mask is None else job.mask[:, a:b]
+            return Work(job.hidden[:, a:b], mask, job.cache, job.prompts, column=a), count
         count = min(rows - job.done, max(1, pick.tokens // length))
         a, b = job.done, job.done + count
         prompts = job.prompts
@@ -295,18 +321,18 @@ class Engine:
 
     def _rewind(self, job: Job, whole: bool = False) -> None:
         """Undo what this pass wrote to a step's cache (`whole`: the whole step, earlier passes too)."""
-        if isinstance(job, StepJob) and job.session.cache is not None:
-            job.session.cache.rewind(job._position if whole else job._cache_start)
+        cache = job.session.cache if isinstance(job, StepJob) else getattr(job, "cache", None)
+        if cache is not None:
+            cache.rewind(job._position if whole else job._cache_start)
 
     def _progress(self, job: Job, out: torch.Tensor, count: int) -> None:
         job.done += count
         job.outputs.append(out.to(job.hidden.dtype))
-        total = job.hidden.shape[1] if isinstance(job, StepJob) else job.hidden.shape[0]
-        if job.done < total:
+        by_columns = isinstance(job, StepJob) or bool(getattr(job, "reserved", 0))
+        if job.done < job.hidden.shape[1 if by_columns else 0]:
             return
         self._remove(job)
-        output = job.outputs[0] if len(job.outputs) == 1 else \
-            torch.cat(job.outputs, dim=1 if isinstance(job, StepJob) else 0)
+        output = job.outputs[0] if len(job.outputs) == 1 else torch.cat(job.outputs, dim=1 if by_columns else 0)
         try:
             job.finish(job, output)
         except SwarmError as e:
@@ -336,6 +362,9 @@ class Engine:
         with self._cond:
             if self._jobs.pop(job.id, None) is not None:
                 self._bytes -= job.nbytes
+        if isinstance(job, ForwardJob) and job.reserved and self.budget is not None:
+            self.budget.release(job.reserved)
+            job.reserved, job.cache = 0, None
 
     def _note(self, requests: int, sessions: int, tokens: int) -> None:
         with self._cond:

@@ -106,9 +106,10 @@ class Server:
         per_token = SessionCache.bytes_per_token(len(self.span.blocks), self.span.kv_heads, self.span.head_dim, dtype)
         passes = config.passes if config.batching else PassLimits(max_tokens=1 << 62, max_requests=1,
                                                                   starve_after=config.passes.starve_after)
-        self._engine = Engine(self.span, passes, config.queue).start()
+        budget = CacheBudget(config.cache_tokens)
+        self._engine = Engine(self.span, passes, config.queue, budget).start()
         self.throughput = measure_throughput(self.span)
-        self.handler = Handler(self.span, self._engine, CacheBudget(config.cache_tokens), self.model_id,
+        self.handler = Handler(self.span, self._engine, budget, self.model_id,
                                config.limits, extra_info={"version": __version__, "peer_id": self.peer_id,
                                                           "cache_bytes_per_token": per_token,
                                                           "throughput": self.throughput},
