@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import TypeVar
 
 import torch
 
-from ..transport.errors import SwarmError
+from ..transport.codec import Message
+from ..transport.errors import ProtocolError, SwarmError
+from ..transport.messages import Close, Forward, ForwardReply, Open, OpenReply, Ping, RequestMessage, Step, StepReply
 from ..transport.records import ServerRecord
 from ..transport.rpc import RpcClient, RpcClientConfig
 from .client.routing import Hop, SpanInfo, missing_ranges, plan_forward, plan_inference
+
+_Reply = TypeVar("_Reply")
 
 
 @dataclass
@@ -71,14 +76,22 @@ class Bench:
         for client in self._clients.values():
             client.close()
 
-    def _call(self, peer: str, kind: str, fields: dict, tensors: list[torch.Tensor] | tuple = ()):  # noqa: ANN202
-        return self._clients[peer].call(kind, fields, list(tensors))
+    def _send(self, peer: str, request: RequestMessage) -> Message:
+        return self._clients[peer].call(*request.to_wire())
+
+    def _read(self, parse: Callable[[Message], _Reply], peer: str, request: RequestMessage) -> _Reply:
+        """`request`'s reply, read by `parse` (a reply type's from_wire); a malformed one is a SwarmError naming the
+        server."""
+        try:
+            return parse(self._send(peer, request))
+        except ProtocolError as e:
+            raise SwarmError(f"{peer} answered with a malformed reply: {e}") from None
 
     def ping(self, peer: str, count: int = 20) -> float:
         times = []
         for _ in range(count):
             started = time.perf_counter()
-            self._call(peer, "ping", {})
+            self._send(peer, Ping())
             times.append(time.perf_counter() - started)
         self.rtt[peer] = statistics.median(times)
         return self.rtt[peer]
@@ -104,22 +117,20 @@ class Bench:
         sessions = []
         try:
             for hop in chain:
-                reply = self._call(hop.peer, "open", {"batch_size": 1, "max_length": steps + 2,
-                                                      "blocks": [hop.start, hop.end]})
-                sessions.append(str(reply.get("session")))
+                opened = self._read(OpenReply.from_wire, hop.peer, Open(steps + 2, 1, blocks=(hop.start, hop.end)))
+                sessions.append(opened.session)
             times = []
             for _ in range(steps + 1):
                 hidden = torch.randn(1, 1, self.hidden)
                 started = time.perf_counter()
                 for hop, session in zip(chain, sessions, strict=True):
-                    hidden = self._call(hop.peer, "step", {"session": session, "names": ["hidden"]},
-                                        [hidden]).tensors[0]
+                    hidden = self._read(StepReply.from_wire, hop.peer, Step(session, hidden)).hidden
                 times.append(time.perf_counter() - started)
             return statistics.median(times[1:])  # the first step warms up
         finally:
             for hop, session in zip(chain, sessions, strict=False):
                 try:
-                    self._call(hop.peer, "close", {"session": session})
+                    self._send(hop.peer, Close(session))
                 except SwarmError:
                     pass
 
@@ -130,8 +141,8 @@ class Bench:
             hidden = hidden0
             started = time.perf_counter()
             for hop in chain:
-                hidden = self._call(hop.peer, "forward", {"blocks": [hop.start, hop.end], "names": ["hidden"]},
-                                    [hidden]).tensors[0]
+                request = Forward(hidden, blocks=(hop.start, hop.end))
+                hidden = self._read(ForwardReply.from_wire, hop.peer, request).hidden
             best = min(best, time.perf_counter() - started)
         return batch * length / best
 

@@ -98,3 +98,65 @@ def test_aliases_and_announced_ids(tmp_path):
     assert matches("llama-2-70b", "meta-llama/Llama-2-70b-hf")
     assert matches("meta-llama/Llama-2-70b-hf", "meta-llama/Llama-2-70b-hf")
     assert not matches("llama-2-7b", "meta-llama/Llama-2-70b-hf")
+
+
+# --- bans: capped exponential backoff, forgiven on an answer (Peers over an in-memory discovery) ------------------
+
+
+class MemoryDiscovery:
+    """The part of Discovery that Peers reads, over a fixed list of records."""
+
+    def __init__(self, records):
+        self._records = list(records)
+
+    def records(self, predicate=None):
+        return [r for r in self._records if predicate is None or predicate(r)]
+
+    def wait(self, predicate, timeout, poll=0.05):
+        return predicate(self._records)
+
+    def stop(self, offline=None):
+        pass
+
+
+def test_bans_back_off_exponentially_up_to_the_cap_and_are_forgiven():
+    from swarm.core.client.config import ClientConfig
+    from swarm.core.client.peers import Peers
+
+    now = [1000.0]
+    a, b = record(0, 0, 6), record(1, 0, 6)
+    peers = Peers(6, 8, MemoryDiscovery([a, b]), config=ClientConfig(ban_time=2.0, max_ban_time=10.0),
+                  owns_discovery=False, clock=lambda: now[0])
+    try:
+        peer = a.addresses[0]
+        for failures, ban in enumerate([2.0, 4.0, 8.0, 10.0, 10.0], start=1):
+            peers.ban(peer, RuntimeError("gone"))
+            assert peers.failures(peer) == failures and peers.banned(peer)
+            assert [r.peer_id for r in peers.servers()] == [b.peer_id]
+            now[0] += ban - 0.01
+            assert peers.banned(peer)
+            now[0] += 0.02
+            assert not peers.banned(peer) and len(peers.servers()) == 2
+        peers._forgive(peer)  # what a successful call does
+        assert peers.failures(peer) == 0
+        peers.ban(peer, RuntimeError("gone again"))
+        now[0] += 2.01
+        assert not peers.banned(peer)
+    finally:
+        peers.close()
+
+
+def test_bans_from_many_threads_count_every_failure():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from swarm.core.client.config import ClientConfig
+    from swarm.core.client.peers import Peers
+
+    a = record(0, 0, 6)
+    peers = Peers(6, 8, MemoryDiscovery([a]), config=ClientConfig(), owns_discovery=False)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda _: peers.ban(a.addresses[0], RuntimeError("x")), range(400)))
+        assert peers.failures(a.addresses[0]) == 400 and peers.servers() == []
+    finally:
+        peers.close()

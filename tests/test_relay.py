@@ -14,7 +14,7 @@ from test_recovery import FAST, PROMPT, start_all
 
 from swarm import AutoDistributedModelForCausalLM
 from swarm.core.client.config import ClientConfig
-from swarm.core.client.remote import RELAY_ATTEMPTS
+from swarm.core.client.session import RELAY_ATTEMPTS
 from swarm.transport.errors import BadRequest, RelayStopped, UnknownSession
 from swarm.transport.rpc import RpcClient
 

@@ -33,7 +33,8 @@ from ..models import ModelFamily
 from ..weights import ModelSource, assign_weights, resolve_dtype, strip_prefix
 from .config import ClientConfig
 from .ptune import PromptTuning, load_prompts, read_tuned, save_tuned
-from .remote import InferenceSession, RemoteSequential
+from .sequence import RemoteSequential
+from .session import InferenceSession
 
 log = logging.getLogger(__name__)
 

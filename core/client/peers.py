@@ -1,0 +1,321 @@
+"""The client's view of the servers: connections, round trips, bans and the chains routing plans over them.
+
+`Peers` knows the servers of one model (their records, from discovery) and keeps what the client learns of them:
+- one connection per server (and a second, named channel for calls that may wait long, such as relayed steps);
+- measured round trips (`ping_all`, and a background pinger), as a moving average;
+- bans: a server that failed is avoided for a while, with capped exponential backoff over consecutive failures,
+  forgiven when it answers again;
+- the usable-server snapshot (`servers`, `spans`) that the pure planners of routing.py turn into chains (`plan`,
+  `plan_or_wait`, which waits, bounded, for blocks no live server covers);
+- requests: `send` one wire message (types of transport/messages.py) to a hop, `submit` it on a background thread, and
+  `retry` an attempt on other routes while servers fail.
+Ban and round-trip state is touched by the pinger, request threads and the caller: one lock guards it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import torch
+
+from ...transport.codec import PROTOCOL_VERSION, Message
+from ...transport.discovery import Discovery
+from ...transport.errors import PeerTimeout, PeerUnreachable, ProtocolError, ServerBusy, SwarmError, UnknownSession
+from ...transport.messages import Ping, RequestMessage
+from ...transport.records import ServerRecord
+from ...transport.rpc import RpcClient, RpcClientConfig
+from .config import ClientConfig
+from .routing import Hop, MissingBlocks, SpanInfo, missing_ranges, plan_forward, plan_inference
+
+log = logging.getLogger(__name__)
+
+FIRST_LOOK = 1.0  # seconds of discovery before blocks without a server are reported while joining
+UNREACHABLE_RTT = 1.0  # seconds counted for a server whose ping failed
+
+
+class HopFailed(SwarmError):
+    """A server of a hop failed in a way another server can make up for."""
+
+    def __init__(self, hop: Hop, error: SwarmError):
+        super().__init__(f"{hop.peer} (blocks {hop.start}:{hop.end}): {error}")
+        self.hop, self.error, self.peer = hop, error, hop.peer
+
+
+# failures another server can make up for: the server is gone, stuck, restarted, draining, or broken
+# (a full cache is not one of them yet: the caller learns it at once instead of waiting for a server with room)
+RECOVERABLE = (HopFailed, PeerTimeout, PeerUnreachable, UnknownSession, ServerBusy, ProtocolError)
+
+_Reply = TypeVar("_Reply")
+
+
+class Peers:
+    """The servers of a model with `num_blocks` blocks of `hidden_size` that `discovery` knows of."""
+
+    def __init__(self, num_blocks: int, hidden_size: int, discovery: Discovery,
+                 model_filter: Callable[[ServerRecord], bool] = lambda record: True,
+                 config: ClientConfig | None = None, owns_discovery: bool = True,
+                 clock: Callable[[], float] = time.monotonic):
+        self.num_blocks, self.hidden_size = num_blocks, hidden_size
+        self.config = config or ClientConfig()
+        self.discovery, self._model_filter, self._owns_discovery = discovery, model_filter, owns_discovery
+        self._rpc = RpcClientConfig(timeout=self.config.request_timeout, connect_timeout=self.config.connect_timeout,
+                                    link_delay=self.config.link_delay, link_bandwidth=self.config.link_bandwidth)
+        self._clients: dict[str, RpcClient] = {}  # peer (or peer#channel) -> its connection
+        self._clients_lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="swarm-client")  # parallel requests
+        self._clock = clock  # what bans are timed with
+        self._lock = threading.Lock()  # guards the three below
+        self._warned: set[str] = set()  # peer ids already warned about
+        self._bans: dict[str, tuple[float, int]] = {}  # peer endpoint -> (banned until, consecutive failures)
+        self._rtt: dict[str, float] = {}  # peer endpoint -> measured round trip (seconds, moving average)
+        self._stop_pings = threading.Event()
+        self._pinger = threading.Thread(target=self._ping_loop, name="swarm-ping", daemon=True)
+        # dropped without close(), the peers still stop their threads and sockets
+        self._finalizer = weakref.finalize(self, _release, self._clients, discovery if owns_discovery else None,
+                                           self._stop_pings, self._pool)
+
+    # --- connections and round trips -------------------------------------------------------------------------------
+
+    def _client(self, peer: str, channel: str = "") -> RpcClient:
+        """The connection to `peer`; a named `channel` is a second connection, for calls that may wait long."""
+        key = f"{peer}#{channel}" if channel else peer
+        with self._clients_lock:
+            client = self._clients.get(key)
+            if client is None:
+                client = self._clients[key] = RpcClient(peer, self._rpc)
+            return client
+
+    def rtt(self, peer: str) -> float | None:
+        """The measured round trip to `peer` in seconds (None: not measured yet)."""
+        with self._lock:
+            return self._rtt.get(peer)
+
+    def ping_all(self, timeout: float = 1.0) -> None:
+        """Measure the round trip to every known server (in parallel, bounded by `timeout`)."""
+        peers = list({r.addresses[0] for r in self.servers()})
+        if not peers:
+            return
+
+        def ping(peer: str) -> tuple[str, float]:
+            started = time.perf_counter()
+            try:
+                self._client(peer).call(*Ping().to_wire(), timeout=timeout)
+            except SwarmError:
+                return peer, UNREACHABLE_RTT
+            return peer, time.perf_counter() - started
+
+        with ThreadPoolExecutor(max_workers=min(16, len(peers))) as pool:
+            measured = list(pool.map(ping, peers))
+        with self._lock:
+            for peer, rtt in measured:
+                old = self._rtt.get(peer)
+                self._rtt[peer] = rtt if old is None or rtt >= UNREACHABLE_RTT else 0.7 * old + 0.3 * rtt
+
+    def _ping_loop(self) -> None:
+        while not self._stop_pings.wait(self.config.ping_period):
+            try:
+                self.ping_all()
+            except Exception:  # the pinger must not die of one bad round
+                log.debug("ping round failed", exc_info=True)
+
+    def start_pinging(self) -> None:
+        self.ping_all()
+        if not self._pinger.is_alive() and not self._stop_pings.is_set():
+            self._pinger.start()
+
+    # --- bans ------------------------------------------------------------------------------------------------------
+
+    def ban(self, peer: str, error: BaseException) -> None:
+        """Avoid a failing server for a while (capped exponential backoff over consecutive failures)."""
+        with self._lock:
+            _, failures = self._bans.get(peer, (0.0, 0))
+            delay = min(self.config.max_ban_time, self.config.ban_time * 2 ** min(failures, 30))
+            self._bans[peer] = (self._clock() + delay, failures + 1)
+        log.warning("server %s failed (%s); avoiding it for %.0f s", peer, error, delay)
+
+    def ban_failed(self, error: BaseException) -> None:
+        """Ban the server an error came from, when it says which."""
+        peer = getattr(error, "peer", None)
+        if peer:
+            self.ban(peer, error)
+
+    def banned(self, peer: str) -> bool:
+        """Whether `peer` is avoided now."""
+        with self._lock:
+            return self._bans.get(peer, (0.0, 0))[0] > self._clock()
+
+    def failures(self, peer: str) -> int:
+        """Consecutive failures of `peer` since it last answered (what its next ban's length grows with)."""
+        with self._lock:
+            return self._bans.get(peer, (0.0, 0))[1]
+
+    def _forgive(self, peer: str) -> None:
+        with self._lock:
+            if peer in self._bans:
+                self._bans[peer] = (0.0, 0)  # it answers again: forget its failures
+
+    # --- the usable servers and the chains over them ---------------------------------------------------------------
+
+    def servers(self) -> list[ServerRecord]:
+        """Serving records of this model that this client can use (not banned, same protocol and shape)."""
+        now = self._clock()
+        with self._lock:
+            banned = {peer for peer, (until, _) in self._bans.items() if until > now}
+        usable = []
+        for record in self.discovery.records(self._model_filter):
+            if record.state not in ("online", "joining") or record.addresses[0] in banned:
+                continue
+            problem = self._check(record)
+            if problem is None:
+                usable.append(record)
+                continue
+            with self._lock:
+                warn = record.peer_id not in self._warned
+                self._warned.add(record.peer_id)
+            if warn:
+                log.warning("leaving out server %s: %s", record.addresses[0], problem)
+        return usable
+
+    def _check(self, record: ServerRecord) -> str | None:
+        if record.protocol != PROTOCOL_VERSION:
+            return f"speaks protocol {record.protocol}, this client {PROTOCOL_VERSION}"
+        if record.num_blocks != self.num_blocks or record.hidden_size != self.hidden_size:
+            return (f"serves a model with {record.num_blocks} blocks of hidden size {record.hidden_size}, this one "
+                    f"has {self.num_blocks} blocks of hidden size {self.hidden_size}")
+        return None
+
+    def covered(self) -> bool:
+        return not missing_ranges([_span(r) for r in self.servers()], 0, self.num_blocks)
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Wait (bounded) until the known servers cover every block; when servers are found but some blocks have
+        none after a first gossip round, say which at once."""
+        deadline = time.monotonic() + timeout
+        if self.discovery.wait(lambda _: self.covered(), min(timeout, FIRST_LOOK)):
+            return True
+        left = deadline - time.monotonic()
+        servers = self.servers()
+        if servers and left > 0:
+            log.warning("%s yet", _missing_text(self.spans(), 0, self.num_blocks))
+        return self.discovery.wait(lambda _: self.covered(), max(0.0, left))
+
+    def spans(self) -> list[SpanInfo]:
+        """A snapshot of the usable servers, as routing sees them."""
+        servers = self.servers()
+        with self._lock:
+            rtt = dict(self._rtt)
+        return [_span(r, rtt.get(r.addresses[0])) for r in servers]
+
+    def plan(self, start: int = 0, end: int | None = None, kind: str = "inference", cache_needed: int = 0
+             ) -> list[Hop]:
+        """A chain for blocks [start, end): the fastest for inference, a throughput-weighted draw for forward."""
+        end = self.num_blocks if end is None else end
+        if kind == "forward":
+            return plan_forward(self.spans(), start, end)
+        return plan_inference(self.spans(), start, end, cache_needed)
+
+    def plan_or_wait(self, start: int, end: int, kind: str = "inference", cache_needed: int = 0) -> list[Hop]:
+        """A chain for [start, end); when some blocks have no live server, wait (bounded) for one to appear."""
+        deadline = time.monotonic() + self.config.wait_for_blocks
+        announced = False
+        while True:
+            try:
+                return self.plan(start, end, kind, cache_needed)
+            except MissingBlocks as e:
+                if time.monotonic() >= deadline:
+                    raise MissingBlocks(e.missing, [(r.start, r.end) for r in self.servers()],
+                                        waited=self.config.wait_for_blocks) from None
+                if not announced:  # at once, so a user knows what the wait is for (Ctrl-C ends it)
+                    announced = True
+                    log.warning("%s; waiting up to %.0f s for one to join", _missing_text(self.spans(), start, end),
+                                max(0.0, deadline - time.monotonic()))
+                # short polls (time.sleep inside), so an interrupt ends the wait at once
+                self.discovery.wait(lambda _: not missing_ranges([_span(r) for r in self.servers()], start, end),
+                                    min(1.0, max(0.0, deadline - time.monotonic())))
+
+    # --- requests --------------------------------------------------------------------------------------------------
+
+    def retry(self, attempt: Callable[[], Any], what: str) -> Any:
+        """Run `attempt` until it succeeds; each failure of a server bans it and tries again (bounded)."""
+        for _ in range(self.config.max_retries):
+            try:
+                return attempt()
+            except RECOVERABLE as e:
+                self.ban_failed(e)
+        raise SwarmError(f"{what} failed on {self.config.max_retries} routes in a row; giving up")
+
+    def call(self, hop: Hop, msg_type: str, fields: dict[str, Any], tensors: list[torch.Tensor],
+             timeout: float | None = None, channel: str = "") -> Message:
+        """One request as wire parts (every request of this client goes through here); a recoverable failure of the
+        server is raised as HopFailed."""
+        try:
+            reply = self._client(hop.peer, channel).call(msg_type, fields, tensors, timeout=timeout)
+        except RECOVERABLE as e:
+            raise HopFailed(hop, e) from e
+        self._forgive(hop.peer)
+        return reply
+
+    def send(self, hop: Hop, request: RequestMessage, timeout: float | None = None, channel: str = "") -> Message:
+        """Send one request message to `hop`'s server and wait for its reply."""
+        return self.call(hop, *request.to_wire(), timeout=timeout, channel=channel)
+
+    def submit(self, hop: Hop, request: RequestMessage, timeout: float | None = None, channel: str = "") -> Future:
+        """`send` on a background thread; the future holds the reply or the error."""
+        return self._pool.submit(self.send, hop, request, timeout, channel)
+
+    def close(self) -> None:
+        """Stop the pinger and close every connection (and discovery, when these peers own it)."""
+        self._finalizer()
+
+
+def read_reply(reply_type: Callable[[Message], _Reply], message: Message, hop: Hop) -> _Reply:
+    """`reply_type.from_wire(message)`; a malformed reply is a SwarmError naming the server."""
+    try:
+        return reply_type(message)
+    except ProtocolError as e:
+        raise SwarmError(f"{hop.peer} answered with a malformed reply: {e}") from None
+
+
+def same_shape(tensor: torch.Tensor, like: torch.Tensor, hop: Hop, what: str = "tensor") -> torch.Tensor:
+    """`tensor` in `like`'s dtype, after checking that a server answered it in `like`'s shape."""
+    if tensor.shape != like.shape:
+        raise SwarmError(f"{hop.peer} answered a {what} of shape {list(tensor.shape)}, expected "
+                         f"{list(like.shape)}")
+    return tensor.to(like.dtype)
+
+
+def hop_prompts(prompts: torch.Tensor | None, hop: Hop, rows: slice | None = None) -> torch.Tensor | None:
+    """The deep prompts of `hop`'s blocks (for `rows` of the batch, unless one prompt serves every row)."""
+    if prompts is None:
+        return None
+    prompts = prompts[hop.start:hop.end]
+    return prompts if rows is None or prompts.shape[1] == 1 else prompts[:, rows]
+
+
+def _release(clients: dict[str, RpcClient], discovery: Discovery | None, stop_pings: threading.Event,
+             pool: ThreadPoolExecutor) -> None:
+    stop_pings.set()
+    pool.shutdown(wait=False, cancel_futures=True)
+    for client in clients.values():
+        client.close()
+    clients.clear()
+    if discovery is not None:
+        discovery.stop()
+
+
+def _missing_text(spans: list[SpanInfo], start: int, end: int) -> str:
+    """'no server covers blocks 2:4 of the model (live servers cover 0:2)', for warnings."""
+    gaps = ", ".join(f"{a}:{b}" for a, b in missing_ranges(spans, start, end))
+    served = ", ".join(f"{a}:{b}" for a, b in sorted({(s.start, s.end) for s in spans})) or "nothing"
+    return f"no server covers blocks {gaps} of the model (live servers cover {served})"
+
+
+def _span(record: ServerRecord, rtt: float | None = None) -> SpanInfo:
+    return SpanInfo(record.addresses[0], record.start, record.end, rtt=rtt, throughput=record.throughput,
+                    cache_free=record.cache_tokens_free)

@@ -1,0 +1,268 @@
+"""Inference sessions: generation with the attention caches kept on the servers, recovered by replay.
+
+An `InferenceSession` opens a session on every server of a chain (the fastest, from peers.py), and each step sends only
+the new tokens' hidden states through it, hop by hop or relayed (each server pushing its output straight to the next,
+the client getting every hop's output back). Every hop keeps the inputs it was sent, so when a server fails its blocks
+are rebuilt on a replacement chain by replaying that history, and the generation goes on with the same tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass, field
+
+import torch
+
+from ...transport.errors import ConfigError, PeerTimeout, PeerUnreachable, RelayRefused, RelayStopped, SwarmError
+from ...transport.messages import MAX_WAIT, Cancel, Close, Open, OpenReply, PushTarget, Step, StepReply
+from .peers import RECOVERABLE, Peers, hop_prompts, read_reply, same_shape
+from .routing import Hop
+
+log = logging.getLogger(__name__)
+
+RELAY_ATTEMPTS = 3  # relayed steps in a row that may fail before a session stops trying to relay
+
+
+@dataclass
+class _HopSession:
+    hop: Hop
+    session_id: str
+    # what was sent, in order: (hidden, attention mask, this hop's deep prompts)
+    history: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = field(default_factory=list)
+
+
+class _RelayStopped(SwarmError):
+    """A relayed step stopped at hop `index` (whose input is `hidden`): `error` says why."""
+
+    def __init__(self, index: int, hidden: torch.Tensor, error: SwarmError):
+        super().__init__(str(error))
+        self.index, self.hidden, self.error = index, hidden, error
+
+
+class InferenceSession:
+    """Generation state on the servers: each step sends only the new tokens' hidden states through the chain.
+
+    Every hop keeps the inputs it was sent. When a server fails (it vanished, timed out, lost the session, or is
+    shutting down), it is banned for a while, a replacement chain is found for its blocks only (waiting, bounded,
+    when none exists yet), the hop's history is replayed there step by step, exactly as it was first sent, so the
+    rebuilt cache is the same, and the step goes on. Sampling is untouched by recovery, so the tokens are the same.
+    """
+
+    def __init__(self, peers: Peers, max_length: int, batch_size: int | None = None):
+        if not isinstance(max_length, int) or max_length < 1:
+            raise ConfigError(f"max_length must be a positive integer, got {max_length!r}")
+        self.peers, self.max_length, self.batch_size = peers, max_length, batch_size
+        self.position = 0  # tokens the servers hold
+        self.hops: list[_HopSession] = []
+        self.closed = False
+        self.recoveries = 0  # replacement chains built so far
+        self._no_relay = False  # set when relaying failed RELAY_ATTEMPTS steps in a row
+        self._relay_failures = 0
+
+    @property
+    def route(self) -> list[Hop]:
+        return [h.hop for h in self.hops]
+
+    def _open_chain(self, start: int, end: int) -> list[_HopSession]:
+        batch = self.batch_size or 1
+        chain = self.peers.plan_or_wait(start, end, "inference", batch * self.max_length)
+        opened: list[_HopSession] = []
+        try:
+            for hop in chain:
+                request = Open(self.max_length, batch, blocks=(hop.start, hop.end))
+                reply = self.peers.send(hop, request, timeout=self.peers.config.connect_timeout)
+                opened.append(_HopSession(hop, read_reply(OpenReply.from_wire, reply, hop).session))
+        except BaseException:
+            self._close_sessions(opened)
+            raise
+        return opened
+
+    def _step_hop(self, hop_session: _HopSession, hidden: torch.Tensor, mask: torch.Tensor | None,
+                  start: int | None = None, prompts: torch.Tensor | None = None) -> torch.Tensor:
+        """One step on one hop; `prompts` are that hop's deep prompts (first step only). With `start`, the server
+        rewinds to it first: a step half done by a broken relay runs again."""
+        request = Step(hop_session.session_id, hidden, mask, prompts, start=start)
+        reply = read_reply(StepReply.from_wire, self.peers.send(hop_session.hop, request), hop_session.hop)
+        out = same_shape(reply.hidden, hidden, hop_session.hop, "step output")
+        hop_session.history.append((hidden, mask, prompts))
+        return out
+
+    def _replacement(self, failed: _HopSession) -> list[_HopSession]:
+        """New hops for the failed hop's blocks, with its history replayed into their caches."""
+        def attempt() -> list[_HopSession]:
+            hops = self._open_chain(failed.hop.start, failed.hop.end)
+            try:
+                for hidden, mask, prompts in failed.history:
+                    for hop_session in hops:
+                        hop = hop_session.hop
+                        sub = None if prompts is None else \
+                            prompts[hop.start - failed.hop.start:hop.end - failed.hop.start]
+                        hidden = self._step_hop(hop_session, hidden, mask, prompts=sub)
+            except BaseException:
+                self._close_sessions(hops)
+                raise
+            return hops
+
+        hops = self.peers.retry(attempt, f"recovering blocks {failed.hop.start}:{failed.hop.end}")
+        self.recoveries += 1
+        log.info("recovered blocks %d:%d on %s (replayed %d steps)", failed.hop.start, failed.hop.end,
+                 ", ".join(h.hop.peer for h in hops), len(failed.history))
+        return hops
+
+    def step(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             prompts: torch.Tensor | None = None) -> torch.Tensor:
+        """Run new tokens' hidden states [batch, new, hidden] through every hop; returns the last hop's output.
+
+        `prompts` [blocks, batch or 1, prompt_length, hidden] are deep prompts, one per block, added at the first
+        positions: only the first step of a session may carry them.
+        """
+        if self.closed:
+            raise SwarmError("this inference session is closed")
+        batch, new, _ = hidden.shape
+        if self.batch_size is not None and self.hops and batch != self.batch_size:
+            raise ConfigError(f"the session was opened for batch size {self.batch_size}, this step has {batch}")
+        if prompts is not None and self.position != 0:
+            raise ConfigError("deep prompts may only come with the first step of an inference session")
+        if self.position + new > self.max_length:
+            raise ConfigError(f"the session holds {self.position} tokens; {new} more would pass its max_length "
+                              f"{self.max_length}: open it with a larger max_length")
+        if not self.hops:
+            self.batch_size = batch
+            self.hops = self.peers.retry(lambda: self._open_chain(0, self.peers.num_blocks), "opening a session")
+            log.info("inference session through %s",
+                     " -> ".join(f"{h.peer} [{h.start}:{h.end})" for h in self.route))
+        mask = None if attention_mask is None else attention_mask.to(torch.int8)
+        out = hidden.detach()
+        i, failures, hop_by_hop = 0, 0, not self.peers.config.relay or self._no_relay
+        while i < len(self.hops):
+            try:
+                if not hop_by_hop and i + 1 < len(self.hops):
+                    out, i = self._relayed(i, out, mask, prompts)
+                    self._relay_failures = 0
+                else:
+                    out = self._step_hop(self.hops[i], out, mask, start=self.position,
+                                         prompts=hop_prompts(prompts, self.hops[i].hop))
+                    i += 1
+            except _RelayStopped as stopped:
+                out, i, error = stopped.hidden, stopped.index, stopped.error
+                if isinstance(error, (RelayStopped, RelayRefused)):
+                    # e.g. a server does not know the next one (yet, or any more, when it just died): this step
+                    # goes on hop by hop; after RELAY_ATTEMPTS such steps in a row, the whole session does
+                    hop_by_hop, self._relay_failures = True, self._relay_failures + 1
+                    self._no_relay = self._relay_failures >= RELAY_ATTEMPTS
+                    log.warning("relay failed (%s); stepping hop by hop%s", error,
+                                " from now on" if self._no_relay else " for this step")
+                elif isinstance(error, RECOVERABLE):
+                    failures = self._recover(i, error, failures)
+                else:
+                    raise error from None
+            except RECOVERABLE as e:
+                failures = self._recover(i, e, failures)
+        self.position += new
+        return out
+
+    def _recover(self, i: int, error: BaseException, failures: int) -> int:
+        """Replace hop `i` after its server failed; returns the updated failure count of this step."""
+        failures += 1
+        if failures > self.peers.config.max_retries:
+            raise SwarmError(f"giving up after {failures - 1} recoveries in one step: {error}") from error
+        hop_session = self.hops[i]
+        self.peers.ban(hop_session.hop.peer, error)
+        if not isinstance(getattr(error, "error", error), (PeerUnreachable, PeerTimeout)):
+            self._close_sessions([hop_session])  # it still answers: free its cache now
+        self.hops[i:i + 1] = self._replacement(hop_session)
+        return failures
+
+    def _relayed(self, i: int, hidden: torch.Tensor, mask: torch.Tensor | None, prompts: torch.Tensor | None,
+                 ) -> tuple[torch.Tensor, int]:
+        """One step from hop `i` to the end, servers passing it along; returns the output and the next hop index.
+
+        Every server of the chain gets its request at once. The first gets the hidden states; each later one waits
+        for its input, pushed by the server before it, and every server answers with its output, which is the next
+        hop's history. On a failure at hop k, the requests still waiting are cancelled and the step goes on from k.
+        """
+        chain, ticket = self.hops[i:], secrets.token_hex(8)
+        timeout = self.peers.config.request_timeout
+        sub_prompts = [hop_prompts(prompts, hop_session.hop) for hop_session in chain]
+        pending: list[Future] = []  # the requests of hops 1.. (hop 0's is sent from here, after them)
+        for k, hop_session in enumerate(chain):
+            push = None
+            if k + 1 < len(chain):
+                after = chain[k + 1]
+                push = PushTarget(after.hop.peer, after.session_id, f"{ticket}.{k + 1}")
+            if k == 0:
+                first = Step(hop_session.session_id, hidden, mask, sub_prompts[0], start=self.position, push=push)
+                continue
+            # it waits for the servers before it, each bounded by the request timeout
+            wait = min(MAX_WAIT, timeout * k)
+            request = Step(hop_session.session_id, None, mask, sub_prompts[k], start=self.position,
+                           ticket=f"{ticket}.{k}", wait=wait, push=push)
+            pending.append(self.peers.submit(hop_session.hop, request, timeout + wait, channel="relay"))
+        x = hidden
+        for k, hop_session in enumerate(chain):
+            try:
+                reply = self.peers.send(hop_session.hop, first) if k == 0 else pending[k - 1].result()
+                out = same_shape(read_reply(StepReply.from_wire, reply, hop_session.hop).hidden, hidden,
+                                 hop_session.hop, "step output")
+            except BaseException as e:
+                self._cancel(chain[k + 1:], pending[k:], ticket, k + 1)
+                if not isinstance(e, SwarmError):
+                    raise
+                raise _RelayStopped(i + k, x, e) from e
+            hop_session.history.append((x, mask, sub_prompts[k]))
+            x = out
+        return x, len(self.hops)
+
+    def _cancel(self, waiting: list[_HopSession], pending: list[Future], ticket: str, first: int) -> None:
+        """Cancel the relayed requests that wait for an input that will not come, and let their calls end."""
+        for k, (hop_session, future) in enumerate(zip(waiting, pending, strict=True), start=first):
+            if future.done():
+                continue
+            try:
+                self.peers.send(hop_session.hop, Cancel(hop_session.session_id, f"{ticket}.{k}"),
+                                timeout=self.peers.config.connect_timeout)
+            except SwarmError as e:  # gone too: its own call ends with that
+                log.debug("cancelling a relayed step on %s failed: %s", hop_session.hop.peer, e)
+        wait_futures(pending, timeout=self.peers.config.request_timeout)
+
+    def rewind(self, position: int) -> None:
+        """Forget the tokens after the first `position`, which must be where a step began: the next step goes on
+        from there (every step tells the servers its start position, and they drop what their caches hold beyond
+        it). Used to drop an interrupted or unwanted continuation, e.g. a chat answer stopped with Ctrl-C."""
+        if isinstance(position, bool) or not isinstance(position, int) or not 0 <= position <= self.position:
+            raise ConfigError(f"can only rewind to a position in [0, {self.position}], got {position!r}")
+        keep = []
+        for hop_session in self.hops:
+            count, total = 0, 0
+            for hidden, _, _ in hop_session.history:
+                if total >= position:
+                    break
+                total, count = total + hidden.shape[1], count + 1
+            if total != position:
+                raise ConfigError(f"cannot rewind to {position}: no step of this session began there")
+            keep.append(count)
+        for hop_session, count in zip(self.hops, keep, strict=True):
+            del hop_session.history[count:]  # a step half done when interrupted goes too
+        self.position = position
+
+    def _close_sessions(self, hops: list[_HopSession]) -> None:
+        for hop_session in hops:
+            try:
+                self.peers.send(hop_session.hop, Close(hop_session.session_id), timeout=1.0)
+            except SwarmError as e:  # the server may be gone; its session expires on its own
+                log.debug("closing a session on %s failed: %s", hop_session.hop.peer, e)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._close_sessions(self.hops)
+
+    def __enter__(self) -> InferenceSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
