@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -13,6 +15,8 @@ from conftest import load_reference, make_tiny_model
 from swarm import AutoDistributedModelForCausalLM
 from swarm.core.client.config import ClientConfig
 from swarm.core.client.routing import Hop, MissingBlocks
+from swarm.transport.records import record_to_wire
+from swarm.transport.rpc import RpcClient
 
 FAST = ["--host", "127.0.0.1", "--no-mdns", "--gossip-period", "0.2", "--record-ttl", "3"]
 PROMPT = torch.tensor([[7, 3, 9, 1, 4, 4, 2]])
@@ -168,6 +172,83 @@ def test_forward_and_backward_retry_on_another_server(model_dir, fork_serve):
         assert model.blocks.failures(dead.endpoint) >= 1 and len(planned) >= 2
     ref_embeds = ref.get_input_embeddings()(ids).detach().requires_grad_(True)
     ref_out = ref(inputs_embeds=ref_embeds, labels=ids)
+    ref_out.loss.backward()
+    torch.testing.assert_close(out.logits, ref_out.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(embeds.grad, ref_embeds.grad, atol=1e-6, rtol=1e-4)
+
+
+# --- a server whose real span differs from its record ------------------------------------------------------------
+
+LIAR_ID = "0123456789abcdef"
+
+
+def lie_about(model, first, liar, start, end):
+    """Gossip (through `first`) a record of `liar`'s address that claims blocks [start, end) and is fast and roomy
+    enough to be planned before every honest server; wait until the client knows it."""
+    template = next(r for r in model.blocks.discovery.records() if r.addresses[0] == first.endpoint)
+    lying = dataclasses.replace(template, peer_id=LIAR_ID, start=start, end=end, addresses=(liar.endpoint,),
+                                throughput=1e12, cache_tokens_free=1 << 30, cache_tokens_total=1 << 30, seq=1,
+                                ttl=600.0, updated_at=time.time())
+    with RpcClient(first.endpoint) as client:
+        client.call("gossip", {"records": [record_to_wire(lying)]})
+    assert model.blocks.discovery.wait(
+        lambda _: any(r.peer_id == LIAR_ID for r in model.blocks.servers()), 15)
+
+
+@pytest.mark.slow
+def test_generation_routes_around_a_server_that_does_not_hold_its_announced_blocks(model_dir, fork_serve):
+    ref = load_reference(model_dir)
+    first = fork_serve(str(model_dir), "--blocks", "0:1", *FAST)
+    honest = [first, *start_all(fork_serve, model_dir, [(1, 2), (2, 4)], [first.endpoint])]
+    liar = fork_serve(str(model_dir), "--blocks", "0:2", *FAST)  # knows no one: only the lie speaks of it
+    model = connect(model_dir, first, 3)
+    expected = ref.generate(PROMPT, max_new_tokens=8, do_sample=False)
+    with model:
+        lie_about(model, first, liar, 0, 4)
+        for _ in range(3):  # measured round trips: one hop to the liar beats three honest ones
+            model.blocks.ping_all()
+        assert model.blocks.plan(cache_needed=32) == [Hop(liar.endpoint, 0, 4)]  # the lie looks best
+        with model.inference_session(max_length=32) as session:
+            got = model.generate(PROMPT, max_new_tokens=8, do_sample=False)
+            assert [hop.peer for hop in session.route] == [s.endpoint for s in honest]
+        assert model.blocks.failures(liar.endpoint) >= 1  # the liar was asked, answered wrong_blocks, was banned
+    assert got.tolist() == expected.tolist()
+
+
+@pytest.mark.slow
+def test_forward_and_backward_route_around_a_server_that_does_not_hold_its_announced_blocks(model_dir, fork_serve):
+    ref = load_reference(model_dir)
+    first = fork_serve(str(model_dir), "--blocks", "0:2", *FAST)
+    others = start_all(fork_serve, model_dir, [(2, 4), (2, 4)], [first.endpoint])
+    liar = fork_serve(str(model_dir), "--blocks", "0:2", *FAST)
+    # bans short enough that the liar is planned again by the time the backward pass recomputes blocks 2:4
+    model = connect(model_dir, first, 3, ban_time=0.2, max_ban_time=0.4)
+    with model:
+        lie_about(model, first, liar, 0, 4)
+        real_plan, planned = model.blocks.plan, []
+
+        def plan(start=0, end=None, kind="inference", cache_needed=0):
+            chain = real_plan(start, end, kind, cache_needed)
+            planned.append(chain)
+            return chain
+
+        model.blocks.plan = plan
+        embeds = model.get_input_embeddings()(PROMPT).detach().requires_grad_(True)
+        out = model(inputs_embeds=embeds, labels=PROMPT)
+        assert planned[0][0] == Hop(liar.endpoint, 0, 4) and model.blocks.failures(liar.endpoint) >= 1
+        # the server of blocks 2:4 that ran the forward pass dies: the backward pass recomputes them, planning the
+        # liar first again (its ban is over), and goes on with the other honest server
+        used = planned[-1][-1].peer
+        next(s for s in others if s.endpoint == used).stop(signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while model.blocks.banned(liar.endpoint) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        forwards = len(planned)
+        out.loss.backward()
+        assert planned[forwards][0] == Hop(liar.endpoint, 2, 4)  # the recomputation asked the liar first
+        assert model.blocks.failures(liar.endpoint) >= 1
+    ref_embeds = ref.get_input_embeddings()(PROMPT).detach().requires_grad_(True)
+    ref_out = ref(inputs_embeds=ref_embeds, labels=PROMPT)
     ref_out.loss.backward()
     torch.testing.assert_close(out.logits, ref_out.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(embeds.grad, ref_embeds.grad, atol=1e-6, rtol=1e-4)

@@ -65,6 +65,11 @@ class BadRequest(RemoteError):
     """The peer rejected our request as malformed or invalid."""
 
 
+class WrongBlocks(RemoteError):
+    """The peer does not serve the blocks asked for: its real span differs from what its record says (it restarted
+    with other blocks, or its record is stale or false). Another server can run them."""
+
+
 class UnknownSession(RemoteError):
     """The peer does not know the inference session (it expired, or the server restarted)."""
 
@@ -94,6 +99,7 @@ REMOTE_ERRORS: dict[str, type[RemoteError]] = {
     "bad_request": BadRequest,
     "protocol_version": BadRequest,
     "unknown_method": BadRequest,
+    "wrong_blocks": WrongBlocks,
     "unknown_session": UnknownSession,
     "cache_full": CacheFull,
     "session_overflow": SessionOverflow,

@@ -26,7 +26,15 @@ import torch
 
 from ...transport.codec import PROTOCOL_VERSION, Message
 from ...transport.discovery import Discovery
-from ...transport.errors import PeerTimeout, PeerUnreachable, ProtocolError, ServerBusy, SwarmError, UnknownSession
+from ...transport.errors import (
+    PeerTimeout,
+    PeerUnreachable,
+    ProtocolError,
+    ServerBusy,
+    SwarmError,
+    UnknownSession,
+    WrongBlocks,
+)
 from ...transport.messages import Ping, RequestMessage
 from ...transport.records import ServerRecord
 from ...transport.rpc import RpcClient, RpcClientConfig
@@ -47,9 +55,10 @@ class HopFailed(SwarmError):
         self.hop, self.error, self.peer = hop, error, hop.peer
 
 
-# failures another server can make up for: the server is gone, stuck, restarted, draining, or broken
-# (a full cache is not one of them yet: the caller learns it at once instead of waiting for a server with room)
-RECOVERABLE = (HopFailed, PeerTimeout, PeerUnreachable, UnknownSession, ServerBusy, ProtocolError)
+# failures another server can make up for: the server is gone, stuck, restarted, draining, broken, or does not hold
+# the blocks its record claims (a full cache is not one of them yet: the caller learns it at once instead of waiting
+# for a server with room)
+RECOVERABLE = (HopFailed, PeerTimeout, PeerUnreachable, UnknownSession, ServerBusy, WrongBlocks, ProtocolError)
 
 _Reply = TypeVar("_Reply")
 
