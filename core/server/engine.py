@@ -154,7 +154,8 @@ class Engine:
             return len(self._jobs)
 
     def stats(self) -> dict[str, Any]:
-        """The queue, and the mean size of recent passes (requests, sessions and tokens per pass)."""
+        """The queue, and the size of recent passes (mean requests, sessions and tokens per pass; the most sessions
+        one held)."""
         with self._cond:
             recent = list(self._recent)
             queued, queued_bytes = len(self._jobs), self._bytes
@@ -163,6 +164,7 @@ class Engine:
                 "batch": {"requests": round(sum(r[0] for r in recent) / count, 2),
                           "sessions": round(sum(r[1] for r in recent) / count, 2),
                           "tokens": round(sum(r[2] for r in recent) / count, 1),
+                          "peak_sessions": max((r[1] for r in recent), default=0),
                           "max_tokens": self.limits.max_tokens, "max_requests": self.limits.max_requests}}
 
     def submit(self, job: Job) -> None:
