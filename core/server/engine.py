@@ -82,6 +82,7 @@ class StepJob(Job):
     finish: Callable[[StepJob, torch.Tensor], None] | None = None  # answers (and relays) once every column ran
     _cache_start: int = 0  # the cache's length when this job's current pass began
     _position: int = 0  # where the step began (a step that fails is undone back to it)
+    cache: Any = None  # the session's cache, held while the step runs (closing the session lets go of it)
 
     kind = "step"
 
@@ -217,8 +218,7 @@ class Engine:
                 picks = plan_pass([job.queued() for job in self._jobs.values()], self.limits)
                 picked = {pick.id for pick in picks}
                 for job in self._jobs.values():
-                    if job.id not in picked:
-                        job.waited += 1
+                    job.waited = 0 if job.id in picked else job.waited + 1  # passes since it last ran
                 jobs = [(self._jobs[pick.id], pick) for pick in picks]
             try:
                 self._pass(jobs)
@@ -278,11 +278,13 @@ class Engine:
             rows, new = job.hidden.shape[:2]
             if job.done == 0:
                 self._begin_step(job)
+            elif job.session.closed:
+                raise EngineError("unknown_session", f"session {job.session_id[:8]} was closed")
             count = min(new - job.done, max(1, pick.tokens // rows))
-            job._cache_start = job.session.cache.length
+            job._cache_start = job.cache.length
             a, b = job.done, job.done + count
             mask = None if job.mask is None else job.mask[:, a:b]
-            return Work(job.hidden[:, a:b], mask, job.session.cache, job.prompts, column=a), count
+            return Work(job.hidden[:, a:b], mask, job.cache, job.prompts, column=a), count
         rows, length = job.hidden.shape[:2]
         if isinstance(job, ForwardJob) and job.reserved:
             if job.cache is None:
@@ -307,7 +309,7 @@ class Engine:
             raise EngineError("unknown_session", f"session {job.session_id[:8]} was closed")
         if session.cache is None:
             session.cache = self.span.new_cache(session.batch, session.max_length, session.blocks)
-        cache = session.cache
+        cache = job.cache = session.cache
         if job.start is not None and job.start > cache.length:
             raise EngineError("bad_request", f"start {job.start} is past the {cache.length} tokens the session holds")
         position = cache.length if job.start is None else job.start
@@ -323,7 +325,7 @@ class Engine:
 
     def _rewind(self, job: Job, whole: bool = False) -> None:
         """Undo what this pass wrote to a step's cache (`whole`: the whole step, earlier passes too)."""
-        cache = job.session.cache if isinstance(job, StepJob) else getattr(job, "cache", None)
+        cache = getattr(job, "cache", None)
         if cache is not None:
             cache.rewind(job._position if whole else job._cache_start)
 
