@@ -113,6 +113,11 @@ class Handler:
         self.accepting = True
         engine.run_forward_alone = self._forward_kept
 
+    @property
+    def capabilities(self) -> tuple[str, ...]:
+        """What this server does, announced in `info` and its record ("batching": steps of sessions share passes)."""
+        return (*CAPABILITIES, "batching") if self.engine.limits.max_requests > 1 else CAPABILITIES
+
     # --- the I/O thread's entry points -------------------------------------------------------------------------
 
     def __call__(self, request: Request) -> None:
@@ -170,7 +175,7 @@ class Handler:
             "hidden_size": span.hidden_size,
             "dtype": str(span.dtype).removeprefix("torch."),
             "protocol": PROTOCOL_VERSION,
-            "capabilities": list(CAPABILITIES),
+            "capabilities": list(self.capabilities),
             "cache_tokens_total": self.budget.total,
             "cache_tokens_free": self.budget.free,
             "sessions": sessions,
