@@ -133,11 +133,15 @@ def decode_header(frame: Any) -> dict[str, Any]:
     return header
 
 
-def decode(frames: Sequence[Any]) -> Message:
-    """Decode frames into a Message; raises ProtocolError (or VersionMismatch) on anything malformed."""
+def decode(frames: Sequence[Any], header: dict[str, Any] | None = None) -> Message:
+    """Decode frames into a Message; raises ProtocolError (or VersionMismatch) on anything malformed.
+
+    `header` is `decode_header(frames[0])` when the caller has it already (it is not parsed twice).
+    """
     if not frames:
         raise ProtocolError("empty message")
-    header = decode_header(frames[0])
+    if header is None:
+        header = decode_header(frames[0])
     specs = header.get("tensors", [])
     if not isinstance(specs, list) or len(specs) > MAX_TENSORS:
         raise ProtocolError(f"a message carries a list of at most {MAX_TENSORS} tensors")

@@ -5,8 +5,22 @@ not block (it answers cheap requests at once and queues compute elsewhere); anyo
 with `Request.reply` / `Request.fail`. Replies travel to the I/O thread over an inproc socket, so the socket loop
 never waits on compute. A malformed message gets an error reply and never stops the loop.
 
-`RpcClient` talks to one peer through a DEALER socket: one request, exactly one reply matched by request id, every
-wait bounded. After a timeout the socket is replaced, so a request that never left is not delivered late.
+`RpcClient` talks to one peer through a DEALER socket owned by an I/O thread of its own, started at the first call.
+Any number of threads may call at once: each hands its encoded request to the I/O thread (a deque and a wake-up byte
+on a socket pair, so the caller never touches the socket) and waits, with its own timeout, for the reply that carries
+its request id. One thread per client rather than one per ZeroMQ context: nothing global to register or tear down,
+closing a client ends only its own thread, and each thread polls three descriptors however many peers the process
+talks to; the cost is one mostly sleeping thread per connected peer. Requests, their decoding and the simulated
+link delays stay in the callers' threads, so concurrent calls overlap and the I/O thread only moves frames.
+
+Every wait is bounded, and every call ends exactly once: with its reply, a PeerTimeout (its reply, if it comes,
+is dropped), PeerUnreachable when the connection monitor reports that the peer closed or refused the connection
+(every call in flight fails, and the socket is replaced so nothing queued for the lost connection goes out later)
+or when the client is closed, ProtocolError on a malformed reply, or the typed error of an error reply. The socket
+queues to live connections only (ZMQ_IMMEDIATE): a request waiting for a connection stays in the I/O thread's
+outbox, where it is dropped when its caller times out, so it is never delivered late. A timeout alone in flight
+still replaces the socket (a half-open connection gets a fresh start); with other calls in flight it does not
+touch them.
 """
 
 from __future__ import annotations
@@ -15,17 +29,21 @@ import contextlib
 import errno
 import itertools
 import logging
+import socket
 import threading
 import time
+import weakref
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
 import torch
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from .codec import Message, decode, decode_header, encode
+from .codec import MAX_HEADER_BYTES, Message, decode, decode_header, encode
 from .errors import ConfigError, PeerTimeout, PeerUnreachable, ProtocolError, SwarmError, error_for_code
 
 log = logging.getLogger(__name__)
@@ -243,55 +261,366 @@ class RpcClientConfig:
         return self.link_delay + size / self.link_bandwidth
 
 
-class RpcClient:
-    """A connection to one peer. `call` is thread-safe (calls to one peer are serialized)."""
+class _Call:
+    """One request of a caller: its frames until they are sent, then the reply or the error that ends it.
 
-    _ids = itertools.count(1)
+    `done` is held from the start and released once, by whoever ends the call (a reply, a loss, close); the caller
+    waits on it with its own timeout. `over` is set, under the link's lock, by whoever takes the call out of the
+    pending table; the I/O thread does not send a call that is over.
+    """
 
-    def __init__(self, endpoint: str, config: RpcClientConfig | None = None, context: zmq.Context | None = None):
-        self.endpoint = normalize_endpoint(endpoint)
-        self.config = config or RpcClientConfig()
-        self._ctx = context or zmq.Context.instance()
-        self._lock = threading.Lock()
+    __slots__ = ("id", "type", "frames", "done", "reply", "error", "taken", "over")
+
+    def __init__(self, request_id: int, msg_type: str, frames: list[Any]):
+        self.id = request_id
+        self.type = msg_type
+        self.frames = frames
+        self.done = threading.Lock()
+        self.done.acquire()
+        self.reply: tuple[dict[str, Any], list[Any]] | None = None  # checked header and frames
+        self.error: SwarmError | None = None
+        self.taken = False  # the I/O thread has it (in its outbox, or sent)
+        self.over = False
+
+    def finish(self, reply: tuple[dict[str, Any], list[Any]] | None = None, error: SwarmError | None = None) -> None:
+        self.reply, self.error, self.frames = reply, error, []
+        self.done.release()
+
+
+class _Link:
+    """The connection of one RpcClient to its peer: a DEALER socket owned by one I/O thread.
+
+    Callers `submit` calls (thread-safe: a deque plus a wake-up byte on a socket pair that the I/O thread polls with
+    its ZeroMQ sockets). The I/O thread sends them in order, matches each reply to its call by request id, drops late
+    replies, and fails every call it holds when the monitor reports that the peer closed or refused the connection
+    (the socket is then replaced, so nothing queued for the lost connection goes out later). It holds no reference to
+    the RpcClient, so a client dropped without `close` is finalized, which closes the link and ends the thread.
+    """
+
+    def __init__(self, endpoint: str, context: zmq.Context):
+        self.endpoint = endpoint
+        self._ctx = context
+        self._lock = threading.Lock()  # pending, queue, closed, reset_wanted, thread
+        self._pending: dict[int, _Call] = {}  # request id -> call whose caller still waits
+        self._queue: deque[_Call] = deque()  # submitted, not yet taken by the I/O thread
+        self._closed = False
+        self._dropped = False  # the client was finalized on the I/O thread itself: close at the next turn
+        self._reset_wanted = False
+        self._thread: threading.Thread | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        # owned by the I/O thread
+        self._poller = zmq.Poller()
+        self._polling = 0  # the events the socket is registered for
         self._socket: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None
-        self._closed = False
+        self._outbox: deque[_Call] = deque()  # taken, waiting for the connection (ZMQ_IMMEDIATE) or for room
+        # the raw socket of send_raw/recv_raw, used from callers' threads under its own lock
+        self.raw_lock = threading.Lock()
+        self._raw: zmq.Socket | None = None
 
-    def _connect(self) -> zmq.Socket:
-        if self._socket is None:
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- callers' side -------------------------------------------------------------------------------------------
+
+    def submit(self, call: _Call) -> None:
+        with self._lock:
+            if self._closed:
+                raise PeerUnreachable(f"connection to {self.endpoint} is closed")
+            if self._thread is None:
+                thread = threading.Thread(target=self._run, name=f"swarm-rpc-client {self.endpoint}", daemon=True)
+                thread.start()
+                self._thread = thread
+            self._pending[call.id] = call
+            self._queue.append(call)
+        self._wake()
+
+    def abandon(self, call: _Call) -> bool:
+        """Forget a call whose caller stopped waiting; False when it ended meanwhile (then `done` is released)."""
+        with self._lock:
+            if self._pending.pop(call.id, None) is None:
+                return False
+            call.over = True
+            # alone in flight: replace the socket, as a timeout always did (a half-open connection gets a fresh
+            # start); with other calls in flight the socket stays, their replies are on the way
+            self._reset_wanted = not self._pending
+        self._wake()
+        return True
+
+    def close(self) -> None:
+        """Fail the calls in flight at once, then stop the I/O thread (bounded) and close every socket."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            calls = self._take_pending(lambda call: True)
+            thread = self._thread
+        for call in calls:
+            call.finish(error=PeerUnreachable(f"connection to {self.endpoint} closed while waiting for "
+                                              f"{call.type!r}"))
+        with self.raw_lock:
+            if self._raw is not None:
+                self._raw.close(linger=0)
+                self._raw = None
+        if thread is None:
+            self._wake_r.close()
+        else:
+            self._wake()
+            if thread is not threading.current_thread():  # a finalizer may run on any thread
+                thread.join(2.0)
+        self._wake_w.close()  # here only: no wake-up ever goes to a closed (perhaps reused) descriptor
+
+    def release(self) -> None:
+        """`close`, for the finalizer of a dropped client. The garbage collector may run it on the I/O thread
+        itself, perhaps while that thread holds the lock: there it only marks the link, closed at the next turn."""
+        if threading.current_thread() is self._thread:
+            self._dropped = True
+            self._wake()
+        else:
+            self.close()
+
+    def raw_socket(self) -> zmq.Socket:
+        """The separate socket of send_raw/recv_raw (call with `raw_lock` held)."""
+        if self._closed:
+            raise PeerUnreachable(f"connection to {self.endpoint} is closed")
+        if self._raw is None:
+            self._raw, _ = self._open(monitor=False)
+        return self._raw
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):  # full: a wake-up is pending anyway; closed: the thread is gone
+            self._wake_w.send(b"\0")
+
+    def _take_pending(self, which: Callable[[_Call], bool]) -> list[_Call]:
+        """Remove the pending calls `which` selects and mark them over (call with `_lock` held)."""
+        calls = [call for call in self._pending.values() if which(call)]
+        for call in calls:
+            del self._pending[call.id]
+            call.over = True
+        return calls
+
+    def _fail_taken(self, error: Callable[[_Call], SwarmError]) -> None:
+        """Fail every call the I/O thread holds (sent or in the outbox); calls just submitted are not concerned."""
+        with self._lock:
+            calls = self._take_pending(lambda call: call.taken)
+        for call in calls:
+            call.finish(error=error(call))
+
+    # -- the I/O thread ------------------------------------------------------------------------------------------
+
+    def _open(self, monitor: bool) -> tuple[zmq.Socket, zmq.Socket | None]:
+        """A DEALER connected to the peer, and its monitor; any ZeroMQ refusal becomes PeerUnreachable."""
+        sock = events = None
+        try:
             sock = self._ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.RECONNECT_IVL, 20)  # ms: a refused reconnect (peer gone) shows up quickly
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-            # connection events tell at once that a peer went away (ZeroMQ itself would only reconnect silently)
-            self._monitor = sock.get_monitor_socket(_LOST_EVENTS)
+            if monitor:
+                # queue to a live connection only: what waits for one stays in our outbox, where a call that
+                # timed out is dropped instead of being delivered late
+                sock.setsockopt(zmq.IMMEDIATE, 1)
+                # connection events tell at once that a peer went away (ZeroMQ itself would only reconnect silently)
+                events = sock.get_monitor_socket(_LOST_EVENTS)
             sock.connect(self.endpoint)
-            self._socket = sock
+        except zmq.ZMQError as e:
+            if sock is not None:
+                _close(sock, events)
+            raise PeerUnreachable(f"cannot connect to {self.endpoint}: {e.strerror}") from None
+        return sock, events
+
+    def _connect(self) -> zmq.Socket:
+        if self._socket is None:
+            self._socket, self._monitor = self._open(monitor=True)
+            self._poller.register(self._monitor, zmq.POLLIN)
+            self._poller.register(self._socket, zmq.POLLIN)
+            self._polling = zmq.POLLIN
         return self._socket
 
     def _reset(self) -> None:
-        if self._socket is not None:
-            with contextlib.suppress(zmq.ZMQError):
-                self._socket.disable_monitor()
-            self._socket.close(linger=0)
-            self._socket = None
-        if self._monitor is not None:
-            self._monitor.close(linger=0)
-            self._monitor = None
+        if self._socket is None:
+            return
+        self._poller.unregister(self._socket)
+        self._poller.unregister(self._monitor)
+        _close(self._socket, self._monitor)
+        self._socket = self._monitor = None
+        self._polling = 0
 
-    def _lost(self) -> str | None:
-        """Drain connection events; a description of the loss if the peer closed or refused the connection."""
+    def _run(self) -> None:
+        wake = self._wake_r.fileno()
+        self._poller.register(wake, zmq.POLLIN)
+        try:
+            while True:
+                try:
+                    if not self._turn(wake):
+                        return
+                except zmq.ContextTerminated:
+                    return
+                except Exception:  # the thread must outlive any single failure; the calls it held end here
+                    log.exception("unexpected error in the client I/O loop of %s", self.endpoint)
+                    self._fail_taken(lambda call: PeerUnreachable(f"{self.endpoint}: connection failed"))
+                    self._outbox.clear()
+                    self._reset()
+        finally:
+            with self._lock:
+                self._closed = True
+                calls = self._take_pending(lambda call: True)
+            for call in calls:
+                call.finish(error=PeerUnreachable(f"connection to {self.endpoint} is closed"))
+            self._reset()
+            self._wake_r.close()
+
+    def _turn(self, wake: int) -> bool:
+        """One turn of the I/O loop; False when the link is closed."""
+        if self._dropped:
+            self.close()
+            return False
+        sock = self._socket
+        if sock is not None:
+            wanted = zmq.POLLIN | (zmq.POLLOUT if self._outbox else 0)
+            if wanted != self._polling:
+                self._poller.modify(sock, wanted)
+                self._polling = wanted
+        events = dict(self._poller.poll(1000))  # bounded only as a safety net: submit and close wake the thread
+        if wake in events:
+            with contextlib.suppress(OSError):  # more than 4096 wake-ups: the next poll returns at once
+                self._wake_r.recv(4096)
+        with self._lock:
+            if self._closed:
+                return False
+            fresh = list(self._queue)
+            self._queue.clear()
+            reset, self._reset_wanted = self._reset_wanted and not self._pending, False
+        if reset:
+            self._reset()
+        replies = []
+        if sock is not None and sock is self._socket and events.get(sock, 0) & zmq.POLLIN:
+            replies = self._receive(sock)  # replies first: what came before a loss still counts
+        if self._monitor is not None and self._monitor in events:
+            self._check_connection()
+        for call in fresh:
+            call.taken = True
+            if not call.over:
+                self._outbox.append(call)
+        if self._outbox:
+            self._flush()
+        for call, reply in replies:  # last: a woken caller then finds the thread back in poll, not holding the GIL
+            call.finish(reply=reply)
+        return True
+
+    def _check_connection(self) -> None:
+        """Drain connection events; when the peer closed or refused the connection, fail what is in flight."""
         lost = None
         while self._monitor is not None:
             try:
                 event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
             except zmq.Again:
                 break
+            if lost is not None:  # the first event tells what happened (a close is followed by refused retries)
+                continue
             if event["event"] == zmq.EVENT_DISCONNECTED:
                 lost = "closed the connection"
             elif event["event"] == zmq.EVENT_CONNECT_RETRIED:
                 lost = "refused the connection"
-        return lost
+        if lost is not None:
+            self._fail_taken(lambda call: PeerUnreachable(f"{self.endpoint} {lost} before answering {call.type!r}"))
+            self._outbox.clear()
+            self._reset()  # a fresh socket: nothing queued for the lost connection goes out later
+
+    def _receive(self, sock: zmq.Socket) -> list[tuple[_Call, tuple[dict[str, Any], list[Any]]]]:
+        """Take the replies that came (at most 1000 a turn) and match them to their calls."""
+        replies = []
+        for _ in range(1000):
+            if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                break
+            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            try:
+                header = decode_header(frames[0])
+            except ProtocolError as e:
+                self._misrouted(frames, e)
+                continue
+            with self._lock:
+                call = self._pending.pop(header["id"], None)
+                if call is not None:
+                    call.over = True
+            if call is None:
+                log.debug("dropping a late reply %d from %s", header["id"], self.endpoint)
+            else:
+                replies.append((call, (header, frames)))
+        return replies
+
+    def _misrouted(self, frames: list[Any], error: ProtocolError) -> None:
+        """A reply whose header does not check: it fails its call when its id can be read, else every call sent."""
+        request_id = _peek_id(frames[0])
+        with self._lock:
+            calls = self._take_pending(lambda call: call.taken and request_id in (None, call.id))
+        for call in calls:
+            call.finish(error=ProtocolError(f"{self.endpoint} sent a malformed reply: {error}"))
+
+    def _flush(self) -> None:
+        while self._outbox:
+            call = self._outbox[0]
+            frames = call.frames
+            if call.over or not frames:  # its caller gave up, or close ended it meanwhile
+                self._outbox.popleft()
+                continue
+            try:
+                sock = self._connect()
+            except PeerUnreachable as e:
+                self._fail_taken(lambda call, e=e: PeerUnreachable(str(e)))
+                self._outbox.clear()
+                return
+            try:
+                sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            except zmq.Again:  # no live connection yet, or no room: POLLOUT says when
+                return
+            except zmq.ZMQError as e:
+                self._outbox.popleft()
+                with self._lock:
+                    ended = self._pending.pop(call.id, None) is not None
+                    call.over = True
+                if ended:
+                    call.finish(error=PeerUnreachable(f"cannot send {call.type!r} to {self.endpoint}: {e.strerror}"))
+                continue
+            self._outbox.popleft()
+            call.frames = []
+
+
+def _close(sock: zmq.Socket, monitor: zmq.Socket | None) -> None:
+    if monitor is not None:
+        with contextlib.suppress(zmq.ZMQError):
+            sock.disable_monitor()
+        monitor.close(linger=0)
+    sock.close(linger=0)
+
+
+def _peek_id(frame: Any) -> int | None:
+    """The request id of a header that does not check (wrong version, bad fields), when it has one."""
+    raw = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+    if len(raw) > MAX_HEADER_BYTES:
+        return None
+    try:
+        header = msgpack.unpackb(raw, raw=False)
+    except Exception:  # garbage of any kind
+        return None
+    request_id = header.get("id") if isinstance(header, dict) else None
+    return request_id if isinstance(request_id, int) and not isinstance(request_id, bool) else None
+
+
+class RpcClient:
+    """A connection to one peer. `call` is thread-safe, and calls from several threads are in flight together."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, endpoint: str, config: RpcClientConfig | None = None, context: zmq.Context | None = None):
+        self.endpoint = normalize_endpoint(endpoint)
+        self.config = config or RpcClientConfig()
+        self._link = _Link(self.endpoint, context or zmq.Context.instance())
+        # a client dropped without close() still ends its thread and closes its sockets
+        self._finalizer = weakref.finalize(self, self._link.release)
 
     def call(self, msg_type: str, fields: dict[str, Any] | None = None, tensors: Sequence[torch.Tensor] = (),
              timeout: float | None = None) -> Message:
@@ -299,64 +628,47 @@ class RpcClient:
         timeout = self.config.timeout if timeout is None else timeout
         request_id = next(self._ids)
         frames = encode(msg_type, request_id, fields, tensors)
-        with self._lock:
-            if self._closed:
-                raise PeerUnreachable(f"connection to {self.endpoint} is closed")
-            sock = self._connect()
-            self._lost()  # events from before this request do not concern it
-            simulated = self.config.link_delay > 0 or self.config.link_bandwidth is not None
-            if simulated:
-                time.sleep(self.config.link_time(frames))
-            sock.send_multipart(frames, copy=False)
-            poller = zmq.Poller()
-            poller.register(sock, zmq.POLLIN)
-            if self._monitor is not None:
-                poller.register(self._monitor, zmq.POLLIN)
-            end = time.monotonic() + timeout
-            while True:
-                left = int((end - time.monotonic()) * 1000)
-                events = dict(poller.poll(left)) if left > 0 else {}
-                if not events:
-                    self._reset()
-                    raise PeerTimeout(f"{self.endpoint} did not answer {msg_type!r} within {timeout:g} s")
-                if sock not in events:
-                    lost = self._lost()
-                    if lost is not None:
-                        self._reset()
-                        raise PeerUnreachable(f"{self.endpoint} {lost} before answering {msg_type!r}")
-                    continue
-                reply = sock.recv_multipart(copy=False)
-                try:
-                    message = decode(reply)
-                except ProtocolError as e:
-                    self._reset()
-                    raise ProtocolError(f"{self.endpoint} sent a malformed reply: {e}") from None
-                if message.id == request_id:
-                    if simulated:
-                        time.sleep(self.config.link_time(reply))
-                    break
-                log.debug("dropping a stale reply %d from %s", message.id, self.endpoint)
+        if self._link.closed:
+            raise PeerUnreachable(f"connection to {self.endpoint} is closed")
+        simulated = self.config.link_delay > 0 or self.config.link_bandwidth is not None
+        if simulated:
+            time.sleep(self.config.link_time(frames))
+        call = _Call(request_id, msg_type, frames)
+        self._link.submit(call)
+        if not call.done.acquire(timeout=min(max(timeout, 0.0), threading.TIMEOUT_MAX)):
+            if self._link.abandon(call):
+                raise PeerTimeout(f"{self.endpoint} did not answer {msg_type!r} within {timeout:g} s")
+            call.done.acquire()  # it ended as we gave up: take what came
+        if call.reply is None:
+            raise call.error or PeerUnreachable(f"connection to {self.endpoint} is closed")
+        header, reply = call.reply
+        try:
+            message = decode(reply, header)
+        except ProtocolError as e:
+            raise ProtocolError(f"{self.endpoint} sent a malformed reply: {e}") from None
+        if simulated:
+            time.sleep(self.config.link_time(reply))
         if message.type == ERROR:
             raise error_for_code(str(message.get("code", "internal")), str(message.get("message", "")),
                                  peer=self.endpoint)
         return message
 
     def send_raw(self, frames: list[Any]) -> None:
-        """Send frames as they are (tests use this to send malformed messages)."""
-        with self._lock:
-            self._connect().send_multipart(frames)
+        """Send frames as they are, on a socket of their own (tests use this to send malformed messages)."""
+        with self._link.raw_lock:
+            self._link.raw_socket().send_multipart(frames)
 
     def recv_raw(self, timeout: float) -> list[bytes] | None:
-        with self._lock:
-            sock = self._connect()
+        """The next message on the socket of `send_raw`, or None after `timeout` seconds."""
+        with self._link.raw_lock:
+            sock = self._link.raw_socket()
             if not sock.poll(int(timeout * 1000)):
                 return None
             return sock.recv_multipart()
 
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            self._reset()
+        """Close the connection; calls still waiting raise PeerUnreachable at once."""
+        self._finalizer()
 
     def __enter__(self) -> RpcClient:
         return self
