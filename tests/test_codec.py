@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import random
+import threading
 
 import msgpack
 import pytest
 import torch
+import zmq
 
 from swarm.transport.codec import (
     MAX_DIMS,
     MAX_HEADER_BYTES,
+    MAX_TENSOR_BYTES,
     MAX_TENSORS,
     PROTOCOL_VERSION,
     decode,
@@ -20,6 +24,9 @@ from swarm.transport.codec import (
     encode,
 )
 from swarm.transport.errors import ProtocolError, VersionMismatch
+from swarm.transport.rpc import ERROR, Request, RpcClient, RpcServer, RpcServerConfig
+
+WAIT = 10.0  # seconds: the bound of every wait on a socket in this file
 
 
 def _header(**fields) -> bytes:
@@ -264,6 +271,71 @@ def test_max_dims_allowed() -> None:
 def test_huge_declared_tensor_is_refused_without_allocating() -> None:
     with pytest.raises(ProtocolError, match="larger"):
         decode([_header(tensors=[["float32", [1 << 30, 1 << 30]]]), b""])
+
+
+# zero-size tensors whose other dimensions are huge: torch would overflow computing their strides
+HUGE_EMPTY = [
+    ["float32", [0, 2**39, 2**39, 2**39]],
+    ["float32", [2**39, 0]],
+    ["int8", [0, 2**62, 2**62]],
+    ["bool", [0] * 7 + [2**64 - 1]],
+    ["uint8", [0, MAX_TENSOR_BYTES + 1]],
+    ["float32", [0, MAX_TENSOR_BYTES // 4, 2]],
+]
+
+
+@pytest.mark.parametrize("spec", HUGE_EMPTY)
+def test_empty_tensor_with_huge_dimensions_is_refused(spec) -> None:
+    with pytest.raises(ProtocolError, match="larger"):
+        decode([_header(tensors=[spec]), b""])
+
+
+@pytest.mark.parametrize("dtype,shape", [("uint8", [0, MAX_TENSOR_BYTES]), ("float32", [MAX_TENSOR_BYTES // 4, 0]),
+                                         ("int64", [0, 0, 3])])
+def test_empty_tensor_up_to_the_limit_is_accepted(dtype: str, shape: list[int]) -> None:
+    tensor = decode([_header(tensors=[[dtype, shape]]), b""]).tensors[0]
+    assert list(tensor.shape) == shape and tensor.numel() == 0
+
+
+def _ping_handler(req: Request) -> None:
+    req.reply({"pong": True})
+
+
+def test_server_answers_a_huge_empty_tensor_with_bad_request_and_serves_on(caplog) -> None:
+    with RpcServer(_ping_handler, RpcServerConfig(host="127.0.0.1", port=0, poll_ms=20)) as server, \
+            RpcClient(server.endpoint) as client, caplog.at_level(logging.DEBUG, logger="swarm.transport"):
+        for request_id, spec in enumerate(HUGE_EMPTY, start=100):
+            client.send_raw([_header(id=request_id, tensors=[spec]), b""])
+            reply = client.recv_raw(timeout=WAIT)
+            assert reply is not None, "no reply to a huge empty tensor"
+            answer = decode(reply)
+            assert (answer.type, answer.id, answer.get("code")) == (ERROR, request_id, "bad_request")
+        assert client.call("ping", timeout=WAIT).get("pong") is True
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+
+
+def test_client_refuses_a_reply_with_a_huge_empty_tensor() -> None:
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    endpoint = f"tcp://127.0.0.1:{router.bind_to_random_port('tcp://127.0.0.1')}"
+
+    def answer() -> None:  # one reply, as a broken or hostile server would send it
+        if router.poll(int(WAIT * 1000)):
+            identity, *frames = router.recv_multipart()
+            request = decode(frames)
+            header = {"v": PROTOCOL_VERSION, "type": "result", "id": request.id, "tensors": [HUGE_EMPTY[0]]}
+            router.send_multipart([identity, msgpack.packb(header), b""])
+
+    peer = threading.Thread(target=answer, daemon=True)
+    peer.start()
+    try:
+        with RpcClient(endpoint) as client, pytest.raises(ProtocolError, match="malformed reply.*larger"):
+            client.call("forward", timeout=WAIT)
+    finally:
+        peer.join(WAIT)
+        router.close(linger=0)
+        ctx.term()
 
 
 def test_oversized_header() -> None:

@@ -106,8 +106,14 @@ def _shape(spec: Any) -> tuple[torch.dtype, tuple[int, ...]]:
     shape = spec[1]
     if not isinstance(shape, (list, tuple)) or len(shape) > MAX_DIMS:
         raise ProtocolError(f"a tensor shape must be a list of at most {MAX_DIMS} sizes")
-    if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in shape):
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise ProtocolError(f"bad tensor shape {shape!r}")
+    # a zero dimension empties the tensor but does not make the others harmless: torch computes strides from all
+    # of them (and overflows), so the non-zero dimensions together must fit in one tensor's buffer
+    span = math.prod(d for d in shape if d) * dtype.itemsize
+    if span > MAX_TENSOR_BYTES:
+        raise ProtocolError(f"tensor {spec[0]}{list(shape)} is larger than a tensor may be: its non-zero dimensions "
+                            f"span {span} bytes, more than {MAX_TENSOR_BYTES}")
     return dtype, tuple(shape)
 
 
@@ -151,9 +157,7 @@ def decode(frames: Sequence[Any], header: dict[str, Any] | None = None) -> Messa
     for spec, frame in zip(specs, frames[1:], strict=True):
         dtype, shape = _shape(spec)
         buf = _buffer(frame)
-        expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        if expected > MAX_TENSOR_BYTES:
-            raise ProtocolError(f"tensor of {expected} bytes is larger than {MAX_TENSOR_BYTES}")
+        expected = math.prod(shape) * dtype.itemsize  # at most MAX_TENSOR_BYTES: _shape checked it
         if len(buf) != expected:
             raise ProtocolError(f"tensor frame has {len(buf)} bytes, {expected} expected for {spec[0]}{list(shape)}")
         if expected == 0:
