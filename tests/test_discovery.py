@@ -112,6 +112,9 @@ def test_bad_records_do_not_poison_views(model_dir, start_server):
         {**record_to_wire(good), "peer_id": "ef" * 8, "model": "x" * 10_000},  # oversized
         {**record_to_wire(good), "peer_id": "12" * 8, "state": "zombie"},
         {**record_to_wire(good), "peer_id": "34" * 8, "addresses": ["http://evil"]},
+        {**record_to_wire(good), "peer_id": "56" * 8, "addresses": ["tcp://*:1"]},  # ZeroMQ refuses these
+        {**record_to_wire(good), "peer_id": "78" * 8, "addresses": ["tcp://a b:9"]},
+        {**record_to_wire(good), "peer_id": "9a" * 8, "addresses": ["tcp://127.0.0.1:9", "tcp://a..b:9"]},
     ]
     with RpcClient(server.endpoint) as client:
         reply = client.call("gossip", {"records": [*garbage, record_to_wire(good)]}, timeout=5)

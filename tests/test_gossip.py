@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from swarm.transport.errors import BadRequest, ProtocolError
+from swarm.transport.errors import BadRequest, PeerUnreachable, ProtocolError
 from swarm.transport.gossip import GossipConfig, GossipNode, Membership
-from swarm.transport.records import ServerRecord, record_to_wire
+from swarm.transport.records import ServerRecord, normalize_endpoint, record_from_wire, record_to_wire
 from swarm.transport.rpc import Request, RpcClient, RpcServer, RpcServerConfig
 
 
@@ -62,6 +62,43 @@ def _bad_records() -> list[object]:
     del missing["hidden_size"]
     bad.append(missing)
     return bad
+
+
+# addresses a record may carry: what ZeroMQ can connect to, written as normalize_endpoint writes it
+GOOD_ADDRESSES = ["tcp://127.0.0.1:9", "tcp://0.0.0.0:65535", "tcp://localhost:1", "tcp://my-host.example.org:5555",
+                  "tcp://[::1]:9", "tcp://[fe80::1%eth0]:9", "tcp://[::ffff:1.2.3.4]:9", "tcp://9host:9"]
+BAD_ADDRESSES = [
+    "tcp://*:1", "tcp://a b:9", "tcp://a..b:9", "tcp://.a:9", "tcp://a.:9", "tcp://:9", "tcp://-a:9", "tcp://a-:9",
+    "tcp://a_b:9", "tcp://a\x01:9", "tcp://a\tb:9", "tcp://\u00e9t\u00e9:9", "tcp://a\u00a0b:9", " tcp://127.0.0.1:9",
+    "tcp://127.0.0.1:9 ", "tcp://127.0.0.1:0", "tcp://127.0.0.1:65536", "tcp://127.0.0.1:\u00b2",
+    "tcp://127.0.0.1:09", "tcp://127.0.0.1", "tcp://1.2.3:9", "tcp://999.1.1.1:9", "tcp://01.2.3.4:9",
+    "tcp://::1:9", "tcp://[::1:9", "tcp://[zz::1]:9", "tcp://[::1%a b]:9", "tcp://[::1%]:9", "udp://127.0.0.1:9",
+    "127.0.0.1:9", "tcp://" + "a" * 64 + ":9", "tcp://" + ".".join(["a" * 60] * 5) + ":9",
+]
+
+
+@pytest.mark.parametrize("address", GOOD_ADDRESSES)
+def test_records_keep_addresses_zeromq_can_connect_to(address):
+    assert normalize_endpoint(address) == address
+    assert record_from_wire(record_to_wire(rec(1, addresses=(address,)))).addresses == (address,)
+
+
+@pytest.mark.parametrize("address", BAD_ADDRESSES)
+def test_records_with_addresses_zeromq_refuses_are_dropped(address):
+    with pytest.raises(ProtocolError, match="addresses"):
+        record_from_wire(record_to_wire(rec(1, addresses=("tcp://127.0.0.1:9", address))))
+
+
+@pytest.mark.parametrize("given,expected", [
+    ("127.0.0.1:5555", "tcp://127.0.0.1:5555"), (" tcp://host:080 ", "tcp://host:80"), ("[::1]:7", "tcp://[::1]:7"),
+    ("tcp://*:1", None), ("tcp://a b:9", None), ("h:\u00b2", None), ("", None), ("tcp://", None), (None, None),
+])
+def test_normalize_endpoint(given, expected):
+    if expected is None:
+        with pytest.raises(PeerUnreachable):
+            normalize_endpoint(given)
+    else:
+        assert normalize_endpoint(given) == expected
 
 
 def test_invalid_and_oversized_records_are_dropped_without_raising(caplog):
@@ -285,6 +322,28 @@ def test_gossip_request_with_a_bad_record_list_gets_an_error_reply():
         assert peer0.peer_id in {d["peer_id"] for d in reply.fields["records"]}
         assert peer0.membership.get(peer(5)) is not None
     finally:
+        peer0.stop()
+
+
+def test_gossip_with_records_of_unusable_addresses_neither_raises_nor_logs_tracebacks(caplog):
+    peer0 = start_peer(0, seeds=[])
+    node = GossipNode(Membership(FAST), FAST, seeds=[peer0.server.endpoint])
+    bad = [record_to_wire(rec(10 + i, addresses=(address,))) for i, address in enumerate(BAD_ADDRESSES)]
+    try:
+        with caplog.at_level(logging.DEBUG, logger="swarm.transport"):
+            with RpcClient(peer0.server.endpoint) as client:  # a peer pushes them to a server ...
+                client.call("gossip", {"records": bad}, timeout=2.0)
+            node.membership.merge(bad)  # ... and a node learns them some other way
+            for _ in range(3):
+                node.round()
+                peer0.node.round()
+        assert ids(node.membership) == ids(peer0.membership) == {peer(0)}
+        assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert warnings and all("dropping" in w and warnings.count(w) <= 2 for w in warnings), warnings  # each
+        # reason once per table that dropped such records, and nothing about the addresses themselves
+    finally:
+        node.stop()
         peer0.stop()
 
 

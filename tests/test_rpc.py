@@ -230,6 +230,22 @@ def test_a_client_dropped_without_close_ends_its_thread():
         assert not thread.is_alive()
 
 
+def test_addresses_zeromq_refuses_raise_peer_unreachable():
+    for address in ("tcp://a b:9", "tcp://*:1", "tcp://a..b:9"):
+        with pytest.raises(PeerUnreachable, match="bad peer address"):
+            RpcClient(address)
+    ctx = zmq.Context()
+    ctx.term()  # any ZMQError while connecting, here a context already gone, comes out as PeerUnreachable
+    client = RpcClient("tcp://127.0.0.1:9", context=ctx)
+    try:
+        with pytest.raises(PeerUnreachable):
+            client.call("ping", timeout=WAIT)
+        with pytest.raises(PeerUnreachable):
+            client.send_raw([b"x"])
+    finally:
+        client.close()
+
+
 # --- malformed replies ----------------------------------------------------------------------------------------------
 
 

@@ -360,7 +360,10 @@ class GossipNode:
             if self._refresh_own is not None:
                 own = self._refresh_own()
                 if own is not None:
-                    self.membership.set_own(own)
+                    try:
+                        self.membership.set_own(own)
+                    except ProtocolError as e:  # peers would drop it: say so once, gossip what we know anyway
+                        self._failing("own record", "our own record would be refused by peers: %s", e)
             self.membership.expire()
             targets = self._targets()
             if not targets:
@@ -419,6 +422,9 @@ class GossipNode:
         except SwarmError as e:
             self._failed(address, e)
             return 0
+        except Exception as e:  # anything else a bad peer or address provokes: the same backoff, no traceback
+            self._failed(address, e)
+            return 0
         with self._state_lock:
             recovered = self._backoff.pop(address, None) is not None
             self._answered.add(address)
@@ -427,13 +433,14 @@ class GossipNode:
             self._failing.forget(address)
         return self.membership.merge(records)
 
-    def _failed(self, address: str, error: SwarmError) -> None:
+    def _failed(self, address: str, error: Exception) -> None:
         with self._state_lock:
             state = self._backoff.setdefault(address, _Backoff())
             state.failures += 1
             delay = min(self.config.max_backoff, self.config.period * 2 ** min(state.failures - 1, 30))
             state.retry_at = time.monotonic() + delay
-        self._failing(address, "gossip with %s failed (%s); retrying with backoff", address, error)
+        self._failing(address, "gossip with %s failed (%s); retrying with backoff", address,
+                      error if isinstance(error, SwarmError) else repr(error))
 
     # -- stopping ------------------------------------------------------------------------------------------------
 

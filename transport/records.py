@@ -4,11 +4,13 @@ A record is plain data (it travels as a msgpack map inside gossip messages). `se
 republishes, so newer records win when two disagree; `ttl` is how many seconds a receiver believes a record without
 hearing a newer one (measured on the receiver's own clock, so clock skew between machines does not matter).
 `record_from_wire` checks every field and its size and raises ProtocolError on anything malformed or oversized, so
-a bad record from a peer is dropped without touching what we know.
+a bad record from a peer is dropped without touching what we know. An address must be an endpoint ZeroMQ can connect
+to, in the form `normalize_endpoint` writes (defined here, free of ZeroMQ and torch, and used by `rpc` as well).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -16,13 +18,60 @@ from typing import Any
 
 import msgpack
 
-from .errors import ProtocolError
+from .errors import PeerUnreachable, ProtocolError
 
 RECORD_VERSION = 1
 MAX_RECORD_BYTES = 4096  # one encoded record
 MAX_PATH_CHARS = 1024  # a record's model directory path
 STATES = ("joining", "online", "draining", "offline")
 _PEER_ID = re.compile(r"^[0-9a-f]{8,64}$")
+_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")  # one label of a DNS name
+_IPV4 = re.compile(r"[0-9.]+")
+_ZONE = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # an IPv6 zone: an interface name or number
+_PORT = re.compile(r"[0-9]{1,5}")
+
+
+def _host_ok(host: str) -> bool:
+    """Whether ZeroMQ can connect to `host`: an IPv4 literal, an [IPv6] literal (zone allowed), or a DNS name made
+    of letters, digits and '-' with no empty label. No wildcard, whitespace or other characters."""
+    if host.startswith("[") and host.endswith("]"):
+        address, percent, zone = host[1:-1].partition("%")
+        if percent and not _ZONE.fullmatch(zone):
+            return False
+        try:
+            ipaddress.IPv6Address(address)
+        except ValueError:
+            return False
+        return True
+    if _IPV4.fullmatch(host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            return False
+        return True
+    return len(host) <= 253 and all(_LABEL.fullmatch(label) for label in host.split("."))
+
+
+def normalize_endpoint(address: str) -> str:
+    """`tcp://host:port` from `tcp://host:port` or `host:port`; raises PeerUnreachable when malformed, or when the
+    host is not one ZeroMQ can connect to (an IPv4 literal, an [IPv6] literal, or a DNS name)."""
+    text = address.strip() if isinstance(address, str) else ""
+    if "://" not in text:
+        text = "tcp://" + text
+    scheme, _, rest = text.partition("://")
+    host, sep, port = rest.rpartition(":")
+    if scheme != "tcp" or not sep or not _PORT.fullmatch(port) or not 0 < int(port) < 65536 or not _host_ok(host):
+        raise PeerUnreachable(f"bad peer address {address!r}: expected tcp://HOST:PORT with HOST an IPv4 address, "
+                              f"an [IPv6] address or a host name")
+    return f"tcp://{host}:{int(port)}"
+
+
+def _endpoint_ok(address: str) -> bool:
+    """Whether `address` is an endpoint ZeroMQ can connect to, written as `normalize_endpoint` writes it."""
+    try:
+        return normalize_endpoint(address) == address
+    except PeerUnreachable:
+        return False
 
 
 @dataclass(frozen=True)
@@ -118,7 +167,8 @@ def record_from_wire(data: Any) -> ServerRecord:
     addresses = _strs(data, "addresses", 8, 200)
     path = _str(data, "path", MAX_PATH_CHARS, "")  # optional: older peers send none
     _check(path.isprintable(), "path must be printable")
-    _check(bool(addresses) and all(a.startswith("tcp://") for a in addresses), "addresses must be tcp:// endpoints")
+    _check(bool(addresses) and all(map(_endpoint_ok, addresses)),
+           "addresses must be tcp://HOST:PORT endpoints, HOST an IPv4 address, an [IPv6] address or a host name")
     return ServerRecord(
         peer_id=peer_id, model=_str(data, "model", 300), start=start, end=end, num_blocks=num_blocks,
         hidden_size=_int(data, "hidden_size", 1, 1 << 20), addresses=addresses, state=state,

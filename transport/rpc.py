@@ -45,6 +45,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from .codec import MAX_HEADER_BYTES, Message, decode, decode_header, encode
 from .errors import ConfigError, PeerTimeout, PeerUnreachable, ProtocolError, SwarmError, error_for_code
+from .records import normalize_endpoint  # re-exported: callers import it from here
 
 log = logging.getLogger(__name__)
 
@@ -56,18 +57,6 @@ _BIND_ERRORS = {errno.EADDRINUSE: "address in use (another process listens on th
                 errno.EADDRNOTAVAIL: "not an address of this machine",
                 errno.ENODEV: "no such address or interface on this machine",
                 errno.EACCES: "permission denied (ports below 1024 need privileges)"}
-
-
-def normalize_endpoint(address: str) -> str:
-    """`tcp://host:port` from `tcp://host:port` or `host:port`; raises PeerUnreachable when malformed."""
-    text = address.strip()
-    if "://" not in text:
-        text = "tcp://" + text
-    scheme, _, rest = text.partition("://")
-    host, sep, port = rest.rpartition(":")
-    if scheme != "tcp" or not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise PeerUnreachable(f"bad peer address {address!r}: expected tcp://HOST:PORT")
-    return f"tcp://{host}:{int(port)}"
 
 
 @dataclass(frozen=True)
@@ -303,6 +292,7 @@ class _Link:
         self._lock = threading.Lock()  # pending, queue, closed, reset_wanted, thread
         self._pending: dict[int, _Call] = {}  # request id -> call whose caller still waits
         self._queue: deque[_Call] = deque()  # submitted, not yet taken by the I/O thread
+        self._ipv6 = endpoint.startswith("tcp://[")  # an IPv6 literal needs the option; names stay IPv4 (below)
         self._closed = False
         self._dropped = False  # the client was finalized on the I/O thread itself: close at the next turn
         self._reset_wanted = False
@@ -419,6 +409,10 @@ class _Link:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.RECONNECT_IVL, 20)  # ms: a refused reconnect (peer gone) shows up quickly
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+            if self._ipv6:
+                # only for literals: with it a name may resolve to IPv6 first (localhost to ::1), where a server
+                # bound to 0.0.0.0 does not listen
+                sock.setsockopt(zmq.IPV6, 1)
             if monitor:
                 # queue to a live connection only: what waits for one stays in our outbox, where a call that
                 # timed out is dropped instead of being delivered late
