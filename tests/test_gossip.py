@@ -8,11 +8,19 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import msgpack
 import pytest
 
+from swarm.transport.codec import PROTOCOL_VERSION
 from swarm.transport.errors import BadRequest, PeerUnreachable, ProtocolError
 from swarm.transport.gossip import GossipConfig, GossipNode, Membership
-from swarm.transport.records import ServerRecord, normalize_endpoint, record_from_wire, record_to_wire
+from swarm.transport.records import (
+    MAX_CAPABILITIES,
+    ServerRecord,
+    normalize_endpoint,
+    record_from_wire,
+    record_to_wire,
+)
 from swarm.transport.rpc import Request, RpcClient, RpcServer, RpcServerConfig
 
 
@@ -99,6 +107,32 @@ def test_normalize_endpoint(given, expected):
             normalize_endpoint(given)
     else:
         assert normalize_endpoint(given) == expected
+
+
+def test_capabilities_travel_in_records_and_unknown_names_are_kept():
+    names = ("relay", "batching", "some-future.feature_2")  # a name this version does not know is kept as it is
+    record = rec(1, capabilities=names)
+    wire = record_to_wire(record)
+    assert wire["capabilities"] == list(names)
+    assert record_from_wire(msgpack.unpackb(msgpack.packb(wire))) == record
+    widest = tuple(f"{i:02d}" + "x" * 30 for i in range(MAX_CAPABILITIES))  # 32 names of 32 characters
+    assert record_from_wire(record_to_wire(rec(1, capabilities=widest))).capabilities == widest
+
+
+def test_records_without_capabilities_or_protocol_are_valid():
+    older = record_to_wire(rec(1))
+    del older["capabilities"], older["protocol"]  # what a peer before these fields sends
+    record = record_from_wire(older)
+    assert record.capabilities == () and record.protocol == PROTOCOL_VERSION == rec(1).protocol
+
+
+@pytest.mark.parametrize("capabilities", [
+    ["x"] * (MAX_CAPABILITIES + 1), ["x" * 33], [""], ["Relay"], ["re lay"], ["relay/2"], ["caf\u00e9"], [5], [None],
+    [["relay"]], "relay", {"relay": True}, None,
+])
+def test_records_with_bad_capabilities_are_refused(capabilities):
+    with pytest.raises(ProtocolError, match="capabilities"):
+        record_from_wire({**record_to_wire(rec(1)), "capabilities": capabilities})
 
 
 def test_invalid_and_oversized_records_are_dropped_without_raising(caplog):

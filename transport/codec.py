@@ -20,8 +20,8 @@ import msgpack
 import torch
 
 from .errors import ProtocolError, VersionMismatch
+from .records import PROTOCOL_VERSION  # stated once, in a module the command line imports without torch
 
-PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 1 << 20  # a header is small; anything bigger is refused before msgpack parses it
 MAX_TENSORS = 64  # tensors in one message
 MAX_TENSOR_BYTES = 1 << 31  # one tensor's buffer (2 GiB)

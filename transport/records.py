@@ -6,6 +6,11 @@ hearing a newer one (measured on the receiver's own clock, so clock skew between
 `record_from_wire` checks every field and its size and raises ProtocolError on anything malformed or oversized, so
 a bad record from a peer is dropped without touching what we know. An address must be an endpoint ZeroMQ can connect
 to, in the form `normalize_endpoint` writes (defined here, free of ZeroMQ and torch, and used by `rpc` as well).
+
+`capabilities` names the optional features a server has (e.g. "batching"): a peer adds a name when it gains a feature,
+and others use it when they know the name and ignore it otherwise, so no feature needs every peer to upgrade at once.
+Unknown names are kept, never refused. `PROTOCOL_VERSION`, the version of the wire protocol, is stated here, once:
+this module stays free of torch so that the command line can read records without it, and `codec` re-exports it.
 """
 
 from __future__ import annotations
@@ -20,15 +25,18 @@ import msgpack
 
 from .errors import PeerUnreachable, ProtocolError
 
+PROTOCOL_VERSION = 1  # of the wire protocol (codec.PROTOCOL_VERSION); a record says which one its server speaks
 RECORD_VERSION = 1
 MAX_RECORD_BYTES = 4096  # one encoded record
 MAX_PATH_CHARS = 1024  # a record's model directory path
+MAX_CAPABILITIES = 32  # names in a record's capabilities
 STATES = ("joining", "online", "draining", "offline")
 _PEER_ID = re.compile(r"^[0-9a-f]{8,64}$")
 _LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")  # one label of a DNS name
 _IPV4 = re.compile(r"[0-9.]+")
 _ZONE = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # an IPv6 zone: an interface name or number
 _PORT = re.compile(r"[0-9]{1,5}")
+_CAPABILITY = re.compile(r"[a-z0-9_.-]{1,32}")
 
 
 def _host_ok(host: str) -> bool:
@@ -90,7 +98,8 @@ class ServerRecord:
     dtype: str = "float32"
     quant: str = "none"  # weight quantization
     adapters: tuple[str, ...] = ()
-    protocol: int = 1
+    capabilities: tuple[str, ...] = ()  # optional features the server has; names others do not know are ignored
+    protocol: int = PROTOCOL_VERSION  # wire protocol version the server speaks
     version: str = ""  # swarm package version
     path: str = ""  # for a model served from a local directory: its absolute path on the server's machine
     seq: int = 0  # grows with every republish by the owner
@@ -110,6 +119,7 @@ def record_to_wire(record: ServerRecord) -> dict[str, Any]:
     data = asdict(record)
     data["addresses"] = list(record.addresses)
     data["adapters"] = list(record.adapters)
+    data["capabilities"] = list(record.capabilities)
     return data
 
 
@@ -152,6 +162,15 @@ def _strs(data: dict[str, Any], key: str, count: int, limit: int) -> tuple[str, 
     return tuple(value)
 
 
+def _capabilities(data: dict[str, Any]) -> tuple[str, ...]:
+    value = data.get("capabilities", [])  # optional: older peers send none
+    _check(isinstance(value, (list, tuple)) and len(value) <= MAX_CAPABILITIES
+           and all(isinstance(v, str) and _CAPABILITY.fullmatch(v) for v in value),
+           f"capabilities must be a list of at most {MAX_CAPABILITIES} names of 1 to 32 characters from a-z, 0-9, "
+           f"'_', '.' and '-'")
+    return tuple(value)
+
+
 def record_from_wire(data: Any) -> ServerRecord:
     """A validated ServerRecord from a decoded map; raises ProtocolError when anything is off."""
     _check(isinstance(data, dict), "a record must be a map")
@@ -175,7 +194,8 @@ def record_from_wire(data: Any) -> ServerRecord:
         throughput=_float(data, "throughput", 0.0), cache_tokens_free=_int(data, "cache_tokens_free", default=0),
         cache_tokens_total=_int(data, "cache_tokens_total", default=0), dtype=_str(data, "dtype", 32, "float32"),
         quant=_str(data, "quant", 32, "none"), adapters=_strs(data, "adapters", 64, 200),
-        protocol=_int(data, "protocol", 0, 1 << 16, 1), version=_str(data, "version", 64, ""), path=path,
+        capabilities=_capabilities(data), protocol=_int(data, "protocol", 0, 1 << 16, PROTOCOL_VERSION),
+        version=_str(data, "version", 64, ""), path=path,
         seq=_int(data, "seq"), updated_at=_float(data, "updated_at"), ttl=_positive(data, "ttl"),
         record_version=_int(data, "record_version", 0, 1 << 16, RECORD_VERSION),
     )
