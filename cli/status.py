@@ -38,17 +38,25 @@ def _ago(seconds: float | None) -> str:
     return "now" if seconds is None or seconds < 1 else f"{seconds:.0f} s ago"
 
 
+def _batch(record: ServerRecord) -> str:
+    """Sessions and tokens per pass, recent mean ("-" before the first pass)."""
+    if not record.batch_tokens:
+        return "-"
+    return f"{record.batch_sessions:g} sess, {record.batch_tokens:g} tok"
+
+
 def servers_table(records: list[ServerRecord], discovery: Discovery) -> Table:
     table = Table(title="servers", title_justify="left", expand=False)
-    for column in ("peer", "address", "model", "blocks", "state", "tokens/s", "free cache", "dtype", "version",
-                   "last seen"):
+    numbers = ("tokens/s", "free cache", "queue", "batch")
+    for column in ("peer", "address", "model", "blocks", "state", *numbers, "dtype", "version", "last seen"):
         # addresses and model names are never cut short: folded in a narrow terminal, whole elsewhere (print_wide)
-        table.add_column(column, justify="right" if column in ("tokens/s", "free cache") else "left",
+        table.add_column(column, justify="right" if column in numbers else "left",
                          overflow="fold" if column in ("address", "model") else "ellipsis")
     for r in sorted(records, key=lambda r: (r.model, r.start, r.end, r.peer_id)):
         table.add_row(r.peer_id[:8], r.addresses[0], r.model, f"{r.start}:{r.end}",
                       Text(r.state, style=STATE_STYLE.get(r.state, "")), f"{r.throughput:,.0f}",
-                      f"{r.cache_tokens_free:,}/{r.cache_tokens_total:,}", r.dtype, r.version,
+                      f"{r.cache_tokens_free:,}/{r.cache_tokens_total:,}", f"{r.queue:,}", _batch(r), r.dtype,
+                      r.version,
                       _ago(discovery.membership.last_heard(r.peer_id)))
     return table
 

@@ -146,10 +146,21 @@ def test_status_lists_what_runs(model_dir, fork_serve, tmp_path):
     (model,) = data["models"]
     assert model["model"] == model_dir.name and model["complete"] and model["servers_per_block"] == [1, 2, 2, 1]
     assert model["bottleneck_tokens_per_s"] > 0
+    assert all("batching" in s["capabilities"] for s in data["servers"])
 
+    # a's load reaches status through its record: the queue, and sessions and tokens per pass
+    with RpcClient(a.endpoint) as client:
+        client.call("forward", {"names": ["hidden"]}, [torch.zeros(2, 5, 64)])
+
+    def a_batch() -> float:
+        data = json.loads(run_status("--initial-peers", a.endpoint, "--json", "--wait", "0.6", env=env).stdout)
+        return next(s["batch_tokens"] for s in data["servers"] if s["addresses"][0] == a.endpoint)
+
+    assert wait_until(lambda: a_batch() == 10, timeout=20)
     result = run_status("--initial-peers", a.endpoint, "--wait", "0.6", env=env)
     assert result.returncode == 0, result.stderr
     assert "all blocks served" in result.stderr and model_dir.name in result.stderr
+    assert "queue" in result.stderr and "0 sess, 10 tok" in result.stderr
 
     a.stop(signal.SIGTERM)
     result = run_status("--initial-peers", b.endpoint, "--json", "--wait", "0.6", env=env)

@@ -95,6 +95,9 @@ class ServerRecord:
     throughput: float = 0.0  # tokens/s the server can process per block (a cheap measurement for now)
     cache_tokens_free: int = 0
     cache_tokens_total: int = 0
+    queue: int = 0  # requests waiting for the server's engine when it published
+    batch_sessions: float = 0.0  # sessions per pass, mean over its recent passes (how much batching it does)
+    batch_tokens: float = 0.0  # new tokens per pass, mean over its recent passes
     dtype: str = "float32"
     quant: str = "none"  # weight quantization
     adapters: tuple[str, ...] = ()
@@ -148,6 +151,12 @@ def _float(data: dict[str, Any], key: str, default: float | None = None) -> floa
     return float(value)
 
 
+def _load(data: dict[str, Any], key: str) -> float:
+    value = _float(data, key, 0.0)  # optional: older peers send none
+    _check(value >= 0, f"{key} must not be negative")
+    return value
+
+
 def _positive(data: dict[str, Any], key: str) -> float:
     value = _float(data, key)
     _check(0 < value <= 86400, f"{key} must be in (0, 86400]")
@@ -192,7 +201,9 @@ def record_from_wire(data: Any) -> ServerRecord:
         peer_id=peer_id, model=_str(data, "model", 300), start=start, end=end, num_blocks=num_blocks,
         hidden_size=_int(data, "hidden_size", 1, 1 << 20), addresses=addresses, state=state,
         throughput=_float(data, "throughput", 0.0), cache_tokens_free=_int(data, "cache_tokens_free", default=0),
-        cache_tokens_total=_int(data, "cache_tokens_total", default=0), dtype=_str(data, "dtype", 32, "float32"),
+        cache_tokens_total=_int(data, "cache_tokens_total", default=0), queue=_int(data, "queue", default=0),
+        batch_sessions=_load(data, "batch_sessions"), batch_tokens=_load(data, "batch_tokens"),
+        dtype=_str(data, "dtype", 32, "float32"),
         quant=_str(data, "quant", 32, "none"), adapters=_strs(data, "adapters", 64, 200),
         capabilities=_capabilities(data), protocol=_int(data, "protocol", 0, 1 << 16, PROTOCOL_VERSION),
         version=_str(data, "version", 64, ""), path=path,

@@ -135,14 +135,17 @@ class Server:
         if span is None or handler is None:
             raise RuntimeError("server is not started")
         with self._record_lock:
+            load = handler.engine.stats()
             changes = dict(state=state or ("online" if handler.accepting else "draining"),
-                           cache_tokens_free=handler.budget.free)
+                           cache_tokens_free=handler.budget.free, queue=load["queue"],
+                           batch_sessions=load["batch"]["sessions"], batch_tokens=load["batch"]["tokens"])
             if self._record is None:
                 self._record = ServerRecord(
                     peer_id=self.peer_id, model=self.model_id, start=span.start, end=span.end,
                     num_blocks=span.family.num_blocks(span.config), hidden_size=span.hidden_size,
                     addresses=self.addresses, throughput=self.throughput, cache_tokens_total=handler.budget.total,
                     dtype=str(span.dtype).removeprefix("torch."), version=__version__, path=self._local_path(),
+                    capabilities=handler.capabilities,
                     ttl=self.config.discovery.record_ttl, **changes)
             else:
                 self._record = self._record.bump(**changes)
