@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from swarm.core.server.scheduler import PassLimits, Pick, Queued, plan_pass
+from swarm.core.server.scheduler import PassLimits, Pick, Queued, gather_wait, plan_pass
 
 L = PassLimits(max_tokens=16, max_requests=4, starve_after=3)
 
@@ -81,3 +81,23 @@ def test_a_waiting_request_is_never_starved():
         queue = [q if q.id in picked else Queued(q.id, q.kind, q.client, q.tokens, q.unit, q.session, q.waited + 1,
                                                   q.shared, q.key) for q in queue if q.id not in picked]
     assert passes <= limits.starve_after + 1
+
+
+GATHER = PassLimits(gather=0.5, max_gather=0.05)
+
+
+@pytest.mark.parametrize("queued, recent, pass_seconds, expected", [
+    (1, 1, 0.05, 0.0),  # one session alone never waits
+    (1, 2, 0.05, 0.0),  # half of the recent sessions are here
+    (1, 3, 0.04, 0.02),  # a third: wait half a pass for the others
+    (3, 8, 0.04, 0.02),
+    (4, 8, 0.04, 0.0),
+    (1, 8, 1.00, 0.05),  # bounded
+    (0, 8, 0.04, 0.0),  # nothing to run yet: the engine sleeps on its queue anyway
+])
+def test_gather_wait(queued, recent, pass_seconds, expected):
+    assert gather_wait(queued, recent, pass_seconds, GATHER) == pytest.approx(expected)
+
+
+def test_no_gathering_without_batching():
+    assert gather_wait(1, 8, 0.04, PassLimits(max_requests=1)) == 0.0

@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from ...transport.errors import SwarmError
 from ...transport.rpc import Request
 from .backend import BlockSpan, Work
 from .cache import CacheBudget
-from .scheduler import PassLimits, Pick, Queued, plan_pass
+from .scheduler import PassLimits, Pick, Queued, gather_wait, plan_pass
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,8 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._recent: deque[tuple[int, int, int]] = deque(maxlen=64)  # (requests, sessions, tokens) of last passes
         self.passes = 0
+        self._stepped: dict[str, float] = {}  # session id -> when a step of it last ran (for gathering)
+        self._pass_seconds = 0.0  # how long the last shared pass took
         self.run_forward_alone: Callable[[ForwardJob], tuple[dict[str, Any], list[torch.Tensor]]] | None = None
 
     def start(self) -> Engine:
@@ -215,6 +218,7 @@ class Engine:
                     self._cond.wait(1.0)
                 if not self._jobs and self._stopping:
                     return
+                self._gather()
                 picks = plan_pass([job.queued() for job in self._jobs.values()], self.limits)
                 picked = {pick.id for pick in picks}
                 for job in self._jobs.values():
@@ -226,6 +230,28 @@ class Engine:
                 log.exception("a pass failed")
                 for job, _ in jobs:
                     self._fail(job, "internal", "the server failed to run this request")
+
+    def _gather(self) -> None:
+        """Wait (bounded, on the queue's condition) for more sessions' steps to join the next pass: while steps keep
+        coming (each within a tenth of a pass of the last) and the scheduler's `gather_wait` says it is worth it."""
+        now = time.monotonic()
+        for sid in [sid for sid, at in self._stepped.items() if now - at > 1.0]:
+            del self._stepped[sid]
+        deadline = None
+        gap = max(0.001, 0.1 * self._pass_seconds)
+        while not self._stopping:
+            queued = {job.session_id for job in self._jobs.values() if isinstance(job, StepJob)}
+            wait = gather_wait(len(queued), len(self._stepped), self._pass_seconds, self.limits)
+            if wait <= 0 or any(job.waited >= self.limits.starve_after for job in self._jobs.values()):
+                return
+            deadline = deadline or time.monotonic() + wait
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            count = len(self._jobs)
+            self._cond.wait(min(left, gap))
+            if len(self._jobs) == count:
+                return  # nobody came: the others are elsewhere in their chains
 
     def _pass(self, jobs: list[tuple[Job, Pick]]) -> None:
         if len(jobs) == 1 and isinstance(jobs[0][0], BackwardJob | ForwardJob) and not self._shared(jobs[0][0]):
@@ -242,9 +268,15 @@ class Engine:
             return
         tokens = sum(w.hidden.shape[0] * w.hidden.shape[1] for _, w, _ in works)
         self._note(len(works), sum(isinstance(j, StepJob) for j, _, _ in works), tokens)
+        started = time.monotonic()
+        now = started
+        for job, _, _ in works:
+            if isinstance(job, StepJob):
+                self._stepped[job.session_id] = now
         try:
             with torch.inference_mode():
                 outs = self.span.run([w for _, w, _ in works], works[0][0].blocks)
+            self._pass_seconds = time.monotonic() - started
         except Exception as e:
             if len(works) == 1:
                 job = works[0][0]

@@ -12,7 +12,11 @@ with tables of cases (tests/test_scheduler.py). The rules, in order:
 4. **Fairness between clients.** The token budget is first shared equally between the clients that wait (one
    request each, round robin), then what is left goes to requests in queue order. A client with one huge request
    (a batch of 64, or a long prompt) cannot take every pass: the others' decoding steps get their share of each.
-5. **Chunks.** A request larger than its share runs in pieces over several passes: a step by columns (all its rows,
+5. **Gathering.** A pass of 2 or 3 decoding steps costs nearly as much as 8 on a CPU, and with servers in a chain the
+   sessions' steps arrive spread over time. So when fewer steps wait than half of the sessions that stepped in the
+   last second, the engine waits a little for more (`gather_wait`: a share of the last pass's time, bounded, and only
+   while steps keep arriving), never when one session steps alone.
+6. **Chunks.** A request larger than its share runs in pieces over several passes: a step by columns (all its rows,
    some of its new tokens: chunked prefill), a forward by rows. A piece is never smaller than one `unit` (a step's
    column is `rows` tokens, a forward's row is `length` tokens); the first request of a pass always gets at least
    one unit, so everything progresses even when one unit is larger than `max_tokens`.
@@ -46,6 +50,8 @@ class PassLimits:
     max_tokens: int = 512  # new tokens in one pass (a longer prompt is chunked)
     max_requests: int = 64  # requests in one pass
     starve_after: int = 8  # passes a request may wait before it goes first
+    gather: float = 0.5  # share of the last pass's time the engine may wait for more steps to join a pass
+    max_gather: float = 0.05  # seconds: the longest such wait
 
 
 @dataclass(frozen=True)
@@ -99,4 +105,12 @@ def plan_pass(queue: Sequence[Queued], limits: PassLimits) -> list[Pick]:
     return [Pick(item.id, given[item.id]) for item in candidates if given.get(item.id)]
 
 
-__all__ = ["KINDS", "PassLimits", "Pick", "Queued", "plan_pass"]
+def gather_wait(queued_sessions: int, recent_sessions: int, pass_seconds: float, limits: PassLimits) -> float:
+    """Seconds to wait for more steps before the next pass: while fewer sessions have a step queued than half of
+    those that stepped recently, up to `gather` of the last pass's time (at most `max_gather`); else 0."""
+    if queued_sessions == 0 or queued_sessions * 2 >= recent_sessions or limits.max_requests <= 1:
+        return 0.0
+    return min(limits.max_gather, limits.gather * pass_seconds)
+
+
+__all__ = ["KINDS", "PassLimits", "Pick", "Queued", "gather_wait", "plan_pass"]
