@@ -3,6 +3,7 @@ as `python -m swarm serve` subprocesses, or as processes forked from a fork serv
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import multiprocessing
 import multiprocessing.connection
@@ -239,7 +240,8 @@ class ForkedServe:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
         """Send `sig` (SIGKILL after `timeout`) and return the exit code."""
         if self.proc.is_alive() and self.proc.pid is not None:
-            os.kill(self.proc.pid, sig)
+            with contextlib.suppress(ProcessLookupError):  # it may end between the check and the signal
+                os.kill(self.proc.pid, sig)
         self.proc.join(timeout)
         if self.proc.is_alive():
             self.proc.kill()
@@ -268,7 +270,8 @@ def fork_serve(tmp_path) -> Iterator[Callable[..., ForkedServe]]:
     finally:
         for server in started:  # all stop at once
             if server.alive() and server.proc.pid is not None:
-                os.kill(server.proc.pid, signal.SIGTERM)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(server.proc.pid, signal.SIGTERM)
         for server in started:
             server.stop()
 
