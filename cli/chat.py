@@ -86,7 +86,9 @@ def chat(
     prompt: Annotated[str | None, typer.Option(help="Answer this one message and exit.")] = None,
     system: Annotated[str | None, typer.Option(help="System message at the start of the conversation.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 128,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 0.7,
+    temperature: Annotated[float | None, typer.Option(
+        help="Sampling temperature; 0 is greedy. Default: 0.7 in a chat, 0 (greedy, the same answer every time) "
+             "with --prompt.")] = None,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling: smallest set of tokens with this mass.")] = 0.9,
     max_length: Annotated[int, typer.Option(help="Tokens the conversation may hold on the servers.")] = 2048,
     seed: Annotated[int | None, typer.Option(help="Random seed for sampling.")] = None,
@@ -111,6 +113,8 @@ def chat(
         raise UsageError(f"--demo must be one of {', '.join(DEMOS)}; got {demo!r}")
     if max_new_tokens < 1 or max_length < 2:
         raise ConfigError("--max-new-tokens must be at least 1 and --max-length at least 2")
+    if temperature is None:
+        temperature = 0.0 if prompt is not None else 0.7
     if temperature < 0 or not 0 < top_p <= 1:
         raise ConfigError("--temperature must be >= 0 and --top-p in (0, 1]")
     options = dict(system=system, max_length=max_length, max_new_tokens=max_new_tokens, temperature=temperature,

@@ -94,8 +94,8 @@ def test_readme_first_command_answers_paris(prepared, tmp_path):
     path, _ = prepared
     env = swarm_env(tmp_path)
     env["SWARM_CACHE_DIR"] = str(path.parent.parent)  # the model prepared above: a later run starts from the cache
-    result = subprocess.run([sys.executable, "-m", "swarm", "chat", "--prompt", "What is the capital of France?",
-                             "--temperature", "0"], capture_output=True, text=True, env=env, timeout=300,
+    result = subprocess.run([sys.executable, "-m", "swarm", "chat", "--prompt", "What is the capital of France?"],
+                            capture_output=True, text=True, env=env, timeout=300,
                             stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout, (result.stdout, result.stderr)
