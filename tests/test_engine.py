@@ -11,7 +11,7 @@ from conftest import make_tiny_model
 
 from swarm.core.server.backend import BlockSpan
 from swarm.core.server.cache import CacheBudget
-from swarm.core.server.engine import Engine, EngineError, ForwardJob, QueueLimits, StepJob
+from swarm.core.server.engine import Engine, ForwardJob, QueueLimits, Refused, StepJob
 from swarm.core.server.handler import Session
 from swarm.core.server.scheduler import PassLimits
 from swarm.core.weights import ModelSource
@@ -186,13 +186,13 @@ def test_the_queue_is_bounded_in_items_and_bytes_and_per_client(span):
     a = session(span)
     engine.submit(step(a, hidden(1, 1, 0), "x"))
     engine.submit(step(a, hidden(1, 1, 0), "x"))
-    with pytest.raises(EngineError) as info:
+    with pytest.raises(Refused) as info:
         engine.submit(step(a, hidden(1, 1, 0), "x"))  # x holds half the queue
     assert info.value.code == "busy"
     engine.submit(step(a, hidden(1, 1, 0), "y"))
-    with pytest.raises(EngineError):
+    with pytest.raises(Refused):
         engine.submit(forward(torch.zeros(1, 4096, HIDDEN), "z"))  # 1 MiB: past the bytes bound
     engine.submit(step(a, hidden(1, 1, 0), "z"))
-    with pytest.raises(EngineError):
+    with pytest.raises(Refused):
         engine.submit(step(a, hidden(1, 1, 0), "w"))  # 4 items
     engine.stop(timeout=0)

@@ -63,7 +63,7 @@ class Segment:
             self._masks[window] = None if plain else causal_mask(self.key_valid, self.query_slots, window, self.dtype)
         return self._masks[window]
 
-    def tokens(self, packed: torch.Tensor, heads_dim: int = 1) -> torch.Tensor:
+    def tokens(self, packed: torch.Tensor) -> torch.Tensor:
         """This segment's part of a packed [1, heads, tokens, dim] tensor, as [rows, heads, new, dim]."""
         part = packed[0, :, self.offset:self.offset + self.rows * self.new]
         return part.reshape(part.shape[0], self.rows, self.new, part.shape[-1]).transpose(0, 1)

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from ...transport.errors import SwarmError
+from ...transport.errors import RemoteError, SwarmError
 from ...transport.rpc import Request
 from .backend import BlockSpan, Work
 from .cache import CacheBudget
@@ -40,12 +40,15 @@ from .scheduler import PassLimits, Pick, Queued, gather_wait, plan_pass
 log = logging.getLogger(__name__)
 
 
-class EngineError(SwarmError):
-    """Raised inside the engine to answer one item with an error code."""
+class Refused(RemoteError):
+    """Raised inside the server (handler and engine) to answer a request with an error code."""
 
     def __init__(self, code: str, message: str):
-        super().__init__(message)
+        super().__init__(message, code=code)
         self.code = code
+
+    def __str__(self) -> str:
+        return self.remote_message
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,9 @@ class Job:
     done: int = 0  # columns (step) or rows (forward) already run
     outputs: list[torch.Tensor] = field(default_factory=list)
     nbytes: int = 0
+    cache: Any = None  # the cache it writes while it runs (a session's, or a long forward's temporary one)
+    _cache_start: int = 0  # the cache's length when its current pass began
+    _position: int = 0  # where it began in the cache (a step that fails is undone back to it)
 
     def __post_init__(self) -> None:
         self.nbytes = sum(t.nbytes for t in (self.hidden, self.mask, self.prompts) if t is not None)
@@ -81,9 +87,6 @@ class StepJob(Job):
     session_id: str = ""
     start: int | None = None
     finish: Callable[[StepJob, torch.Tensor], None] | None = None  # answers (and relays) once every column ran
-    _cache_start: int = 0  # the cache's length when this job's current pass began
-    _position: int = 0  # where the step began (a step that fails is undone back to it)
-    cache: Any = None  # the session's cache, held while the step runs (closing the session lets go of it)
 
     kind = "step"
 
@@ -98,9 +101,6 @@ class ForwardJob(Job):
     keep: bool = False
     finish: Callable[[ForwardJob, torch.Tensor], None] | None = None
     reserved: int = 0  # cache tokens reserved for a long forward run in column chunks (0: run by whole rows)
-    cache: Any = None  # its temporary cache, while it runs
-    _cache_start: int = 0
-    _position: int = 0
 
     kind = "forward"
 
@@ -172,18 +172,18 @@ class Engine:
                           "max_tokens": self.limits.max_tokens, "max_requests": self.limits.max_requests}}
 
     def submit(self, job: Job) -> None:
-        """Queue `job`; raises EngineError(busy) when the queue is full (for everyone, or for this client)."""
+        """Queue `job`; raises Refused(busy) when the queue is full (for everyone, or for this client)."""
         limits = self.queue_limits
         with self._cond:
             if self._stopping:
-                raise EngineError("busy", "server is shutting down and takes no new work")
+                raise Refused("busy", "server is shutting down and takes no new work")
             if len(self._jobs) >= limits.max_items or self._bytes + job.nbytes > limits.max_bytes:
-                raise EngineError("busy", f"server is busy: {len(self._jobs)} requests ({self._bytes >> 20} MiB) "
+                raise Refused("busy", f"server is busy: {len(self._jobs)} requests ({self._bytes >> 20} MiB) "
                                           "wait already; try again shortly or use another server")
             mine = [j for j in self._jobs.values() if j.client == job.client]
             if len(mine) + 1 > limits.max_items * limits.client_share \
                     or sum(j.nbytes for j in mine) + job.nbytes > limits.max_bytes * limits.client_share:
-                raise EngineError("busy", f"this client has {len(mine)} requests waiting on this server already; "
+                raise Refused("busy", f"this client has {len(mine)} requests waiting on this server already; "
                                           "wait for their answers first")
             job.id = next(self._ids)
             if isinstance(job, ForwardJob) and not job.keep and job.hidden.shape[1] > self.limits.max_tokens \
@@ -263,7 +263,7 @@ class Engine:
             try:
                 works.append((job, *self._work(job, pick)))
             except SwarmError as e:
-                self._fail(job, getattr(e, "code", "internal"), str(e))
+                self._fail(job, e.code, str(e))
         if not works:
             return
         tokens = sum(w.hidden.shape[0] * w.hidden.shape[1] for _, w, _ in works)
@@ -311,7 +311,7 @@ class Engine:
             if job.done == 0:
                 self._begin_step(job)
             elif job.session.closed:
-                raise EngineError("unknown_session", f"session {job.session_id[:8]} was closed")
+                raise Refused("unknown_session", f"session {job.session_id[:8]} was closed")
             count = min(new - job.done, max(1, pick.tokens // rows))
             job._cache_start = job.cache.length
             a, b = job.done, job.done + count
@@ -338,28 +338,27 @@ class Engine:
         """Checks that depend on the session's state when the step starts running; rewinds to `start`."""
         session = job.session
         if session.closed:
-            raise EngineError("unknown_session", f"session {job.session_id[:8]} was closed")
+            raise Refused("unknown_session", f"session {job.session_id[:8]} was closed")
         if session.cache is None:
             session.cache = self.span.new_cache(session.batch, session.max_length, session.blocks)
         cache = job.cache = session.cache
         if job.start is not None and job.start > cache.length:
-            raise EngineError("bad_request", f"start {job.start} is past the {cache.length} tokens the session holds")
+            raise Refused("bad_request", f"start {job.start} is past the {cache.length} tokens the session holds")
         position = cache.length if job.start is None else job.start
         new = job.hidden.shape[1]
         if position + new > session.max_length:
-            raise EngineError("session_overflow", f"step of {new} tokens at position {position} goes past the "
+            raise Refused("session_overflow", f"step of {new} tokens at position {position} goes past the "
                                                   f"session's max_length {session.max_length}")
         if job.prompts is not None and position != 0:
-            raise EngineError("bad_request", "prompts may only come with the first step of a session (position 0)")
+            raise Refused("bad_request", "prompts may only come with the first step of a session (position 0)")
         if job.start is not None:
             cache.rewind(job.start)
         job._position = position
 
     def _rewind(self, job: Job, whole: bool = False) -> None:
         """Undo what this pass wrote to a step's cache (`whole`: the whole step, earlier passes too)."""
-        cache = getattr(job, "cache", None)
-        if cache is not None:
-            cache.rewind(job._position if whole else job._cache_start)
+        if job.cache is not None:
+            job.cache.rewind(job._position if whole else job._cache_start)
 
     def _progress(self, job: Job, out: torch.Tensor, count: int) -> None:
         job.done += count
@@ -372,7 +371,7 @@ class Engine:
         try:
             job.finish(job, output)
         except SwarmError as e:
-            job.request.fail(getattr(e, "code", "internal"), str(e))
+            job.request.fail(e.code, str(e))
 
     def _alone(self, job: Job) -> None:
         self._note(1, 0, job.hidden.shape[0] * job.hidden.shape[1])
@@ -383,7 +382,7 @@ class Engine:
             else:
                 result = self.run_forward_alone(job)
         except SwarmError as e:
-            job.request.fail(getattr(e, "code", "internal"), str(e))
+            job.request.fail(e.code, str(e))
         except Exception as e:
             log.exception("a %s failed", job.kind)
             job.request.fail("internal", f"{type(e).__name__}: {e}")
@@ -408,4 +407,4 @@ class Engine:
             self._recent.append((requests, sessions, tokens))
 
 
-__all__ = ["BackwardJob", "Engine", "EngineError", "ForwardJob", "Job", "QueueLimits", "StepJob"]
+__all__ = ["BackwardJob", "Engine", "ForwardJob", "Job", "QueueLimits", "Refused", "StepJob"]

@@ -26,9 +26,10 @@ from typing import Any
 import torch
 
 from ...transport.codec import PROTOCOL_VERSION
-from ...transport.errors import ProtocolError, RemoteError, SwarmError
+from ...transport.errors import ProtocolError, SwarmError
 from ...transport.messages import (
     CAPABILITIES,
+    DEFAULT_WAIT,
     Backward,
     BackwardReply,
     Cancel,
@@ -49,21 +50,10 @@ from ...transport.messages import (
 from ...transport.rpc import Request
 from .backend import BlockSpan, Graph
 from .cache import CacheBudget, SessionCache
-from .engine import BackwardJob, Engine, ForwardJob, Job, StepJob
+from .engine import BackwardJob, Engine, ForwardJob, Job, Refused, StepJob
 from .relay import Mailbox, Relay
 
 log = logging.getLogger(__name__)
-
-
-class Refused(RemoteError):
-    """Raised inside the server to answer a request with an error code."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message, code=code)
-        self.code = code
-
-    def __str__(self) -> str:
-        return self.remote_message
 
 
 @dataclass(frozen=True)
@@ -236,9 +226,9 @@ class Handler:
             try:
                 self._submit_step(request, message, session, hidden)
             except SwarmError as e:
-                request.fail(getattr(e, "code", "internal"), str(e))
+                request.fail(e.code, str(e))
 
-        self.mailbox.wait(message.session, message.ticket, request, start, message.wait or 60.0)
+        self.mailbox.wait(message.session, message.ticket, request, start, message.wait or DEFAULT_WAIT)
 
     def _submit_step(self, request: Request, message: Step, session: Session, hidden: torch.Tensor) -> None:
         hidden = self._hidden(hidden)
@@ -285,10 +275,7 @@ class Handler:
                                  grad_output=message.grad_output, kept=message.kept, run_alone=self._backward_run))
 
     def _submit(self, job: Job) -> None:
-        try:
-            self.engine.submit(job)
-        except SwarmError as e:
-            raise Refused(getattr(e, "code", "busy"), str(e)) from None
+        self.engine.submit(job)  # raises Refused (busy) when the queue is full
 
     # --- checks ------------------------------------------------------------------------------------------------
 
