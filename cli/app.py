@@ -31,9 +31,33 @@ def _plain_flags(params: list[Any]) -> list[Any]:
     return params
 
 
+GREEDY_OPTIONS = ("--adapters", "--lora-targets")  # take every value up to the next option: --adapters A B C
+
+
+def _spread(args: list[str], names: set[str]) -> list[str]:
+    """`--adapters A B C --x` as `--adapters A --adapters B --adapters C --x` (Click options take one value each)."""
+    out: list[str] = []
+    greedy: str | None = None
+    for arg in args:
+        if arg.startswith("-"):
+            greedy = arg if arg in names else None
+            if arg == "--":
+                greedy = None
+            out.append(arg)
+        elif greedy is not None and out[-1] != greedy:
+            out += [greedy, arg]
+        else:
+            out.append(arg)
+    return out
+
+
 class _Command(typer.core.TyperCommand):
     def get_params(self, ctx: Any) -> list[Any]:
         return _plain_flags(super().get_params(ctx))
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        names = {n for p in self.params for n in getattr(p, "opts", ()) if n in GREEDY_OPTIONS}
+        return super().parse_args(ctx, _spread(list(args), names) if names else args)
 
 
 class _Group(typer.core.TyperGroup):

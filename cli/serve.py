@@ -51,6 +51,17 @@ def serve(
              "over several passes).")] = 512,
     batching: Annotated[bool, typer.Option(
         help="Run the requests of many sessions in one pass (--no-batching: one request at a time, whole).")] = True,
+    adapters: Annotated[list[str] | None, typer.Option(
+        "--adapters", help="PEFT adapters (LoRA, IA3) to serve: local directories or hub ids, several after one "
+                           "--adapters; each is chosen by its directory's name or its hub id.")] = None,
+    adapter_dir: Annotated[str | None, typer.Option(
+        help="Also serve the adapters in this directory (DIR/NAME), each loaded on its first request.")] = None,
+    max_adapters: Annotated[int, typer.Option(help="Adapters held in memory at once (the least recently used one "
+                                              "not in use is dropped).")] = 16,
+    adapter_memory: Annotated[int, typer.Option(help="MiB all held adapters may take together.")] = 1024,
+    mix_adapters: Annotated[bool, typer.Option(
+        help="Requests of different adapters share a pass (--no-mix-adapters: one adapter per pass, a baseline for "
+             "benchmarks).")] = True,
     log_level: LogLevelOption = None,
 ) -> None:
     """Serve a span of transformer blocks of MODEL to the swarm."""
@@ -75,6 +86,12 @@ def serve(
         raise UsageError("--session-timeout must be positive")
     if pass_tokens < 1:
         raise UsageError("--pass-tokens must be at least 1")
+    if max_adapters < 0 or adapter_memory < 0:
+        raise UsageError("--max-adapters and --adapter-memory must be 0 or more")
+    from ..core.server.adapters import AdapterConfig
+
+    adapter_config = AdapterConfig(preload=tuple(adapters or ()), directory=adapter_dir, max_adapters=max_adapters,
+                                   max_bytes=adapter_memory << 20)
     peers = [normalize_endpoint(p) for p in collect_peers(initial_peers, ctx.args)]
     if gossip_period <= 0 or record_ttl <= gossip_period:
         raise UsageError("--gossip-period must be positive and --record-ttl longer than it")
@@ -84,7 +101,8 @@ def serve(
     config = ServerConfig(model=model, blocks=span, host=host, port=port, dtype=dtype, cache_tokens=cache_tokens,
                           limits=HandlerLimits(session_timeout=session_timeout), initial_peers=peers,
                           discovery=discovery, model_id=model_id, link_delay=max(0.0, simulate_rtt_ms) / 2000,
-                          passes=PassLimits(max_tokens=pass_tokens), batching=batching)
+                          passes=PassLimits(max_tokens=pass_tokens, mix_tasks=mix_adapters), batching=batching,
+                          adapters=adapter_config)
     server = Server(config)
     total = server.num_blocks()  # reads the model's config only
     if span[1] > total:
@@ -116,8 +134,12 @@ def serve(
         span_text = f"{span[0]}:{span[1]}"
         dtype_text = str(server.span.dtype).removeprefix("torch.") if server.span else dtype
         print(server.endpoint, flush=True)  # data on stdout: the address clients use
+        held = server.adapters.config_names() if server.adapters is not None else []
+        adapters_text = f", adapters {', '.join(held)}" if held else ""
+        if adapter_dir:
+            adapters_text += f", adapters from {adapter_dir} on request"
         err_console.print(f"[green]serving[/] blocks {span_text} of {server.model_id} at [bold]{server.endpoint}[/] "
-                          f"({dtype_text}, cache {cache_tokens} tokens); "
+                          f"({dtype_text}, cache {cache_tokens} tokens{adapters_text}); "
                           "Ctrl-C to stop", highlight=False)
         while not stop.wait(0.5):
             pass

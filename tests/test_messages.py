@@ -158,7 +158,7 @@ def test_replies_of_servers_that_send_no_names() -> None:
 def test_unknown_header_fields_are_ignored(case: str) -> None:
     request = REQUEST_CASES[case]
     kind, fields, tensors = request.to_wire()
-    newer = {**fields, "adapter": "lora-7", "priority": 3, "trace": {"id": [1, 2]}}
+    newer = {**fields, "deadline_ms": 70, "priority": 3, "trace": {"id": [1, 2]}}
     assert same(type(request).from_wire(through_codec(kind, newer, tensors)), request)
 
 

@@ -222,7 +222,7 @@ def test_saved_classifier_loads_back_with_the_same_predictions(tiny_llama, two_s
         AutoDistributedModelForSequenceClassification.from_pretrained(str(tiny_llama), **kwargs)
     with pytest.raises(ConfigError, match="tuning_mode"):
         AutoDistributedModelForSequenceClassification.from_pretrained(str(tiny_llama), num_labels=2,
-                                                                      tuning_mode="lora", **kwargs)
+                                                                      tuning_mode="bitfit", **kwargs)
 
 
 def test_peft_loads_ptune_prompts_onto_a_local_model(tiny_llama, two_servers, tmp_path):

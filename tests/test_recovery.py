@@ -154,8 +154,8 @@ def test_forward_and_backward_retry_on_another_server(model_dir, fork_serve):
         real_plan = model.blocks.plan
         planned = []
 
-        def plan_dead_first(start=0, end=None, kind="inference", cache_needed=0):
-            chain = real_plan(start, end, kind, cache_needed)
+        def plan_dead_first(start=0, end=None, kind="inference", cache_needed=0, adapter=None):
+            chain = real_plan(start, end, kind, cache_needed, adapter)
             if kind == "forward" and not planned:  # the first forward chain goes through the dead server
                 chain = [Hop(dead.endpoint, h.start, h.end) if h.start == 2 else h for h in chain]
             planned.append(chain)
@@ -227,8 +227,8 @@ def test_forward_and_backward_route_around_a_server_that_does_not_hold_its_annou
         lie_about(model, first, liar, 0, 4)
         real_plan, planned = model.blocks.plan, []
 
-        def plan(start=0, end=None, kind="inference", cache_needed=0):
-            chain = real_plan(start, end, kind, cache_needed)
+        def plan(start=0, end=None, kind="inference", cache_needed=0, adapter=None):
+            chain = real_plan(start, end, kind, cache_needed, adapter)
             planned.append(chain)
             return chain
 

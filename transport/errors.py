@@ -86,6 +86,10 @@ class ServerBusy(RemoteError):
     """The peer is shutting down or overloaded and takes no new work."""
 
 
+class UnknownAdapter(RemoteError):
+    """The peer neither holds nor can load the adapter asked for (another server may)."""
+
+
 class RelayRefused(BadRequest):
     """The peer will not take part in a relayed step (it does not relay, or does not know the next server)."""
 
@@ -104,6 +108,8 @@ REMOTE_ERRORS: dict[str, type[RemoteError]] = {
     "cache_full": CacheFull,
     "session_overflow": SessionOverflow,
     "busy": ServerBusy,
+    "unknown_adapter": UnknownAdapter,
+    "bad_adapter": UnknownAdapter,
     "relay_refused": RelayRefused,
     "relay_timeout": RelayStopped,
     "cancelled": RelayStopped,

@@ -10,9 +10,10 @@ with the server.
 
 Requests (type: fields [tensors]; `?` optional):
 - `ping`: {} and `info`: {}
-- `forward`: {blocks?, names, keep?} [hidden, attention_mask?, prompts?]
-- `backward`: {blocks?, names, kept?} [hidden, grad_output, attention_mask?, prompts?]
-- `open`: {batch_size?, max_length, blocks?}
+- `forward`: {blocks?, names, keep?, adapter?, lora_scaling?} [hidden, attention_mask?, prompts?, lora_a.M?, lora_b.M?]
+- `backward`: {blocks?, names, kept?, adapter?, lora_scaling?} [hidden, grad_output, attention_mask?, prompts?,
+  lora_a.M?, lora_b.M?]
+- `open`: {batch_size?, max_length, blocks?, adapter?, lora_scaling?} [lora_a.M?, lora_b.M?]
 - `step`: {session, start?, names, push?} [hidden, attention_mask?, prompts?]
 - `step` (relayed, input pushed by the previous server): {session, start?, names, ticket, wait?, push?}
   [attention_mask?, prompts?]
@@ -24,7 +25,10 @@ is refused, since a tensor left out would change the result.
 
 Tensors: hidden float [batch, length, hidden]; attention_mask integer (or bool) [batch, length] of 0 and 1; prompts
 float [blocks, batch or 1, prompt_length <= length, hidden] (deep prompts, one per block); grad_output float, the shape
-of hidden.
+of hidden. `adapter` names a parameter-efficient adapter the server holds (or can load); a session's steps run with its
+`open`'s adapter. A LoRA the client owns (and trains) travels as `lora_a.M` [blocks, r, in] and `lora_b.M`
+[blocks, out, r] per linear layer M of the blocks (e.g. `lora_a.self_attn.q_proj`) with `lora_scaling`; a backward
+with one answers its gradients as `grad_lora_a.M` / `grad_lora_b.M`.
 
 The protocol version is `codec.PROTOCOL_VERSION`, checked by the codec on every message. Features a peer may or may
 not have are named in `CAPABILITIES` (announced in `info` and in server records; see `supports`).
@@ -32,8 +36,10 @@ not have are named in `CAPABILITIES` (announced in `info` and in server records;
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -50,8 +56,13 @@ MAX_CAPABILITY_CHARS = 32
 
 # features this version implements, announced so a peer can tell what another supports before using it:
 # relay: relayed steps (ticket/wait/push, `push`, `cancel`); keep: forward `keep` and backward `kept`;
-# prompts: deep prompts in forward/backward/step; rewind: step `start` (the server drops its cache beyond it)
-CAPABILITIES: tuple[str, ...] = ("relay", "keep", "prompts", "rewind")
+# prompts: deep prompts in forward/backward/step; rewind: step `start` (the server drops its cache beyond it);
+# adapters: `adapter` in open/forward/backward; lora: a client's LoRA in open/forward/backward (and its gradients)
+CAPABILITIES: tuple[str, ...] = ("relay", "keep", "prompts", "rewind", "adapters", "lora")
+MAX_ADAPTER_CHARS = 100  # an adapter's name
+MAX_LORA_MODULES = 32  # linear layers one LoRA may target per block
+_MODULE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.]{0,63}")
+_ADAPTER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,99}")
 
 Fields = dict[str, Any]
 Wire = tuple[str, Fields, list[torch.Tensor]]
@@ -157,7 +168,8 @@ class _Reader:
                            ) from None
         return PushTarget(peer, value["session"], value["ticket"])
 
-    def tensors(self, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    def tensors(self, required: tuple[str, ...], optional: tuple[str, ...] = (), lora: bool = False
+                ) -> dict[str, torch.Tensor]:
         tensors = self.message.tensors
         names = self.get("names")
         if names is None:
@@ -168,10 +180,47 @@ class _Reader:
                            f"{_short(names)}")
         named = dict(zip(names, tensors, strict=True))
         missing = [n for n in required if n not in named]
-        unknown = [n for n in named if n not in required + optional]
+        unknown = [n for n in named if n not in required + optional
+                   and not (lora and n.startswith(LORA_PARTS) and _MODULE.fullmatch(n.split(".", 1)[1]))]
         if missing or unknown:
             raise self.bad(f"expected tensors {list(required)} (optional {list(optional)}), got {list(named)}")
         return named
+
+    def adapter(self) -> str | None:
+        value = self.get("adapter")
+        if value is None:
+            return None
+        if not isinstance(value, str) or not _ADAPTER.fullmatch(value):
+            raise self.bad(f"adapter must be a name of 1 to {MAX_ADAPTER_CHARS} characters from letters, digits, "
+                           f"'.', '_', '-' and '/', got {_short(value)}")
+        return value
+
+    def lora(self, tensors: dict[str, torch.Tensor], blocks: tuple[int, int] | None) -> LoraWeights | None:
+        """The client's LoRA among `tensors` (lora_a.M, lora_b.M), checked for shapes that agree."""
+        a = {n.split(".", 1)[1]: t for n, t in tensors.items() if n.startswith("lora_a.")}
+        b = {n.split(".", 1)[1]: t for n, t in tensors.items() if n.startswith("lora_b.")}
+        scaling = self.get("lora_scaling")
+        if not a and not b:
+            if scaling is not None:
+                raise self.bad("lora_scaling comes only with LoRA tensors")
+            return None
+        if not isinstance(scaling, (int, float)) or isinstance(scaling, bool) or not math.isfinite(scaling):
+            raise self.bad(f"lora_scaling must be a finite number, got {_short(scaling)}")
+        if set(a) != set(b) or len(a) > MAX_LORA_MODULES:
+            raise self.bad(f"a LoRA needs lora_a.M and lora_b.M for the same layers M (at most {MAX_LORA_MODULES}), "
+                           f"got {sorted(a)} and {sorted(b)}")
+        count = None if blocks is None else blocks[1] - blocks[0]
+        for module in a:
+            ta, tb = a[module], b[module]
+            ok = (ta.dim() == 3 and tb.dim() == 3 and ta.is_floating_point() and tb.is_floating_point()
+                  and min(ta.shape) >= 1 and min(tb.shape) >= 1 and ta.shape[0] == tb.shape[0]
+                  and tb.shape[2] == ta.shape[1] and (count is None or ta.shape[0] == count))
+            if ok and count is None:
+                count = ta.shape[0]
+            if not ok:
+                raise self.bad(f"lora_a.{module} must be [blocks, r, in] and lora_b.{module} [blocks, out, r] (one "
+                               f"per block), got {_spec(ta)} and {_spec(tb)}")
+        return LoraWeights(float(scaling), a, b)
 
     def hidden(self, tensor: torch.Tensor, name: str = "hidden") -> torch.Tensor:
         if tensor.dim() != 3 or not tensor.is_floating_point() or min(tensor.shape) < 1:
@@ -245,6 +294,43 @@ def _blocks(blocks: tuple[int, int] | None) -> list[int] | None:
 # --- requests --------------------------------------------------------------------------------------------------------
 
 
+LORA_PARTS = ("lora_a.", "lora_b.")
+
+
+@dataclass(frozen=True, eq=False)
+class LoraWeights:
+    """A LoRA the client owns, for the blocks of one request: per linear layer M of a block, A [blocks, r, in] and
+    B [blocks, out, r]; each block's layer computes y + (x A^T) B^T * scaling."""
+
+    scaling: float
+    a: dict[str, torch.Tensor] = field(default_factory=dict)
+    b: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def blocks(self) -> int:
+        return next(iter(self.a.values())).shape[0] if self.a else 0
+
+    def sliced(self, start: int, end: int) -> LoraWeights:
+        """The part for blocks [start, end) of the ones it holds (0-based within them)."""
+        return LoraWeights(self.scaling, {m: t[start:end] for m, t in self.a.items()},
+                           {m: t[start:end] for m, t in self.b.items()})
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {**{f"lora_a.{m}": t for m, t in self.a.items()}, **{f"lora_b.{m}": t for m, t in self.b.items()}}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (*self.a.values(), *self.b.values()))
+
+
+def _lora_fields(lora: LoraWeights | None) -> Fields:
+    return {} if lora is None else {"lora_scaling": lora.scaling}
+
+
+def _lora_tensors(lora: LoraWeights | None) -> dict[str, torch.Tensor]:
+    return {} if lora is None else lora.tensors()
+
+
 @dataclass(frozen=True)
 class PushTarget:
     """Where a relayed step's output goes: the next server, its session and the ticket its request waits with."""
@@ -299,19 +385,23 @@ class Forward:
     prompts: torch.Tensor | None = None
     blocks: tuple[int, int] | None = None
     keep: bool = False
+    adapter: str | None = None  # a named adapter the server holds
+    lora: LoraWeights | None = None  # the client's own LoRA for these blocks
 
     def to_wire(self) -> Wire:
-        fields = _optional(blocks=_blocks(self.blocks), keep=self.keep or None)
-        return _wire(self.TYPE, fields, hidden=self.hidden, attention_mask=self.attention_mask, prompts=self.prompts)
+        fields = _optional(blocks=_blocks(self.blocks), keep=self.keep or None, adapter=self.adapter)
+        return _wire(self.TYPE, {**fields, **_lora_fields(self.lora)}, hidden=self.hidden,
+                     attention_mask=self.attention_mask, prompts=self.prompts, **_lora_tensors(self.lora))
 
     @classmethod
     def from_wire(cls, message: Message) -> Forward:
         read = _Reader(message, cls.TYPE)
-        tensors = read.tensors(("hidden",), ("attention_mask", "prompts"))
+        tensors = read.tensors(("hidden",), ("attention_mask", "prompts"), lora=True)
         hidden = read.hidden(tensors["hidden"])
         blocks = read.blocks()
         return cls(hidden, read.mask(tensors.get("attention_mask"), hidden),
-                   read.prompts(tensors.get("prompts"), hidden, blocks), blocks, read.flag("keep"))
+                   read.prompts(tensors.get("prompts"), hidden, blocks), blocks, read.flag("keep"), read.adapter(),
+                   read.lora(tensors, blocks))
 
 
 @dataclass(frozen=True, eq=False)
@@ -327,16 +417,19 @@ class Backward:
     prompts: torch.Tensor | None = None
     blocks: tuple[int, int] | None = None
     kept: str | None = None
+    adapter: str | None = None
+    lora: LoraWeights | None = None
 
     def to_wire(self) -> Wire:
-        fields = _optional(blocks=_blocks(self.blocks), kept=self.kept)
-        return _wire(self.TYPE, fields, hidden=self.hidden, grad_output=self.grad_output,
-                     attention_mask=self.attention_mask, prompts=self.prompts)
+        fields = _optional(blocks=_blocks(self.blocks), kept=self.kept, adapter=self.adapter)
+        return _wire(self.TYPE, {**fields, **_lora_fields(self.lora)}, hidden=self.hidden,
+                     grad_output=self.grad_output, attention_mask=self.attention_mask, prompts=self.prompts,
+                     **_lora_tensors(self.lora))
 
     @classmethod
     def from_wire(cls, message: Message) -> Backward:
         read = _Reader(message, cls.TYPE)
-        tensors = read.tensors(("hidden", "grad_output"), ("attention_mask", "prompts"))
+        tensors = read.tensors(("hidden", "grad_output"), ("attention_mask", "prompts"), lora=True)
         hidden = read.hidden(tensors["hidden"])
         grad_output = read.hidden(tensors["grad_output"], "grad_output")
         if grad_output.shape != hidden.shape:
@@ -344,7 +437,8 @@ class Backward:
                            f"{list(grad_output.shape)}")
         blocks = read.blocks()
         return cls(hidden, grad_output, read.mask(tensors.get("attention_mask"), hidden),
-                   read.prompts(tensors.get("prompts"), hidden, blocks), blocks, read.id("kept", required=False))
+                   read.prompts(tensors.get("prompts"), hidden, blocks), blocks, read.id("kept", required=False),
+                   read.adapter(), read.lora(tensors, blocks))
 
 
 @dataclass(frozen=True, eq=False)
@@ -357,16 +451,23 @@ class Open:
     max_length: int
     batch_size: int = 1
     blocks: tuple[int, int] | None = None
+    adapter: str | None = None  # every step of the session runs with this adapter
+    lora: LoraWeights | None = None  # ... or with the client's own LoRA, kept by the server until the session ends
 
     def to_wire(self) -> Wire:
         fields = {"batch_size": self.batch_size, "max_length": self.max_length,
-                  **_optional(blocks=_blocks(self.blocks))}
-        return self.TYPE, fields, []
+                  **_optional(blocks=_blocks(self.blocks), adapter=self.adapter), **_lora_fields(self.lora)}
+        if self.lora is None:
+            return self.TYPE, fields, []
+        return _wire(self.TYPE, fields, **_lora_tensors(self.lora))
 
     @classmethod
     def from_wire(cls, message: Message) -> Open:
         read = _Reader(message, cls.TYPE)
-        return cls(read.required_int("max_length", 1), read.int("batch_size", 1, default=1), read.blocks())
+        blocks = read.blocks()
+        tensors = read.tensors((), (), lora=True) if message.tensors else {}
+        return cls(read.required_int("max_length", 1), read.int("batch_size", 1, default=1), blocks,
+                   read.adapter(), read.lora(tensors, blocks))
 
 
 @dataclass(frozen=True, eq=False)
@@ -535,20 +636,28 @@ class ForwardReply:
 class BackwardReply:
     grad_input: torch.Tensor  # gradient w.r.t. the blocks' input
     grad_prompts: torch.Tensor | None = None  # gradient w.r.t. the prompts, when the backward carried prompts
+    grad_lora: dict[str, torch.Tensor] = field(default_factory=dict)  # "lora_a.M"/"lora_b.M" -> its gradient
 
     def to_wire(self) -> tuple[Fields, list[torch.Tensor]]:
-        _, fields, tensors = _wire(RESULT, {}, grad_input=self.grad_input, grad_prompts=self.grad_prompts)
+        grads = {f"grad_{name}": t for name, t in self.grad_lora.items()}
+        _, fields, tensors = _wire(RESULT, {}, grad_input=self.grad_input, grad_prompts=self.grad_prompts, **grads)
         return fields, tensors
 
     @classmethod
     def from_wire(cls, message: Message) -> BackwardReply:
         read = _Reader(message, RESULT)
-        tensors = read.tensors(("grad_input",), ("grad_prompts",))
+        names = read.get("names")
+        optional = ("grad_prompts", *[n for n in names if isinstance(n, str) and n.startswith(("grad_lora_a.",
+                                                                                               "grad_lora_b."))
+                                      and len(n) <= 80][:2 * MAX_LORA_MODULES]) \
+            if isinstance(names, list) else ("grad_prompts",)
+        tensors = read.tensors(("grad_input",), optional)
+        grad_lora = {n.removeprefix("grad_"): t for n, t in tensors.items() if n.startswith("grad_lora_")}
         grad_prompts = tensors.get("grad_prompts")
         if grad_prompts is not None and (grad_prompts.dim() != 4 or not grad_prompts.is_floating_point()):
             raise read.bad(f"grad_prompts must be a float tensor [blocks, batch or 1, length, hidden], got "
                            f"{_spec(grad_prompts)}")
-        return cls(read.hidden(tensors["grad_input"], "grad_input"), grad_prompts)
+        return cls(read.hidden(tensors["grad_input"], "grad_input"), grad_prompts, grad_lora)
 
 
 @dataclass(frozen=True, eq=False)
@@ -565,6 +674,7 @@ class CancelReply:
 
 __all__ = [
     "CAPABILITIES", "DEFAULT_WAIT", "MAX_ID_CHARS", "MAX_WAIT", "REQUESTS", "Backward", "BackwardReply", "Cancel",
-    "CancelReply", "Close", "Forward", "ForwardReply", "Info", "Open", "OpenReply", "Ping", "Push", "PushTarget",
+    "CancelReply", "Close", "Forward", "ForwardReply", "Info", "LoraWeights", "Open", "OpenReply", "Ping", "Push",
+    "PushTarget",
     "RequestMessage", "Step", "StepReply", "parse_capabilities", "parse_request", "require_finite", "supports",
 ]

@@ -9,8 +9,14 @@ step sends only the new tokens' hidden states; outside one, `generate()` opens a
 
 `AutoDistributedModelForSequenceClassification` is the same client with a classification head on the final hidden
 state of each sequence's last real token. Both take `tuning_mode="ptune"|"deep_ptune"` and `pre_seq_len` for prompt
-tuning (see ptune.py), or `prompts=DIR` to load a saved tuning result; `trainable_parameters()` are the prompts and the
-head, everything else is frozen, and the servers never change.
+tuning (see ptune.py), or `tuning_mode="lora"` with `lora_rank`, `lora_alpha`, `lora_targets` for a LoRA the client
+trains (lora.py), or `prompts=DIR` to load a saved tuning result; `trainable_parameters()` are the prompts (or the
+LoRA) and the head, everything else is frozen, and the servers never change.
+
+Adapters served by the swarm (`swarm serve --adapters`) are chosen by name, with PEFT's words: `adapter=NAME` at
+`from_pretrained` sets `model.active_adapter`, `model.set_adapter(NAME or None)` changes it, `with
+model.use_adapter(NAME):` (Petals' word) changes it for a block of code, and `generate(..., adapter=NAME)` for one call.
+Only servers that hold the adapter run the model's blocks then.
 """
 
 from __future__ import annotations
@@ -28,10 +34,13 @@ from ...transport.discovery import Discovery, DiscoveryConfig
 from ...transport.errors import ConfigError, PeerUnreachable
 from ...transport.gossip import GossipConfig
 from ...transport.mdns import MdnsSettings
+from ..adapters import NAME as ADAPTER_NAME
+from ..adapters import PEFT_WEIGHTS
 from ..aliases import announced_id, matches, resolve_alias
 from ..models import ModelFamily
 from ..weights import ModelSource, assign_weights, resolve_dtype, strip_prefix
 from .config import ClientConfig
+from .lora import LoraTuning, new_lora, save_lora
 from .ptune import PromptTuning, load_prompts, read_tuned, save_tuned
 from .sequence import RemoteSequential
 from .session import InferenceSession
@@ -43,8 +52,9 @@ class _Tunable:
     """What the distributed models share: prompt tuning, the trainable parameters, saving, closing."""
 
     task = "lm"
-    tuning: PromptTuning | None
+    tuning: PromptTuning | LoraTuning | None
     blocks: RemoteSequential
+    active_adapter: str | None = None
 
     def _head(self) -> dict[str, torch.Tensor]:
         return {}
@@ -53,24 +63,63 @@ class _Tunable:
         return {}
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """The parameters a tuning run trains: the prompts and the task head (with prompt tuning, the rest is
+        """The parameters a tuning run trains: the prompts (or the LoRA) and the task head (with tuning, the rest is
         frozen)."""
         params = [] if self.tuning is None else list(self.tuning.parameters())
         return params + list(self._head().values())
 
+    @property
+    def _prefix(self) -> int:
+        """Soft prompt tokens put in front of the inputs (they take cache room too)."""
+        return self.tuning.pre_seq_len if isinstance(self.tuning, PromptTuning) else 0
+
     def _extend(self, hidden: torch.Tensor, mask: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        if self.tuning is None:
+        if not isinstance(self.tuning, PromptTuning):
             return hidden, mask, None
         return self.tuning.extend(hidden, mask)
 
+    def _lora(self, detach: bool = False) -> Any:
+        """The client's LoRA as the servers get it (None without one)."""
+        if not isinstance(self.tuning, LoraTuning):
+            return None
+        weights = self.tuning.weights(self.dtype)
+        if detach:
+            weights = type(weights)(weights.scaling, {m: t.detach() for m, t in weights.a.items()},
+                                    {m: t.detach() for m, t in weights.b.items()})
+        return weights
+
+    def set_adapter(self, adapter: str | None) -> None:
+        """Run the blocks with adapter `adapter` (a name the swarm's servers announce), or with none (PEFT's name)."""
+        if adapter is not None and (not isinstance(adapter, str) or not ADAPTER_NAME.fullmatch(adapter)):
+            raise ConfigError(f"adapter must be the name of an adapter the swarm serves, got {adapter!r}")
+        if getattr(self, "_session", None) is not None and adapter != self.active_adapter:
+            raise ConfigError("cannot change the adapter inside an inference session (its servers run the one it "
+                              "opened with)")
+        self.active_adapter = adapter
+
+    @contextlib.contextmanager
+    def use_adapter(self, adapter: str | None) -> Iterator[None]:
+        """Run the blocks with `adapter` inside this block of code (Petals' name)."""
+        previous = self.active_adapter
+        self.set_adapter(adapter)
+        try:
+            yield
+        finally:
+            self.active_adapter = previous
+
     def save_tuned(self, directory: str, **info: Any) -> Any:
-        """Save the prompts and head (safetensors + JSON config; ptune also in PEFT's layout) to `directory`."""
+        """Save the prompts and head (safetensors + JSON config; ptune also in PEFT's layout), or the LoRA (a PEFT
+        LoRA adapter, with the head), to `directory`."""
         if self.tuning is None:
-            raise ConfigError("this model has no prompts to save: load it with tuning_mode='ptune' or 'deep_ptune'")
+            raise ConfigError("this model has nothing tuned to save: load it with tuning_mode='ptune', 'deep_ptune' "
+                              "or 'lora'")
         config = self.config
         info = {"model": getattr(self, "name_or_path", None), "task": self.task,
                 "num_attention_heads": getattr(config, "num_attention_heads", None), **self._info(), **info}
+        if isinstance(self.tuning, LoraTuning):
+            return save_lora(directory, self.tuning, self._head(), info, self.family, config,
+                             int(config.hidden_size))
         return save_tuned(directory, self.tuning, self._head(), info, int(config.hidden_size),
                           self.blocks.num_blocks)
 
@@ -94,7 +143,7 @@ class DistributedModelForCausalLM(_Tunable, PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: Any, family: ModelFamily, blocks: RemoteSequential,
                  modules: tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module],
-                 tuning: PromptTuning | None = None):
+                 tuning: PromptTuning | LoraTuning | None = None):
         super().__init__(config)
         self.family = family
         self.embed_tokens, self.norm, self.lm_head = modules
@@ -135,8 +184,8 @@ class DistributedModelForCausalLM(_Tunable, PreTrainedModel, GenerationMixin):
         """Keep attention caches on the servers for up to `max_length` tokens across forward/generate calls."""
         if self._session is not None:
             raise ConfigError("an inference session is already active on this model")
-        prefix = 0 if self.tuning is None else self.tuning.pre_seq_len  # the prompts take cache room too
-        session = self.blocks.inference_session(max_length + prefix, batch_size)
+        session = self.blocks.inference_session(max_length + self._prefix, batch_size, self.active_adapter,
+                                                self._lora(detach=True))
         self._session = session
         self._session_ids: torch.Tensor | None = None
         try:
@@ -146,7 +195,11 @@ class DistributedModelForCausalLM(_Tunable, PreTrainedModel, GenerationMixin):
             session.close()
 
     @torch.no_grad()
-    def generate(self, inputs: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
+    def generate(self, inputs: torch.Tensor | None = None, *args: Any, adapter: Any = ..., **kwargs: Any) -> Any:
+        """transformers' `generate`, through the swarm; `adapter=NAME` (or None) runs this call with that adapter."""
+        if adapter is not ...:
+            with self.use_adapter(adapter):
+                return self.generate(inputs, *args, **kwargs)
         if self._session is not None:
             return super().generate(inputs, *args, **kwargs)
         if kwargs.get("num_beams", self.generation_config.num_beams or 1) > 1:
@@ -187,13 +240,13 @@ class DistributedModelForCausalLM(_Tunable, PreTrainedModel, GenerationMixin):
         prefix = 0
         if session is None or session.position == 0:  # soft prompts go in front of the first tokens
             hidden, attention_mask, deep = self._extend(hidden, attention_mask)
-            prefix = 0 if self.tuning is None else self.tuning.pre_seq_len
+            prefix = self._prefix
         else:
             deep = None
         if session is not None:
             hidden = session.step(hidden, attention_mask, deep)
         else:
-            hidden = self.blocks(hidden, attention_mask, deep)
+            hidden = self.blocks(hidden, attention_mask, deep, self.active_adapter, self._lora())
         logits = self.lm_head(self.norm(hidden[:, prefix:])).float()
         loss = None
         if labels is not None:
@@ -206,8 +259,8 @@ class DistributedModelForCausalLM(_Tunable, PreTrainedModel, GenerationMixin):
                   ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """The part of the inputs the servers do not hold yet. Token ids must extend what the session holds."""
         done = session.position
-        if done and self.tuning is not None:
-            done -= self.tuning.pre_seq_len  # the session holds the soft prompts before the tokens
+        if done:
+            done -= self._prefix  # the session holds the soft prompts before the tokens
         if inputs_embeds is not None:  # embeddings are always new tokens
             if attention_mask is not None and attention_mask.shape[1] > inputs_embeds.shape[1]:
                 attention_mask = attention_mask[:, done:]
@@ -235,7 +288,7 @@ class DistributedModelForSequenceClassification(_Tunable, PreTrainedModel):
 
     def __init__(self, config: Any, family: ModelFamily, blocks: RemoteSequential,
                  modules: tuple[torch.nn.Module, torch.nn.Module], score: torch.nn.Linear,
-                 tuning: PromptTuning | None = None):
+                 tuning: PromptTuning | LoraTuning | None = None):
         super().__init__(config)
         self.family = family
         self.embed_tokens, self.norm = modules
@@ -265,7 +318,7 @@ class DistributedModelForSequenceClassification(_Tunable, PreTrainedModel):
                 raise ConfigError("forward() needs input_ids or inputs_embeds")
             inputs_embeds = self.embed_tokens(input_ids)
         hidden, mask, deep = self._extend(inputs_embeds.to(self.dtype), attention_mask)
-        hidden = self.norm(self.blocks(hidden, mask, deep))
+        hidden = self.norm(self.blocks(hidden, mask, deep, self.active_adapter, self._lora()))
         if mask is None:
             last = torch.full((hidden.shape[0],), hidden.shape[1] - 1, device=hidden.device)
         else:  # the last real token of each row, whichever side the padding is on
@@ -330,7 +383,13 @@ class _Loaded:
         return embed, norm, lm_head, strip_prefix(tensors, prefixes.score)
 
     def tuning(self, embed: torch.nn.Module, tuning_mode: str | None, pre_seq_len: int | None,
-               saved: dict[str, Any] | None) -> PromptTuning | None:
+               saved: dict[str, Any] | None, lora: dict[str, Any] | None = None, saved_dir: str | None = None
+               ) -> PromptTuning | LoraTuning | None:
+        lora = {k: v for k, v in (lora or {}).items() if v is not None}
+        if tuning_mode == "lora" or (saved is not None and saved.get("tuning_mode") == "lora"):
+            return self._lora_tuning(tuning_mode, pre_seq_len, saved, lora, saved_dir)
+        if lora:
+            raise ConfigError(f"{', '.join(lora)} need tuning_mode='lora'")
         if saved is not None:
             if tuning_mode not in (None, saved["tuning_mode"]) or pre_seq_len not in (None, saved["pre_seq_len"]):
                 raise ConfigError(f"the saved prompts are {saved['tuning_mode']} with pre_seq_len "
@@ -347,11 +406,40 @@ class _Loaded:
         return PromptTuning(tuning_mode, 16 if pre_seq_len is None else pre_seq_len, self.blocks.hidden_size,
                             self.blocks.num_blocks, embed.weight, self.dtype)
 
+    def _lora_tuning(self, tuning_mode: str | None, pre_seq_len: int | None, saved: dict[str, Any] | None,
+                     options: dict[str, Any], saved_dir: str | None) -> LoraTuning:
+        if pre_seq_len is not None:
+            raise ConfigError("pre_seq_len is for prompt tuning, not tuning_mode='lora'")
+        if saved is None:
+            return new_lora(self.family, self.config, self.blocks.num_blocks, options.get("lora_rank"),
+                            options.get("lora_alpha"), options.get("lora_targets"), self.dtype)
+        if tuning_mode not in (None, "lora") or options:
+            raise ConfigError("the saved result is a LoRA; leave tuning_mode and the lora_ options out to use it")
+        if saved.get("hidden_size") != self.blocks.hidden_size or saved.get("num_blocks") != self.blocks.num_blocks:
+            raise ConfigError(f"the saved LoRA is for a model with {saved.get('num_blocks')} blocks of hidden size "
+                              f"{saved.get('hidden_size')}, this one has {self.blocks.num_blocks} of "
+                              f"{self.blocks.hidden_size}")
+        lora = new_lora(self.family, self.config, self.blocks.num_blocks, saved["lora_rank"],
+                        saved.get("lora_alpha"), saved["lora_targets"], self.dtype)
+        from pathlib import Path
 
-def _finish(model: Any, loaded: _Loaded, tuning: PromptTuning | None, head: torch.nn.Module | None) -> Any:
+        lora.load_peft(Path(str(saved_dir)) / PEFT_WEIGHTS, self.family, self.config)
+        return lora
+
+
+def _finish(model: Any, loaded: _Loaded, tuning: PromptTuning | LoraTuning | None, head: torch.nn.Module | None,
+            adapter: str | None = None) -> Any:
     """Name the model after its source and put it in eval mode. With prompt tuning, only the prompts and the task head
     train; without, the client's modules keep their gradients."""
     model.name_or_path = loaded.source.name
+    blocks = loaded.blocks
+    try:
+        model.set_adapter(adapter)
+        if adapter is not None and not blocks.wait_ready(blocks.config.connect_timeout, adapter):
+            blocks.plan(adapter=adapter)  # raises MissingAdapter, naming the blocks no server holds it for
+    except BaseException:
+        blocks.close()
+        raise
     if tuning is not None:
         model.requires_grad_(False)
         tuning.requires_grad_(True)
@@ -379,30 +467,35 @@ class AutoDistributedModelForCausalLM:
                         config: ClientConfig | None = None, mdns: bool | None = None,
                         mdns_interface: str | None = None, discovery: Discovery | None = None,
                         tuning_mode: str | None = None, pre_seq_len: int | None = None, prompts: str | None = None,
-                        gguf_file: str | None = None, **kwargs: Any) -> DistributedModelForCausalLM:
+                        gguf_file: str | None = None, adapter: str | None = None, lora_rank: int | None = None,
+                        lora_alpha: float | None = None, lora_targets: list[str] | None = None,
+                        **kwargs: Any) -> DistributedModelForCausalLM:
         """Load the client's part of `name_or_path` (a hub id, alias, local directory, or GGUF file; or, with
         `gguf_file`, that GGUF file of the directory or hub repository) and find its servers.
 
         Servers are found through `initial_peers` (gossip) and mDNS on the local network (`mdns`, or $SWARM_MDNS;
         `mdns_interface` or $SWARM_MDNS_INTERFACE binds it to one interface). A prepared `discovery` may be passed
         instead (it is then not stopped by the model). `tuning_mode` ("ptune" or "deep_ptune") and `pre_seq_len` add
-        trainable soft prompts; `prompts` loads the ones a tuning run saved (`swarm tune --task lm --output DIR`).
+        trainable soft prompts, `tuning_mode="lora"` (with `lora_rank`, `lora_alpha`, `lora_targets`) a trainable
+        LoRA; `prompts` loads what a tuning run saved (`swarm tune --task lm --output DIR`). `adapter` names an
+        adapter the swarm's servers serve: the blocks run with it (see `set_adapter`).
         """
         if kwargs:
             raise ConfigError(f"unsupported arguments: {', '.join(kwargs)}")
         saved, tensors = _saved(prompts, "lm")
+        lora_options = dict(lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets)
         loaded = _Loaded(name_or_path, initial_peers, torch_dtype, config, mdns, mdns_interface, discovery, gguf_file)
         try:
             embed, norm, lm_head, _ = loaded.client_modules(head=True)
-            tuning = loaded.tuning(embed, tuning_mode, pre_seq_len, saved)
-            if saved is not None:
+            tuning = loaded.tuning(embed, tuning_mode, pre_seq_len, saved, lora_options, prompts)
+            if saved is not None and isinstance(tuning, PromptTuning):
                 load_prompts(tuning, tensors, str(prompts))
             model = DistributedModelForCausalLM(loaded.config, loaded.family, loaded.blocks, (embed, norm, lm_head),
                                                 tuning)
         except BaseException:
             loaded.blocks.close()
             raise
-        return _finish(model, loaded, tuning, None)
+        return _finish(model, loaded, tuning, None, adapter)
 
 
 class AutoDistributedModelForSequenceClassification:
@@ -413,7 +506,9 @@ class AutoDistributedModelForSequenceClassification:
                         torch_dtype: Any = "auto", config: ClientConfig | None = None, mdns: bool | None = None,
                         mdns_interface: str | None = None, discovery: Discovery | None = None,
                         tuning_mode: str | None = None, pre_seq_len: int | None = None, prompts: str | None = None,
-                        gguf_file: str | None = None, **kwargs: Any) -> DistributedModelForSequenceClassification:
+                        gguf_file: str | None = None, adapter: str | None = None, lora_rank: int | None = None,
+                        lora_alpha: float | None = None, lora_targets: list[str] | None = None,
+                        **kwargs: Any) -> DistributedModelForSequenceClassification:
         """Like `AutoDistributedModelForCausalLM.from_pretrained`, with a `num_labels`-way head instead of the LM head.
 
         The head comes from the checkpoint when it has one (`score.weight`), from `prompts` (a saved tuning result),
@@ -422,6 +517,7 @@ class AutoDistributedModelForSequenceClassification:
         if kwargs:
             raise ConfigError(f"unsupported arguments: {', '.join(kwargs)}")
         saved, tensors = _saved(prompts, "classification")
+        lora_options = dict(lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets)
         if saved is not None:
             if num_labels not in (None, saved.get("num_labels")):
                 raise ConfigError(f"the saved head has {saved.get('num_labels')} labels, not {num_labels}")
@@ -431,7 +527,7 @@ class AutoDistributedModelForSequenceClassification:
         loaded = _Loaded(name_or_path, initial_peers, torch_dtype, config, mdns, mdns_interface, discovery, gguf_file)
         try:
             embed, norm, _, head = loaded.client_modules(head=False)
-            tuning = loaded.tuning(embed, tuning_mode, pre_seq_len, saved)
+            tuning = loaded.tuning(embed, tuning_mode, pre_seq_len, saved, lora_options, prompts)
             score = torch.nn.Linear(loaded.blocks.hidden_size, num_labels, bias=False, dtype=loaded.dtype)
             weight = tensors.get("head.weight") if saved is not None else head.get("weight")
             if weight is not None and weight.shape != score.weight.shape:
@@ -442,7 +538,7 @@ class AutoDistributedModelForSequenceClassification:
                     score.weight.copy_(weight.to(score.weight.dtype))
                 else:
                     score.weight.normal_(0.0, float(getattr(loaded.config, "initializer_range", 0.02)))
-            if saved is not None:
+            if saved is not None and isinstance(tuning, PromptTuning):
                 load_prompts(tuning, tensors, str(prompts))
             loaded.config.num_labels = num_labels
             if saved is not None and saved.get("labels"):
@@ -453,4 +549,4 @@ class AutoDistributedModelForSequenceClassification:
         except BaseException:
             loaded.blocks.close()
             raise
-        return _finish(model, loaded, tuning, score)
+        return _finish(model, loaded, tuning, score, adapter)

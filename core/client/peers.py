@@ -32,6 +32,7 @@ from ...transport.errors import (
     ProtocolError,
     ServerBusy,
     SwarmError,
+    UnknownAdapter,
     UnknownSession,
     WrongBlocks,
 )
@@ -39,7 +40,7 @@ from ...transport.messages import Ping, RequestMessage
 from ...transport.records import ServerRecord
 from ...transport.rpc import RpcClient, RpcClientConfig
 from .config import ClientConfig
-from .routing import Hop, MissingBlocks, SpanInfo, missing_ranges, plan_forward, plan_inference
+from .routing import Hop, MissingAdapter, MissingBlocks, SpanInfo, missing_ranges, plan_forward, plan_inference
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +57,10 @@ class HopFailed(SwarmError):
 
 
 # failures another server can make up for: the server is gone, stuck, restarted, draining, broken, or does not hold
-# the blocks its record claims (a full cache is not one of them yet: the caller learns it at once instead of waiting
-# for a server with room)
-RECOVERABLE = (HopFailed, PeerTimeout, PeerUnreachable, UnknownSession, ServerBusy, WrongBlocks, ProtocolError)
+# the blocks its record claims, or the adapter it announced (a full cache is not one of them yet: the caller learns it
+# at once instead of waiting for a server with room)
+RECOVERABLE = (HopFailed, PeerTimeout, PeerUnreachable, UnknownSession, ServerBusy, WrongBlocks, ProtocolError,
+               UnknownAdapter)
 
 _Reply = TypeVar("_Reply")
 
@@ -171,14 +173,17 @@ class Peers:
 
     # --- the usable servers and the chains over them ---------------------------------------------------------------
 
-    def servers(self) -> list[ServerRecord]:
-        """Serving records of this model that this client can use (not banned, same protocol and shape)."""
+    def servers(self, adapter: str | None = None) -> list[ServerRecord]:
+        """Serving records of this model that this client can use (not banned, same protocol and shape; holding
+        or able to load `adapter`, when one is asked for)."""
         now = self._clock()
         with self._lock:
             banned = {peer for peer, (until, _) in self._bans.items() if until > now}
         usable = []
         for record in self.discovery.records(self._model_filter):
             if record.state not in ("online", "joining") or record.addresses[0] in banned:
+                continue
+            if adapter is not None and adapter not in record.adapters:
                 continue
             problem = self._check(record)
             if problem is None:
@@ -199,54 +204,74 @@ class Peers:
                     f"has {self.num_blocks} blocks of hidden size {self.hidden_size}")
         return None
 
-    def covered(self) -> bool:
-        return not missing_ranges([_span(r) for r in self.servers()], 0, self.num_blocks)
+    def covered(self, adapter: str | None = None) -> bool:
+        return not missing_ranges([_span(r) for r in self.servers(adapter)], 0, self.num_blocks)
 
-    def wait_ready(self, timeout: float) -> bool:
-        """Wait (bounded) until the known servers cover every block; when servers are found but some blocks have
-        none after a first gossip round, say which at once."""
+    def wait_ready(self, timeout: float, adapter: str | None = None) -> bool:
+        """Wait (bounded) until the known servers cover every block (with `adapter`, when one is asked for); when
+        servers are found but some blocks have none after a first gossip round, say which at once."""
         deadline = time.monotonic() + timeout
-        if self.discovery.wait(lambda _: self.covered(), min(timeout, FIRST_LOOK)):
+        if self.discovery.wait(lambda _: self.covered(adapter), min(timeout, FIRST_LOOK)):
             return True
         left = deadline - time.monotonic()
         servers = self.servers()
         if servers and left > 0:
-            log.warning("%s yet", _missing_text(self.spans(), 0, self.num_blocks))
-        return self.discovery.wait(lambda _: self.covered(), max(0.0, left))
+            log.warning("%s yet", self._missing_text(0, self.num_blocks, adapter))
+        return self.discovery.wait(lambda _: self.covered(adapter), max(0.0, left))
 
-    def spans(self) -> list[SpanInfo]:
-        """A snapshot of the usable servers, as routing sees them."""
-        servers = self.servers()
+    def spans(self, adapter: str | None = None) -> list[SpanInfo]:
+        """A snapshot of the usable servers (holding `adapter`, when one is asked for), as routing sees them."""
+        servers = self.servers(adapter)
         with self._lock:
             rtt = dict(self._rtt)
         return [_span(r, rtt.get(r.addresses[0])) for r in servers]
 
-    def plan(self, start: int = 0, end: int | None = None, kind: str = "inference", cache_needed: int = 0
-             ) -> list[Hop]:
-        """A chain for blocks [start, end): the fastest for inference, a throughput-weighted draw for forward."""
+    def plan(self, start: int = 0, end: int | None = None, kind: str = "inference", cache_needed: int = 0,
+             adapter: str | None = None) -> list[Hop]:
+        """A chain for blocks [start, end): the fastest for inference, a throughput-weighted draw for forward; only
+        through servers that hold (or can load) `adapter`, when one is asked for."""
         end = self.num_blocks if end is None else end
-        if kind == "forward":
-            return plan_forward(self.spans(), start, end)
-        return plan_inference(self.spans(), start, end, cache_needed)
+        try:
+            if kind == "forward":
+                return plan_forward(self.spans(adapter), start, end)
+            return plan_inference(self.spans(adapter), start, end, cache_needed)
+        except MissingBlocks as e:
+            if adapter is None:
+                raise
+            raise MissingAdapter(adapter, e.missing, [(r.start, r.end) for r in self.servers(adapter)],
+                                 [(r.start, r.end) for r in self.servers()]) from None
 
-    def plan_or_wait(self, start: int, end: int, kind: str = "inference", cache_needed: int = 0) -> list[Hop]:
-        """A chain for [start, end); when some blocks have no live server, wait (bounded) for one to appear."""
+    def plan_or_wait(self, start: int, end: int, kind: str = "inference", cache_needed: int = 0,
+                     adapter: str | None = None) -> list[Hop]:
+        """A chain for [start, end); when some blocks have no live server (with `adapter`), wait (bounded) for one
+        to appear."""
         deadline = time.monotonic() + self.config.wait_for_blocks
         announced = False
         while True:
             try:
-                return self.plan(start, end, kind, cache_needed)
+                return self.plan(start, end, kind, cache_needed, adapter)
             except MissingBlocks as e:
                 if time.monotonic() >= deadline:
+                    if isinstance(e, MissingAdapter):
+                        raise MissingAdapter(adapter, e.missing, e.holding, e.all_servers,
+                                             waited=self.config.wait_for_blocks) from None
                     raise MissingBlocks(e.missing, [(r.start, r.end) for r in self.servers()],
                                         waited=self.config.wait_for_blocks) from None
                 if not announced:  # at once, so a user knows what the wait is for (Ctrl-C ends it)
                     announced = True
-                    log.warning("%s; waiting up to %.0f s for one to join", _missing_text(self.spans(), start, end),
+                    log.warning("%s; waiting up to %.0f s for one to join", self._missing_text(start, end, adapter),
                                 max(0.0, deadline - time.monotonic()))
                 # short polls (time.sleep inside), so an interrupt ends the wait at once
-                self.discovery.wait(lambda _: not missing_ranges([_span(r) for r in self.servers()], start, end),
-                                    min(1.0, max(0.0, deadline - time.monotonic())))
+                self.discovery.wait(
+                    lambda _: not missing_ranges([_span(r) for r in self.servers(adapter)], start, end),
+                    min(1.0, max(0.0, deadline - time.monotonic())))
+
+    def _missing_text(self, start: int, end: int, adapter: str | None) -> str:
+        text = _missing_text(self.spans(adapter), start, end)
+        if adapter is None:
+            return text
+        return text.replace("no server covers", f"no server with adapter {adapter!r} covers", 1).replace(
+            "(live servers cover", "(servers with it cover", 1)
 
     # --- requests --------------------------------------------------------------------------------------------------
 

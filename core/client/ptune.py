@@ -97,6 +97,14 @@ def read_tuned(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.T
     """The config and tensors of a saved tuning result; a ConfigError says what is wrong with it."""
     directory = Path(directory)
     config_path, weights_path = directory / TUNED_CONFIG, directory / TUNED_WEIGHTS
+    if config_path.is_file() and not weights_path.is_file():
+        config = _read_json(config_path)
+        if config.get("tuning_mode") == "lora":  # a LoRA result: its weights are a PEFT adapter beside
+            from .lora import read_lora_result
+
+            if not isinstance(config.get("lora_rank"), int) or not isinstance(config.get("lora_targets"), list):
+                raise ConfigError(f"{config_path} is not a swarm LoRA tuning config")
+            return config, read_lora_result(directory, config)
     if not config_path.is_file() or not weights_path.is_file():
         raise ConfigError(f"{directory} is not a swarm tuning result (it needs {TUNED_CONFIG} and {TUNED_WEIGHTS}; "
                           "write one with `swarm tune ... --output DIR`)")
@@ -111,6 +119,16 @@ def read_tuned(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.T
     if config.get("version", 0) > FORMAT_VERSION:
         raise ConfigError(f"{config_path} was written by a newer swarm (format {config['version']})")
     return config, tensors
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read {path}: {e}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path} is not a swarm tuning config")
+    return config
 
 
 def load_prompts(tuning: PromptTuning, tensors: dict[str, torch.Tensor], where: str) -> None:

@@ -31,6 +31,24 @@ class MissingBlocks(SwarmError):
         self.missing = missing
 
 
+class MissingAdapter(MissingBlocks):
+    """No known server holds (or can load) the adapter asked for, for some blocks of the model."""
+
+    code = "missing_adapter"
+
+    def __init__(self, adapter: str, missing: list[tuple[int, int]], holding: Sequence[tuple[int, int]],
+                 all_servers: Sequence[tuple[int, int]], waited: float = 0.0):
+        SwarmError.__init__(self, "")
+        gaps = ", ".join(f"{a}:{b}" for a, b in missing)
+        held = ", ".join(f"{a}:{b}" for a, b in sorted(set(holding))) or "no block"
+        served = ", ".join(f"{a}:{b}" for a, b in sorted(set(all_servers))) or "nothing"
+        after = f" after waiting {waited:g} s" if waited else ""
+        self.args = (f"no server holds adapter {adapter!r} for blocks {gaps}{after} (servers with it cover {held}; "
+                     f"all live servers cover {served}); start one with `swarm serve MODEL --blocks "
+                     f"{missing[0][0]}:{missing[0][1]} --adapters {adapter}`, or choose another adapter",)
+        self.missing, self.holding, self.all_servers = missing, list(holding), list(all_servers)
+
+
 DEFAULT_RTT = 0.01  # seconds assumed for a server not pinged yet
 DEFAULT_SPAN_TIME = 0.05  # seconds assumed per token through a whole span when a server announces no throughput
 

@@ -1,9 +1,10 @@
 """Inference sessions: generation with the attention caches kept on the servers, recovered by replay.
 
-An `InferenceSession` opens a session on every server of a chain (the fastest, from peers.py), and each step sends only
-the new tokens' hidden states through it, hop by hop or relayed (each server pushing its output straight to the next,
-the client getting every hop's output back). Every hop keeps the inputs it was sent, so when a server fails its blocks
-are rebuilt on a replacement chain by replaying that history, and the generation goes on with the same tokens.
+An `InferenceSession` opens a session on every server of a chain (the fastest, from peers.py; with an `adapter`, only
+servers that hold it), and each step sends only the new tokens' hidden states through it, hop by hop or relayed (each
+server pushing its output straight to the next, the client getting every hop's output back). Every hop keeps the inputs
+it was sent, so when a server fails its blocks are rebuilt on a replacement chain by replaying that history, and the
+generation goes on with the same tokens.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ...transport.errors import ConfigError, PeerTimeout, PeerUnreachable, RelayRefused, RelayStopped, SwarmError
-from ...transport.messages import MAX_WAIT, Cancel, Close, Open, OpenReply, PushTarget, Step, StepReply
+from ...transport.messages import MAX_WAIT, Cancel, Close, LoraWeights, Open, OpenReply, PushTarget, Step, StepReply
 from .peers import RECOVERABLE, Peers, hop_prompts, read_reply, same_shape
 from .routing import Hop
 
@@ -51,10 +52,13 @@ class InferenceSession:
     rebuilt cache is the same, and the step goes on. Sampling is untouched by recovery, so the tokens are the same.
     """
 
-    def __init__(self, peers: Peers, max_length: int, batch_size: int | None = None):
+    def __init__(self, peers: Peers, max_length: int, batch_size: int | None = None, adapter: str | None = None,
+                 lora: LoraWeights | None = None):
         if not isinstance(max_length, int) or max_length < 1:
             raise ConfigError(f"max_length must be a positive integer, got {max_length!r}")
         self.peers, self.max_length, self.batch_size = peers, max_length, batch_size
+        self.adapter = adapter  # every server of the chain runs the session's steps with this adapter
+        self.lora = lora  # or with the client's own LoRA (each server gets its blocks' part at open)
         self.position = 0  # tokens the servers hold
         self.hops: list[_HopSession] = []
         self.closed = False
@@ -68,11 +72,12 @@ class InferenceSession:
 
     def _open_chain(self, start: int, end: int) -> list[_HopSession]:
         batch = self.batch_size or 1
-        chain = self.peers.plan_or_wait(start, end, "inference", batch * self.max_length)
+        chain = self.peers.plan_or_wait(start, end, "inference", batch * self.max_length, self.adapter)
         opened: list[_HopSession] = []
         try:
             for hop in chain:
-                request = Open(self.max_length, batch, blocks=(hop.start, hop.end))
+                lora = None if self.lora is None else self.lora.sliced(hop.start, hop.end)
+                request = Open(self.max_length, batch, blocks=(hop.start, hop.end), adapter=self.adapter, lora=lora)
                 reply = self.peers.send(hop, request, timeout=self.peers.config.connect_timeout)
                 opened.append(_HopSession(hop, read_reply(OpenReply.from_wire, reply, hop).session))
         except BaseException:

@@ -32,7 +32,9 @@ from typing import Any
 import torch
 
 from ...transport.errors import RemoteError, SwarmError
+from ...transport.messages import LoraWeights
 from ...transport.rpc import Request
+from ..adapters import Task
 from .backend import BlockSpan, Work
 from .cache import CacheBudget
 from .scheduler import PassLimits, Pick, Queued, gather_wait, plan_pass
@@ -68,6 +70,10 @@ class Job:
     mask: torch.Tensor | None
     prompts: torch.Tensor | None
     blocks: tuple[int, int]
+    tasks: tuple[Task, ...] = ()  # the adapters it runs with in a shared pass (a named one, the client's LoRA)
+    lora: LoraWeights | None = None  # the client's LoRA, for a pass that records a graph (its gradients)
+    adapter: str | None = None  # the named adapter's name (requests of different ones share passes unless not mixed)
+    mix: bool = True  # whether it may share a pass with requests of other adapters (the engine's `mix_tasks`)
     id: int = 0
     waited: int = 0  # passes it waited without running
     done: int = 0  # columns (step) or rows (forward) already run
@@ -79,6 +85,12 @@ class Job:
 
     def __post_init__(self) -> None:
         self.nbytes = sum(t.nbytes for t in (self.hidden, self.mask, self.prompts) if t is not None)
+        self.nbytes += 0 if self.lora is None else self.lora.nbytes
+
+    @property
+    def key(self) -> Any:
+        """Requests of one pass share this: their blocks (and their adapter, when adapters are not mixed)."""
+        return self.blocks if self.mix else (self.blocks, self.adapter, self.lora is not None)
 
 
 @dataclass(eq=False)
@@ -93,7 +105,7 @@ class StepJob(Job):
     def queued(self) -> Queued:
         rows, new = self.hidden.shape[:2]
         return Queued(self.id, "step", self.client, rows * (new - self.done), rows, self.session_id, self.waited,
-                      True, self.blocks)
+                      True, self.key)
 
 
 @dataclass(eq=False)
@@ -108,9 +120,9 @@ class ForwardJob(Job):
         rows, length = self.hidden.shape[:2]
         if self.reserved:  # like a step: all rows, a few columns per pass
             return Queued(self.id, "forward", self.client, rows * (length - self.done), rows, None, self.waited,
-                          True, self.blocks)
+                          True, self.key)
         return Queued(self.id, "forward", self.client, (rows - self.done) * length, length, None, self.waited,
-                      not self.keep, self.blocks)
+                      not self.keep, self.key)
 
 
 @dataclass(eq=False)
@@ -186,6 +198,7 @@ class Engine:
                 raise Refused("busy", f"this client has {len(mine)} requests waiting on this server already; "
                                           "wait for their answers first")
             job.id = next(self._ids)
+            job.mix = self.limits.mix_tasks
             if isinstance(job, ForwardJob) and not job.keep and job.hidden.shape[1] > self.limits.max_tokens \
                     and self.budget is not None:
                 tokens = job.hidden.shape[0] * job.hidden.shape[1]
@@ -316,7 +329,7 @@ class Engine:
             job._cache_start = job.cache.length
             a, b = job.done, job.done + count
             mask = None if job.mask is None else job.mask[:, a:b]
-            return Work(job.hidden[:, a:b], mask, job.cache, job.prompts, column=a), count
+            return Work(job.hidden[:, a:b], mask, job.cache, job.prompts, column=a, tasks=job.tasks), count
         rows, length = job.hidden.shape[:2]
         if isinstance(job, ForwardJob) and job.reserved:
             if job.cache is None:
@@ -325,14 +338,14 @@ class Engine:
             job._cache_start = job.cache.length
             a, b = job.done, job.done + count
             mask = None if job.mask is None else job.mask[:, a:b]
-            return Work(job.hidden[:, a:b], mask, job.cache, job.prompts, column=a), count
+            return Work(job.hidden[:, a:b], mask, job.cache, job.prompts, column=a, tasks=job.tasks), count
         count = min(rows - job.done, max(1, pick.tokens // length))
         a, b = job.done, job.done + count
         prompts = job.prompts
         if prompts is not None and prompts.shape[1] > 1:
             prompts = prompts[:, a:b]
         mask = None if job.mask is None else job.mask[a:b]
-        return Work(job.hidden[a:b], mask, None, prompts), count
+        return Work(job.hidden[a:b], mask, None, prompts, tasks=job.tasks), count
 
     def _begin_step(self, job: StepJob) -> None:
         """Checks that depend on the session's state when the step starts running; rewinds to `start`."""

@@ -8,6 +8,9 @@ A forward with `keep` keeps its autograd graph (a few, for a while) and answers 
 names it, with the same inputs, uses it instead of running the blocks again (training costs 2 passes, not 3).
 `prompts` are deep-prompt-tuning prompts, one per block computed: [blocks, batch or 1, prompt_length, hidden] (see
 backend.py); a step may carry them only at position 0.
+`adapter` (open, forward, backward) names an adapter the server holds or loads on first use (adapters.py); a session's
+steps run with the adapter it opened with, which stays loaded while the session lives. A client's own LoRA (`lora`)
+comes with forward/backward (its gradients go back with the backward) or with `open` (kept with the session).
 Nothing a peer sends can stop the server or touch another client's session. A step that is refused or fails does not
 count as activity of its session (only answered steps keep a session from expiring).
 """
@@ -38,6 +41,7 @@ from ...transport.messages import (
     Forward,
     ForwardReply,
     Info,
+    LoraWeights,
     Open,
     OpenReply,
     Ping,
@@ -48,6 +52,8 @@ from ...transport.messages import (
     require_finite,
 )
 from ...transport.rpc import Request
+from ..adapters import Task, lora_from_stacked
+from .adapters import AdapterStore
 from .backend import BlockSpan, Graph
 from .cache import CacheBudget, SessionCache
 from .engine import BackwardJob, Engine, ForwardJob, Job, Refused, StepJob
@@ -65,6 +71,7 @@ class HandlerLimits:
     max_kept: int = 8  # forward passes whose graphs wait for their backward (oldest dropped first; 0: none)
     kept_ttl: float = 120.0  # seconds a kept graph waits for its backward
     max_pass_bytes: int = 256 << 20  # memory one sequence's attention mask may take in a forward/backward pass
+    max_lora_bytes: int = 64 << 20  # a client's own LoRA in one request (or kept with a session)
 
     @property
     def max_forward_length(self) -> int:
@@ -81,6 +88,8 @@ class Session:
     last_used: float = field(default_factory=time.monotonic)
     cache: SessionCache | None = None
     closed: bool = False
+    tasks: tuple[Task, ...] = ()  # the adapter its steps run with
+    adapter: str | None = None  # the named adapter it holds (released at close)
 
 
 class Handler:
@@ -89,8 +98,10 @@ class Handler:
     def __init__(self, span: BlockSpan, engine: Engine, budget: CacheBudget, model_name: str,
                  limits: HandlerLimits | None = None, extra_info: dict[str, Any] | None = None,
                  on_gossip: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-                 relay: Relay | None = None, relay_allowed: Callable[[str], bool] = lambda peer: False):
+                 relay: Relay | None = None, relay_allowed: Callable[[str], bool] = lambda peer: False,
+                 adapters: AdapterStore | None = None):
         self.span, self.engine, self.budget = span, engine, budget
+        self.adapters = adapters
         self.model_name = model_name
         self.limits = limits or HandlerLimits()
         self.extra_info = extra_info or {}
@@ -120,7 +131,7 @@ class Handler:
         elif isinstance(message, Info):
             request.reply(self.info())
         elif isinstance(message, Open):
-            request.reply(*self.open(message).to_wire())
+            self._open(request, message)
         elif isinstance(message, Close):
             self.close(message.session)
             request.reply()
@@ -172,13 +183,35 @@ class Handler:
             "kept_graphs": len(self._kept),
             **self.engine.stats(),
             "accepting": self.accepting,
+            "adapters": [] if self.adapters is None else self.adapters.names(),
+            "adapter_memory": None if self.adapters is None else self.adapters.stats(),
             "max_batch": self.limits.max_batch,
             "max_request_tokens": self.limits.max_request_tokens,
             "max_forward_length": self.limits.max_forward_length,
             **self.extra_info,
         }
 
-    def open(self, message: Open) -> OpenReply:
+    def _open(self, request: Request, message: Open) -> None:
+        self._check_accepting()
+        _int(message.batch_size, "batch_size", 1, self.limits.max_batch)
+        _int(message.max_length, "max_length", 1, self.limits.max_session_length)
+        blocks = self._blocks(message.blocks)
+        tasks = self._lora_task(message.lora, blocks)
+
+        def opened(adapter: Task | None) -> None:
+            try:
+                reply = self.open(message, (*([] if adapter is None else [adapter]), *tasks))
+            except SwarmError as e:
+                if adapter is not None and self.adapters is not None:
+                    self.adapters.release(message.adapter)
+                request.fail(e.code, str(e))
+            else:
+                request.reply(*reply.to_wire())
+
+        self._with_adapter(request, message.adapter, opened, hold=True)
+
+    def open(self, message: Open, tasks: tuple[Task, ...] = ()) -> OpenReply:
+        """A new session (its adapter, when it has one, already held for it)."""
         self._check_accepting()
         batch = _int(message.batch_size, "batch_size", 1, self.limits.max_batch)
         max_length = _int(message.max_length, "max_length", 1, self.limits.max_session_length)
@@ -190,14 +223,38 @@ class Handler:
                                         f"{self.budget.total} are free; try a shorter max_length or another server")
         session_id = secrets.token_hex(16)
         with self._lock:
-            self.sessions[session_id] = Session(batch, max_length, blocks, tokens)
+            self.sessions[session_id] = Session(batch, max_length, blocks, tokens, tasks=tasks,
+                                                adapter=message.adapter)
         return OpenReply(session_id, self.budget.free)
+
+    def _with_adapter(self, request: Request, name: str | None, then: Callable[[Task | None], None],
+                      hold: bool = False) -> None:
+        """`then(adapter)` once adapter `name` is loaded (at once when it is, or when there is none); a failure to
+        load it answers the request."""
+        if name is None:
+            then(None)
+            return
+        if self.adapters is None:
+            raise Refused("unknown_adapter", f"this server serves no adapters (asked for {name!r})")
+
+        def loaded(task: Task | None, error: Refused | None) -> None:
+            if error is not None:
+                request.fail(error.code, str(error))
+                return
+            try:
+                then(task)
+            except SwarmError as e:
+                request.fail(e.code, str(e))
+
+        self.adapters.get(name, loaded, hold=hold)
 
     def close(self, session_id: str) -> None:
         with self._lock:
             session = self.sessions.pop(session_id, None)
         if session is not None:
             session.closed = True
+            if session.adapter is not None and self.adapters is not None:
+                self.adapters.release(session.adapter)
             self.budget.release(session.tokens)
             session.cache = None
             self.mailbox.drop_session(session_id)
@@ -242,8 +299,9 @@ class Handler:
         prompts = self._prompts(message.prompts, hidden, session.blocks)
         if prompts is not None and message.start not in (None, 0):
             raise Refused("bad_request", "prompts may only come with the first step of a session (position 0)")
-        self._submit(StepJob(request, request.client, hidden, mask, prompts, session.blocks, session=session,
-                             session_id=message.session, start=message.start,
+        self._submit(StepJob(request, request.client, hidden, mask, prompts, session.blocks, tasks=session.tasks,
+                             adapter=session.adapter, session=session, session_id=message.session,
+                             start=message.start,
                              finish=lambda job, out: self._finish_step(job, message, out)))
 
     def _finish_step(self, job: StepJob, message: Step, out: torch.Tensor) -> None:
@@ -261,8 +319,16 @@ class Handler:
         mask = self._mask(message.attention_mask, hidden)
         prompts = self._prompts(message.prompts, hidden, blocks)
         keep = message.keep and self.limits.max_kept > 0
-        self._submit(ForwardJob(request, request.client, hidden, mask, prompts, blocks, keep=keep,
-                                finish=lambda job, out: job.request.reply(*ForwardReply(out).to_wire())))
+        lora = self._lora(message.lora, blocks)
+
+        def submit(adapter: Task | None) -> None:
+            served = () if adapter is None else (adapter,)
+            tasks = served if keep else (*served, *self._lora_task(lora, blocks))
+            self._submit(ForwardJob(request, request.client, hidden, mask, prompts, blocks, tasks=tasks,
+                                    lora=lora if keep else None, adapter=message.adapter, keep=keep,
+                                    finish=lambda job, out: job.request.reply(*ForwardReply(out).to_wire())))
+
+        self._with_adapter(request, message.adapter, submit)
 
     def _backward(self, request: Request, message: Backward) -> None:
         self._check_accepting()
@@ -271,8 +337,15 @@ class Handler:
         blocks = self._blocks(message.blocks)
         mask = self._mask(message.attention_mask, hidden)
         prompts = self._prompts(message.prompts, hidden, blocks)
-        self._submit(BackwardJob(request, request.client, hidden, mask, prompts, blocks,
-                                 grad_output=message.grad_output, kept=message.kept, run_alone=self._backward_run))
+        lora = self._lora(message.lora, blocks)
+
+        def submit(adapter: Task | None) -> None:
+            self._submit(BackwardJob(request, request.client, hidden, mask, prompts, blocks,
+                                     tasks=() if adapter is None else (adapter,), lora=lora, adapter=message.adapter,
+                                     grad_output=message.grad_output, kept=message.kept,
+                                     run_alone=self._backward_run))
+
+        self._with_adapter(request, message.adapter, submit)
 
     def _submit(self, job: Job) -> None:
         self.engine.submit(job)  # raises Refused (busy) when the queue is full
@@ -340,26 +413,61 @@ class Handler:
         _finite("prompts", prompts, self.span.dtype)
         return prompts
 
+    def _lora(self, lora: LoraWeights | None, blocks: tuple[int, int]) -> LoraWeights | None:
+        """A client's LoRA, checked against the blocks' linear layers (names, in and out sizes, finite values)."""
+        if lora is None:
+            return None
+        if lora.nbytes > self.limits.max_lora_bytes:
+            raise Refused("bad_request", f"the LoRA takes {lora.nbytes} bytes; the limit is "
+                                         f"{self.limits.max_lora_bytes}")
+        for n, block in enumerate(range(*blocks)):
+            linears = self.span.linears(block)
+            for module, a in lora.a.items():
+                shape = linears.get(module)
+                if shape is None:
+                    raise Refused("bad_request", f"lora_a.{module}: block {block} has no linear layer {module!r} "
+                                                 f"(it has {', '.join(sorted(linears))})")
+                if a.shape[2] != shape[0] or lora.b[module].shape[1] != shape[1]:
+                    raise Refused("bad_request", f"lora_a.{module} / lora_b.{module} must be [blocks, r, "
+                                                 f"{shape[0]}] / [blocks, {shape[1]}, r] for this model, got "
+                                                 f"{list(a.shape)} / {list(lora.b[module].shape)}")
+            if n == 0:
+                for name, t in lora.tensors().items():
+                    _finite(name, t, self.span.dtype)
+        return lora
+
+    def _lora_task(self, lora: LoraWeights | None, blocks: tuple[int, int]) -> tuple[Task, ...]:
+        lora = self._lora(lora, blocks)
+        if lora is None:
+            return ()
+        dtype = self.span.dtype
+        return (lora_from_stacked(blocks[0], lora.scaling, {m: t.to(dtype) for m, t in lora.a.items()},
+                                  {m: t.to(dtype) for m, t in lora.b.items()}),)
+
     # --- training passes, run alone on the engine thread ---------------------------------------------------------
 
     def _forward_kept(self, job: ForwardJob) -> tuple[dict[str, Any], list[torch.Tensor]]:
-        graph = self.span.forward_graph(job.hidden, job.mask, job.blocks, job.prompts)
+        graph = self.span.forward_graph(job.hidden, job.mask, job.blocks, job.prompts, job.tasks, job.lora)
         kid = secrets.token_hex(12)
         with self._lock:
-            self._kept[kid] = _Kept(graph, job.mask, job.blocks, time.monotonic() + self.limits.kept_ttl)
+            self._kept[kid] = _Kept(graph, job.mask, job.blocks, time.monotonic() + self.limits.kept_ttl,
+                                    job.adapter)
             while len(self._kept) > self.limits.max_kept:
                 del self._kept[next(iter(self._kept))]
         return ForwardReply(graph.out.detach().to(job.hidden.dtype), kid).to_wire()
 
     def _backward_run(self, job: BackwardJob) -> tuple[dict[str, Any], list[torch.Tensor]]:
-        graph = self._kept_graph(job.kept, job.hidden, job.mask, job.blocks, job.prompts)
-        grad, grad_prompts = self.span.backward(job.hidden, job.grad_output, job.mask, job.blocks, job.prompts, graph)
+        graph = self._kept_graph(job.kept, job.hidden, job.mask, job.blocks, job.prompts, job.adapter, job.lora)
+        grad, grad_prompts, grad_lora = self.span.backward(job.hidden, job.grad_output, job.mask, job.blocks,
+                                                           job.prompts, graph, job.tasks, job.lora)
         dtype = job.hidden.dtype
-        return BackwardReply(grad.to(dtype), None if grad_prompts is None else grad_prompts.to(job.prompts.dtype)
-                             ).to_wire()
+        lora = {} if job.lora is None else job.lora.tensors()
+        return BackwardReply(grad.to(dtype), None if grad_prompts is None else grad_prompts.to(job.prompts.dtype),
+                             {name: g.to(lora[name].dtype) for name, g in grad_lora.items()}).to_wire()
 
     def _kept_graph(self, kid: str | None, hidden: torch.Tensor, mask: torch.Tensor | None, blocks: tuple[int, int],
-                    prompts: torch.Tensor | None) -> Graph | None:
+                    prompts: torch.Tensor | None, adapter: str | None = None, lora: LoraWeights | None = None
+                    ) -> Graph | None:
         """The kept graph of the forward `kid`, if it is still here and ran on exactly these inputs."""
         if kid is None:
             return None
@@ -368,8 +476,10 @@ class Handler:
         if kept is None:
             return None  # expired or dropped: run the forward again
         graph = kept.graph
-        same = (kept.blocks == blocks and _same(graph.inputs, hidden) and _same(kept.mask, mask)
-                and _same(graph.prompts, prompts))
+        given = {} if lora is None else lora.tensors()
+        same = (kept.blocks == blocks and kept.adapter == adapter and _same(graph.inputs, hidden)
+                and _same(kept.mask, mask) and _same(graph.prompts, prompts) and graph.lora.keys() == given.keys()
+                and all(_same(graph.lora[n], given[n]) for n in given))
         return graph if same else None
 
 
@@ -379,6 +489,7 @@ class _Kept:
     mask: torch.Tensor | None
     blocks: tuple[int, int]
     deadline: float
+    adapter: str | None = None
 
 
 def _finite(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:

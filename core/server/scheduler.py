@@ -52,6 +52,7 @@ class PassLimits:
     starve_after: int = 8  # passes a request may wait before it goes first
     gather: float = 0.5  # share of the last pass's time the engine may wait for more steps to join a pass
     max_gather: float = 0.05  # seconds: the longest such wait
+    mix_tasks: bool = True  # requests of different adapters share a pass (False: one adapter per pass, a baseline)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from ...transport.records import MAX_PATH_CHARS, ServerRecord
 from ...transport.rpc import Request, RpcServer, RpcServerConfig
 from ..aliases import announced_id
 from ..weights import ModelSource
+from .adapters import AdapterConfig, AdapterStore
 from .backend import BlockSpan
 from .cache import CacheBudget, SessionCache
 from .engine import Engine, QueueLimits
@@ -30,6 +31,9 @@ from .relay import Relay
 from .scheduler import PassLimits
 
 log = logging.getLogger(__name__)
+
+MAX_ADAPTERS = 48  # adapter names in a record
+MAX_ADAPTER_CHARS = 1600  # their characters together (a record stays under its 4 KiB bound)
 
 
 def parse_blocks(text: str) -> tuple[int, int]:
@@ -61,6 +65,7 @@ class ServerConfig:
     passes: PassLimits = field(default_factory=PassLimits)  # tokens and requests per pass, starvation bound
     queue: QueueLimits = field(default_factory=QueueLimits)  # requests and bytes waiting, per client too
     batching: bool = True  # False: one request per pass, whole (the old one-at-a-time engine, for comparisons)
+    adapters: AdapterConfig = field(default_factory=AdapterConfig)  # adapters served (preloaded, or from a directory)
 
 
 class Server:
@@ -70,6 +75,7 @@ class Server:
         self.span: BlockSpan | None = None
         self._rpc: RpcServer | None = None
         self._engine: Engine | None = None
+        self.adapters: AdapterStore | None = None
         self.handler: Handler | None = None
         self.discovery: Discovery | None = None
         self.peer_id = secrets.token_hex(16)
@@ -103,6 +109,8 @@ class Server:
         self.span = BlockSpan.load(self.source, *config.blocks, dtype=dtype)  # checks the span before reading weights
         log.info("loaded blocks %d:%d of %s (%s) in %.1f s", *config.blocks, config.model,
                  str(dtype).removeprefix("torch."), time.perf_counter() - started)
+        self.adapters = AdapterStore(self.span, config.adapters)
+        self.adapters.load_preloaded()  # a bad adapter stops the start with a clear error
         per_token = SessionCache.bytes_per_token(len(self.span.blocks), self.span.kv_heads, self.span.head_dim, dtype)
         passes = config.passes if config.batching else PassLimits(max_tokens=1 << 62, max_requests=1,
                                                                   starve_after=config.passes.starve_after)
@@ -113,7 +121,8 @@ class Server:
                                config.limits, extra_info={"version": __version__, "peer_id": self.peer_id,
                                                           "cache_bytes_per_token": per_token,
                                                           "throughput": self.throughput},
-                               on_gossip=self._on_gossip, relay=self._relay, relay_allowed=self._known_peer)
+                               on_gossip=self._on_gossip, relay=self._relay, relay_allowed=self._known_peer,
+                               adapters=self.adapters)
         self._rpc.start()
         self.addresses = local_endpoints(config.host, self._rpc.port)
         self.discovery = Discovery(config.initial_peers, config.discovery, own_record=self.record,
@@ -138,7 +147,8 @@ class Server:
             load = handler.engine.stats()
             changes = dict(state=state or ("online" if handler.accepting else "draining"),
                            cache_tokens_free=handler.budget.free, queue=load["queue"],
-                           batch_sessions=load["batch"]["sessions"], batch_tokens=load["batch"]["tokens"])
+                           batch_sessions=load["batch"]["sessions"], batch_tokens=load["batch"]["tokens"],
+                           adapters=self._announced_adapters())
             if self._record is None:
                 self._record = ServerRecord(
                     peer_id=self.peer_id, model=self.model_id, start=span.start, end=span.end,
@@ -150,6 +160,17 @@ class Server:
             else:
                 self._record = self._record.bump(**changes)
             return self._record
+
+    def _announced_adapters(self) -> tuple[str, ...]:
+        """The adapters this server holds or can load, as many as fit in a record (the ones given at start first)."""
+        names, size = [], 0
+        for name in [] if self.adapters is None else self.adapters.names():
+            size += len(name) + 2
+            if size > MAX_ADAPTER_CHARS or len(names) >= MAX_ADAPTERS:
+                log.debug("announcing %d adapters of %d", len(names), len(self.adapters.names()))
+                break
+            names.append(name)
+        return tuple(names)
 
     def _local_path(self) -> str:
         """The model directory's absolute path, announced so a client on this machine can use it ("" for a hub id
@@ -190,6 +211,8 @@ class Server:
             time.sleep(0.05)  # let the I/O thread flush replies of the last tasks
             self._rpc.stop()
         self._relay.close()
+        if self.adapters is not None:
+            self.adapters.close()
         if self.handler is not None:
             self.handler.close_all()
 
