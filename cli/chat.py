@@ -99,6 +99,8 @@ def chat(
                                         "from here per step instead of one per server).")] = False,
     prompts: Annotated[str | None, typer.Option(help="Generate with soft prompts trained by `swarm tune --task lm "
                                                 "--output DIR`.")] = None,
+    adapter: Annotated[str | None, typer.Option(help="Chat with this adapter the servers serve (`swarm serve "
+                                                "--adapters`): its directory's name or hub id.")] = None,
     demo: Annotated[str, typer.Option(help="The built-in demo run when there is no model and no server: smollm2 "
                                       "(a real chat model) or random (random weights, for tests).")] = "smollm2",
     log_level: LogLevelOption = None,
@@ -118,7 +120,7 @@ def chat(
     if temperature < 0 or not 0 < top_p <= 1:
         raise ConfigError("--temperature must be >= 0 and --top-p in (0, 1]")
     options = dict(system=system, max_length=max_length, max_new_tokens=max_new_tokens, temperature=temperature,
-                   top_p=top_p, seed=seed, config=ClientConfig(relay=relay), prompts=prompts)
+                   top_p=top_p, seed=seed, config=ClientConfig(relay=relay), prompts=prompts, adapter=adapter)
     settings = MdnsSettings.from_options(mdns, mdns_interface)
     discovery: Discovery | None = None
     try:

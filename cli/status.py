@@ -45,10 +45,20 @@ def _batch(record: ServerRecord) -> str:
     return f"{record.batch_sessions:g} sess, {record.batch_tokens:g} tok"
 
 
+def _adapters(record: ServerRecord, shown: int = 4) -> str:
+    """The adapters a server holds or can load: the first few names, and how many more."""
+    names = list(record.adapters)
+    if not names:
+        return "-"
+    more = f" +{len(names) - shown}" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
 def servers_table(records: list[ServerRecord], discovery: Discovery) -> Table:
     table = Table(title="servers", title_justify="left", expand=False)
     numbers = ("tokens/s", "free cache", "queue", "batch")
-    for column in ("peer", "address", "model", "blocks", "state", *numbers, "dtype", "version", "last seen"):
+    for column in ("peer", "address", "model", "blocks", "state", *numbers, "dtype", "adapters", "version",
+                   "last seen"):
         # addresses and model names are never cut short: folded in a narrow terminal, whole elsewhere (print_wide)
         table.add_column(column, justify="right" if column in numbers else "left",
                          overflow="fold" if column in ("address", "model") else "ellipsis")
@@ -56,7 +66,7 @@ def servers_table(records: list[ServerRecord], discovery: Discovery) -> Table:
         table.add_row(r.peer_id[:8], r.addresses[0], r.model, f"{r.start}:{r.end}",
                       Text(r.state, style=STATE_STYLE.get(r.state, "")), f"{r.throughput:,.0f}",
                       f"{r.cache_tokens_free:,}/{r.cache_tokens_total:,}", f"{r.queue:,}", _batch(r), r.dtype,
-                      r.version,
+                      _adapters(r), r.version,
                       _ago(discovery.membership.last_heard(r.peer_id)))
     return table
 

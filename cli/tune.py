@@ -1,8 +1,10 @@
 """`swarm tune MODEL --dataset DATA`: prompt-tune a model served by the swarm, from this machine.
 
-The client trains soft prompts (`--mode ptune`, or `deep_ptune` with a prompt per block) and, for classification, a
-head, while the servers run the frozen blocks forward and backward. The result (prompts, head, config; ptune also in
-PEFT's layout) goes to `--output`; Ctrl-C stops after the current step and saves what was trained.
+The client trains soft prompts (`--mode ptune`, or `deep_ptune` with a prompt per block) or a LoRA of the blocks'
+linear layers (`--mode lora`, `--lora-rank`, `--lora-alpha`, `--lora-targets`: the client holds it and sends each
+server its blocks' part) and, for classification, a head, while the servers run the frozen blocks forward and
+backward. The result (prompts, head, config; ptune also in PEFT's layout; a LoRA as a PEFT LoRA adapter that
+`swarm serve --adapters` serves) goes to `--output`; Ctrl-C stops after the current step and saves what was trained.
 """
 
 from __future__ import annotations
@@ -40,13 +42,19 @@ def tune(
     dataset: Annotated[str, typer.Option(help="A Hugging Face dataset id or alias (sst2, imdb, wikitext2), a saved "
                                          "dataset directory, or a .jsonl/.json/.csv/.tsv file.")],
     task: Annotated[str, typer.Option(help="classification or lm (causal language modelling).")] = "classification",
-    mode: Annotated[str, typer.Option(help="ptune (prompts before the input) or deep_ptune (and one per block).")
-                    ] = "ptune",
-    prompt_length: Annotated[int, typer.Option(help="Soft prompt tokens.")] = 16,
+    mode: Annotated[str, typer.Option(help="ptune (prompts before the input), deep_ptune (and one per block), or "
+                                      "lora (low-rank updates of the blocks' linear layers).")] = "ptune",
+    prompt_length: Annotated[int, typer.Option(help="Soft prompt tokens (ptune, deep_ptune).")] = 16,
+    lora_rank: Annotated[int, typer.Option(help="LoRA rank (--mode lora).")] = 8,
+    lora_alpha: Annotated[float, typer.Option(help="LoRA alpha: updates are scaled by alpha / rank.")] = 16.0,
+    lora_targets: Annotated[list[str] | None, typer.Option(
+        "--lora-targets", help="Linear layers the LoRA adapts (default q_proj v_proj; all-linear for every "
+                               "attention and MLP projection).")] = None,
     epochs: Annotated[int, typer.Option(help="Passes over the training data.")] = 1,
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps (wins over --epochs).")] = None,
     batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 8,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-2,
+    lr: Annotated[float | None, typer.Option(help="AdamW learning rate (default 1e-2 for prompts, 1e-3 for lora).")
+                  ] = None,
     seed: Annotated[int, typer.Option(help="Seed for the split, the shuffling and the initial prompts.")] = 0,
     max_length: Annotated[int, typer.Option(help="Tokens per example (longer: truncated, or chunked for lm).")
                           ] = 256,
@@ -72,7 +80,10 @@ def tune(
     setup_logging(log_level, default="WARNING")
     peers = collect_peers(initial_peers, list(ctx.args))
     from ..core.tune import Trainer, TuneConfig, load_data
+    from ..core.tune.train import DEFAULT_LR
 
+    if lr is None:
+        lr = DEFAULT_LR.get(mode, 1e-2)
     config = TuneConfig(task=task, mode=mode, prompt_length=prompt_length, epochs=epochs, max_steps=max_steps,
                         batch_size=batch_size, lr=lr, seed=seed, max_length=max_length, eval_every=eval_every)
     try:
@@ -89,7 +100,8 @@ def tune(
 
     tokenizer = ModelSource(resolve_alias(model)).tokenizer()
     with err_console.status("connecting to the swarm..."):
-        net = _connect(model, task, mode, prompt_length, data, prompts, peers, mdns, mdns_interface, seed)
+        lora = dict(lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets) if mode == "lora" else {}
+        net = _connect(model, task, mode, prompt_length, data, prompts, peers, mdns, mdns_interface, seed, lora)
     stop = threading.Event()
     with net, _stop_on_ctrl_c(stop):
         trainer = Trainer(net, tokenizer, data, config, stop=stop)
@@ -107,15 +119,18 @@ def tune(
 
 
 def _connect(model: str, task: str, mode: str, prompt_length: int, data: Any, prompts: Path | None,
-             peers: list[str], mdns: bool | None, mdns_interface: str | None, seed: int) -> Any:
+             peers: list[str], mdns: bool | None, mdns_interface: str | None, seed: int,
+             lora: dict[str, Any] | None = None) -> Any:
     import torch
 
     from ..core.client.model import AutoDistributedModelForCausalLM, AutoDistributedModelForSequenceClassification
 
-    torch.manual_seed(seed)  # the initial prompts and head
+    torch.manual_seed(seed)  # the initial prompts (or LoRA) and head
     common: dict[str, Any] = dict(initial_peers=peers, mdns=mdns, mdns_interface=mdns_interface)
     if prompts is not None:
         common["prompts"] = str(prompts)
+    elif mode == "lora":
+        common.update(tuning_mode="lora", **(lora or {}))
     else:
         common.update(tuning_mode=mode, pre_seq_len=prompt_length)
     if task == "classification":

@@ -13,6 +13,7 @@ complete -c swarm -n '__fish_seen_subcommand_from bench' -l mdns
 complete -c swarm -n '__fish_seen_subcommand_from bench' -l mdns-interface
 complete -c swarm -n '__fish_seen_subcommand_from bench' -l steps
 complete -c swarm -n '__fish_seen_subcommand_from bench' -l wait
+complete -c swarm -n '__fish_seen_subcommand_from chat' -l adapter
 complete -c swarm -n '__fish_seen_subcommand_from chat' -l demo
 complete -c swarm -n '__fish_seen_subcommand_from chat' -l help
 complete -c swarm -n '__fish_seen_subcommand_from chat' -l initial-peers
@@ -31,6 +32,9 @@ complete -c swarm -n '__fish_seen_subcommand_from chat' -l temperature
 complete -c swarm -n '__fish_seen_subcommand_from chat' -l top-p
 complete -c swarm -n '__fish_seen_subcommand_from completions' -l help
 complete -c swarm -n '__fish_seen_subcommand_from completions' -l write
+complete -c swarm -n '__fish_seen_subcommand_from serve' -l adapter-dir
+complete -c swarm -n '__fish_seen_subcommand_from serve' -l adapter-memory
+complete -c swarm -n '__fish_seen_subcommand_from serve' -l adapters
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l batching
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l blocks
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l cache-tokens
@@ -40,8 +44,10 @@ complete -c swarm -n '__fish_seen_subcommand_from serve' -l help
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l host
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l initial-peers
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l log-level
+complete -c swarm -n '__fish_seen_subcommand_from serve' -l max-adapters
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l mdns
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l mdns-interface
+complete -c swarm -n '__fish_seen_subcommand_from serve' -l mix-adapters
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l model-id
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l pass-tokens
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l port
@@ -65,6 +71,9 @@ complete -c swarm -n '__fish_seen_subcommand_from tune' -l initial-peers
 complete -c swarm -n '__fish_seen_subcommand_from tune' -l json
 complete -c swarm -n '__fish_seen_subcommand_from tune' -l label-field
 complete -c swarm -n '__fish_seen_subcommand_from tune' -l log-level
+complete -c swarm -n '__fish_seen_subcommand_from tune' -l lora-alpha
+complete -c swarm -n '__fish_seen_subcommand_from tune' -l lora-rank
+complete -c swarm -n '__fish_seen_subcommand_from tune' -l lora-targets
 complete -c swarm -n '__fish_seen_subcommand_from tune' -l lr
 complete -c swarm -n '__fish_seen_subcommand_from tune' -l max-examples
 complete -c swarm -n '__fish_seen_subcommand_from tune' -l max-length

@@ -70,10 +70,12 @@ class ChatSession:
     @classmethod
     def connect(cls, model_name: str, peers: list[str], config: ClientConfig | None = None,
                 discovery: Discovery | None = None, mdns: bool | None = None, prompts: str | None = None,
-                **kwargs: Any) -> ChatSession:
-        """Connect to the swarm serving `model_name`; `prompts` is a tuning result (`swarm tune --task lm`)."""
+                adapter: str | None = None, **kwargs: Any) -> ChatSession:
+        """Connect to the swarm serving `model_name`; `prompts` is a tuning result (`swarm tune --task lm`), `adapter`
+        the name of an adapter the servers serve."""
         model = AutoDistributedModelForCausalLM.from_pretrained(model_name, initial_peers=peers, config=config,
-                                                                discovery=discovery, mdns=mdns, prompts=prompts)
+                                                                discovery=discovery, mdns=mdns, prompts=prompts,
+                                                                adapter=adapter)
         try:
             tokenizer = ModelSource(resolve_alias(model_name)).tokenizer()
         except ConfigError:

@@ -1,10 +1,10 @@
 """The training loop of `swarm tune`: the client trains its prompts (and head) while the swarm runs the blocks.
 
-`Trainer(model, tokenizer, data, config).run()` tokenizes once, then for each epoch shuffles, batches, and runs
-forward + backward through the swarm (failed servers are retried on others by the client), steps AdamW over
-`model.trainable_parameters()`, evaluates on the validation split (every `eval_every` steps and at the end), and
-reports every step and evaluation as an event dict to `on_event` (the CLI draws a progress bar or prints JSON
-lines). Setting `stop` ends the run after the current step; the caller then saves.
+`Trainer(model, tokenizer, data, config).run()` tokenizes once, then for each epoch shuffles, batches, and runs forward
++ backward through the swarm (failed servers are retried on others by the client), steps AdamW over
+`model.trainable_parameters()` (prompts, or a LoRA, and a classifier's head), evaluates on the validation split (every
+`eval_every` steps and at the end), and reports every step and evaluation as an event dict to `on_event` (the CLI draws
+a progress bar or prints JSON lines). Setting `stop` ends the run after the current step; the caller then saves.
 """
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ from .data import TASKS, Batch, Example, TuneData, batches, count_batches, pad_t
 
 log = logging.getLogger(__name__)
 
-MODES = ("ptune", "deep_ptune")
+MODES = ("ptune", "deep_ptune", "lora")
+DEFAULT_LR = {"ptune": 1e-2, "deep_ptune": 1e-2, "lora": 1e-3}
 
 
 @dataclass(frozen=True)
 class TuneConfig:
     task: str = "classification"  # or "lm"
-    mode: str = "ptune"  # or "deep_ptune"
+    mode: str = "ptune"  # or "deep_ptune", or "lora"
     prompt_length: int = 16
     epochs: int = 1
     max_steps: int | None = None  # stop after this many optimizer steps (whatever the epochs say)
