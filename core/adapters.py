@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import re
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -57,27 +58,103 @@ class TaskOp:
     def after(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return y
 
-    @property
-    def changes_input(self) -> bool:
-        return type(self).before is not TaskOp.before
+    def after_(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """`after`, written into `y` (no autograd)."""
+        y.copy_(self.after(x, y))
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.changes_input = cls.before is not TaskOp.before  # whether it has a `before`, an `after`
+        cls.changes_output = cls.after is not TaskOp.after
+
+    changes_input = False
+    changes_output = False
+
+
+class LoraPool:
+    """The A rows and B columns of every served LoRA of one linear layer of one block, in one pair of tensors (as
+    S-LoRA keeps adapters in one memory pool): a LoRA of rank r owns r rows of `a` [rows, in] and of `bt` [rows, out]
+    (B transposed). A pass that mixes several pooled LoRAs on a layer runs them as two matmuls over the rows they span
+    (`lora_stacked`) instead of two per LoRA. The pool grows by exactly what a LoRA needs (its memory is the LoRAs'
+    own bytes), freed rows are zeroed and reused first, and a free tail is given back."""
+
+    def __init__(self, fan_in: int, fan_out: int, dtype: torch.dtype):
+        self.a = torch.zeros(0, fan_in, dtype=dtype)
+        self.bt = torch.zeros(0, fan_out, dtype=dtype)
+        self.holes: list[tuple[int, int]] = []  # (start, rows) of freed rows, zeroed
+        self._lock = threading.Lock()
 
     @property
-    def changes_output(self) -> bool:
-        return type(self).after is not TaskOp.after
+    def rows(self) -> int:
+        return int(self.a.shape[0])
+
+    def put(self, a: torch.Tensor, b: torch.Tensor) -> int:
+        """Store A [r, in] and B [out, r]; returns the first of the r rows they got."""
+        rank = a.shape[0]
+        with self._lock:
+            hole = next((h for h in self.holes if h[1] >= rank), None)
+            if hole is not None:
+                self.holes.remove(hole)
+                if hole[1] > rank:
+                    self.holes.append((hole[0] + rank, hole[1] - rank))
+                start = hole[0]
+            else:  # grow by exactly r rows (the old tensors stay valid for a pass that holds them)
+                start = self.rows
+                self.a = torch.cat([self.a, torch.zeros(rank, self.a.shape[1], dtype=self.a.dtype)])
+                self.bt = torch.cat([self.bt, torch.zeros(rank, self.bt.shape[1], dtype=self.bt.dtype)])
+            self.a[start:start + rank] = a.to(self.a.dtype)
+            self.bt[start:start + rank] = b.T.to(self.bt.dtype)
+            return start
+
+    def free(self, start: int, rank: int) -> None:
+        with self._lock:
+            self.a[start:start + rank] = 0
+            self.bt[start:start + rank] = 0
+            holes = sorted([*self.holes, (start, rank)])
+            merged: list[tuple[int, int]] = []
+            for h in holes:
+                if merged and merged[-1][0] + merged[-1][1] == h[0]:
+                    merged[-1] = (merged[-1][0], merged[-1][1] + h[1])
+                else:
+                    merged.append(h)
+            if merged and merged[-1][0] + merged[-1][1] == self.rows:  # a free tail: give it back
+                tail = merged.pop()
+                self.a, self.bt = self.a[:tail[0]].clone(), self.bt[:tail[0]].clone()
+            self.holes = merged
 
 
 class LoraOp(TaskOp):
-    """LoRA: y + (x A^T) B^T * scaling, with A [r, in] and B [out, r]."""
+    """LoRA: y + (x A^T) B^T * scaling, with A [r, in] and B [out, r] (kept in a `LoraPool` when one is given)."""
 
-    def __init__(self, a: torch.Tensor, b: torch.Tensor, scaling: float):
-        self.a, self.b, self.scaling = a, b, float(scaling)
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, scaling: float, pool: LoraPool | None = None):
+        self.scaling, self.rank, self.pool = float(scaling), int(a.shape[0]), pool
         self.nbytes = a.nbytes + b.nbytes
+        if pool is None:
+            self._a, self._b = a, b
+        else:
+            self.start = pool.put(a, b)
+
+    @property
+    def a(self) -> torch.Tensor:
+        return self._a if self.pool is None else self.pool.a[self.start:self.start + self.rank]
+
+    @property
+    def b(self) -> torch.Tensor:
+        return self._b if self.pool is None else self.pool.bt[self.start:self.start + self.rank].T
+
+    def release(self) -> None:
+        """Give its rows back to the pool (it must not be used after)."""
+        if self.pool is not None:
+            self.pool.free(self.start, self.rank)
+            self.pool = None
+            self._a = self._b = torch.zeros(0)
 
     def after(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return y + (x.to(self.a.dtype) @ self.a.T) @ (self.b.T * self.scaling)
+        return y + ((x.to(self.a.dtype) @ self.a.T) * self.scaling) @ self.b.T
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.to(self.a.dtype) @ self.a.T) @ (self.b.T * self.scaling)
+    def after_(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        rows = x.reshape(-1, x.shape[-1]).to(self.a.dtype)
+        y.view(-1, y.shape[-1]).addmm_((rows @ self.a.T).mul_(self.scaling), self.b.T)
 
 
 class IA3Op(TaskOp):
@@ -92,6 +169,10 @@ class IA3Op(TaskOp):
 
     def after(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return y if self.feedforward else y * self.scale
+
+    def after_(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if not self.feedforward:
+            y.mul_(self.scale)
 
 
 class PromptOp(TaskOp):
@@ -121,6 +202,12 @@ class Task:
 
     def op(self, block: int, module: str) -> TaskOp | None:
         return self.ops.get((block, module))
+
+    def release(self) -> None:
+        """Free what it keeps in shared pools (a dropped adapter)."""
+        for op in self.ops.values():
+            if isinstance(op, LoraOp):
+                op.release()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, {len(self.ops)} ops, {self.nbytes} bytes)"
@@ -169,11 +256,59 @@ def apply_before(x: torch.Tensor, groups: list[Group], block: int, module: str) 
     return _apply(x, groups, block, module, lambda op, part, _: op.before(part), "changes_input", False)
 
 
-def apply_after(x: torch.Tensor, y: torch.Tensor, groups: list[Group], block: int, module: str) -> torch.Tensor:
+def apply_after(x: torch.Tensor, y: torch.Tensor, groups: list[Group], block: int, module: str,
+                masks: dict[Any, torch.Tensor] | None = None) -> torch.Tensor:
     """`y` (the shared operator's output for `x`, which nothing else holds) with each group's `after` operators
-    applied to its tokens."""
+    applied to its tokens (in place when autograd is off: `y` is returned, changed). `masks` keeps what
+    `lora_stacked` builds for the pass (its layers mostly share one)."""
+    if (not torch.is_grad_enabled() or torch.is_inference_mode_enabled()) and y.is_contiguous():
+        pooled: list[tuple[int, int, LoraOp]] = []
+        for a, b, tasks in groups:
+            for task in tasks:
+                op = task.ops.get((block, module))
+                if op is None or not op.changes_output:
+                    continue
+                if isinstance(op, LoraOp) and op.pool is not None:
+                    pooled.append((a, b, op))
+                else:
+                    op.after_(x[:, a:b], y[:, a:b])
+        if len(pooled) == 1:
+            a, b, op = pooled[0]
+            op.after_(x[:, a:b], y[:, a:b])
+        elif pooled:
+            lora_stacked(x, y, pooled, masks)
+        return y
     return _apply(y, groups, block, module, lambda op, part, a_b: op.after(x[:, a_b[0]:a_b[1]], part),
                   "changes_output", True)
+
+
+def lora_stacked(x: torch.Tensor, y: torch.Tensor, groups: list[tuple[int, int, LoraOp]],
+                 masks: dict[Any, torch.Tensor] | None = None) -> None:
+    """y[:, a:b] += LoRA_g(x[:, a:b]) for every group g, all LoRAs in one pool: two matmuls over the pool rows the
+    groups use (a mask keeps each token to its own LoRA's rows, scaled), instead of two per group (the pure-torch
+    analogue of Punica's and vLLM's batched LoRA kernels). Falls back to one LoRA at a time when the rows in between
+    would cost more than the saved calls."""
+    pool = groups[0][2].pool
+    lo = min(op.start for _, _, op in groups)
+    hi = max(op.start + op.rank for _, _, op in groups)
+    first, last = min(a for a, _, _ in groups), max(b for _, b, _ in groups)
+    used = sum(op.rank for _, _, op in groups)
+    if any(op.pool is not pool for _, _, op in groups) or (hi - lo) > 4 * used + 16:
+        for a, b, op in groups:
+            op.after_(x[:, a:b], y[:, a:b])
+        return
+    weights_a, weights_bt = pool.a, pool.bt  # one snapshot: a pool may grow meanwhile (on the loading thread)
+    key = (weights_a.dtype, last - first, hi - lo, *((a - first, b - first, op.start - lo, op.rank, op.scaling)
+                                                      for a, b, op in groups))
+    mask = None if masks is None else masks.get(key)
+    if mask is None:
+        mask = torch.zeros(last - first, hi - lo, dtype=weights_a.dtype)
+        for a, b, op in groups:
+            mask[a - first:b - first, op.start - lo:op.start + op.rank - lo] = op.scaling
+        if masks is not None:
+            masks[key] = mask
+    rows = x[0, first:last].to(weights_a.dtype)
+    y[0, first:last].addmm_((rows @ weights_a[lo:hi].T).mul_(mask), weights_bt[lo:hi])
 
 
 def _apply(t: torch.Tensor, groups: list[Group], block: int, module: str,
@@ -273,11 +408,12 @@ _SUFFIXES = {"lora_A.weight": "A", "lora_B.weight": "B", "ia3_l": "l"}
 
 def read_peft(name_or_path: str, family: ModelFamily, config: Any, start: int, end: int,
               linears: Callable[[int], dict[str, tuple[int, int]]], dtype: torch.dtype,
-              max_bytes: int | None = None) -> Task:
+              max_bytes: int | None = None, pools: Callable[[int, str], LoraPool] | None = None) -> Task:
     """The PEFT adapter `name_or_path` (a local directory or a hub id) for blocks [start, end) of a model, checked
     against the model: a ConfigError says what is wrong (unsupported type or option, a target that is not a block's
     linear layer, a missing tensor, a shape the model does not have, values that are not finite). Only the tensors
-    of these blocks are read. `linears(i)` gives block i's linear layers (`block_linears`)."""
+    of these blocks are read. `linears(i)` gives block i's linear layers (`block_linears`); `pools(i, module)`, the
+    pool a LoRA's weights for that layer go to (a server's), when given."""
     name = adapter_name(name_or_path)
     config_path, weights_path = adapter_files(name_or_path)
     peft = read_peft_config(config_path)
@@ -308,29 +444,42 @@ def read_peft(name_or_path: str, family: ModelFamily, config: Any, start: int, e
         _check_targets(peft, kind, found, linears, total, where,
                        lambda block, module: family.block_prefix(config, block) + module)
         ops: dict[tuple[int, str], TaskOp] = {}
-        nbytes = 0
-        for (block, module), parts in sorted(found.items()):
-            if not start <= block < end:
-                continue
-            fan_in, fan_out = linears(block)[module]
-            tensors = {p: f.get_tensor(k) for p, k in parts.items()}
-            for p, t in tensors.items():
-                if not t.is_floating_point() or not torch.isfinite(t).all():
-                    raise ConfigError(f"{where}: tensor {parts[p]} has values that are not finite floats")
-            if kind == "LORA":
-                op = _lora_op(peft, tensors, parts, block, module, fan_in, fan_out, family, config, where, base,
-                              dtype)
-            else:
-                op = _ia3_op(peft, tensors["l"], parts["l"], module, fan_in, fan_out, where, base, dtype)
-            nbytes += op.nbytes
-            if max_bytes is not None and nbytes > max_bytes:
-                raise ConfigError(f"{where} takes more than the {max_bytes} bytes an adapter may take on this server")
-            ops[(block, module)] = op
+        try:
+            _read_ops(f, peft, kind, found, ops, start, end, linears, family, config, where, base, dtype, max_bytes,
+                      pools)
+        except BaseException:
+            Task(name, ops).release()  # what went into shared pools already
+            raise
     cls = Lora if kind == "LORA" else IA3
     task = cls(name, ops)
     if not ops:
         log.warning("%s changes none of blocks %d:%d", where, start, end)
     return task
+
+
+def _read_ops(f: Any, peft: dict[str, Any], kind: str, found: dict[tuple[int, str], dict[str, str]],
+              ops: dict[tuple[int, str], TaskOp], start: int, end: int,
+              linears: Callable[[int], dict[str, tuple[int, int]]], family: ModelFamily, config: Any, where: str,
+              base: str, dtype: torch.dtype, max_bytes: int | None,
+              pools: Callable[[int, str], LoraPool] | None) -> None:
+    nbytes = 0
+    for (block, module), parts in sorted(found.items()):
+        if not start <= block < end:
+            continue
+        fan_in, fan_out = linears(block)[module]
+        tensors = {p: f.get_tensor(k) for p, k in parts.items()}
+        for p, t in tensors.items():
+            if not t.is_floating_point() or not torch.isfinite(t).all():
+                raise ConfigError(f"{where}: tensor {parts[p]} has values that are not finite floats")
+        if kind == "LORA":
+            op = _lora_op(peft, tensors, parts, block, module, fan_in, fan_out, family, config, where, base,
+                          dtype, None if pools is None else pools(block, module))
+        else:
+            op = _ia3_op(peft, tensors["l"], parts["l"], module, fan_in, fan_out, where, base, dtype)
+        ops[(block, module)] = op
+        nbytes += op.nbytes
+        if max_bytes is not None and nbytes > max_bytes:
+            raise ConfigError(f"{where} takes more than the {max_bytes} bytes an adapter may take on this server")
 
 
 def _check_options(peft: dict[str, Any], kind: str, where: str) -> None:
@@ -437,7 +586,7 @@ def _pattern(patterns: Any, key: str) -> Any:
 
 def _lora_op(peft: dict[str, Any], tensors: dict[str, torch.Tensor], parts: dict[str, str], block: int, module: str,
              fan_in: int, fan_out: int, family: ModelFamily, config: Any, where: str, base: str,
-             dtype: torch.dtype) -> LoraOp:
+             dtype: torch.dtype, pool: LoraPool | None = None) -> LoraOp:
     a, b = tensors["A"], tensors["B"]
     rank = a.shape[0] if a.dim() == 2 else -1
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != fan_in or b.shape != (fan_out, rank) or rank < 1:
@@ -455,7 +604,7 @@ def _lora_op(peft: dict[str, Any], tensors: dict[str, torch.Tensor], parts: dict
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
         raise ConfigError(f"{where}: lora_alpha must be a number, got {alpha!r}")
     scaling = alpha / math.sqrt(rank) if peft.get("use_rslora") else alpha / rank
-    return LoraOp(a.to(dtype).contiguous(), b.to(dtype).contiguous(), scaling)
+    return LoraOp(a.to(dtype).contiguous(), b.to(dtype).contiguous(), scaling, pool)
 
 
 def _ia3_op(peft: dict[str, Any], scale: torch.Tensor, key: str, module: str, fan_in: int, fan_out: int,

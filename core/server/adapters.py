@@ -1,11 +1,12 @@
 """The adapters a server holds: loaded at start (`--adapters`), or on first request from a directory (`--adapter-dir`),
 at most `max_adapters` of them within `max_bytes`, the least recently used dropped first (LoRAX-style).
 
-Each adapter holds only the tensors of this server's blocks, checked against them when it is read
-(core/adapters.py: `read_peft`). Sessions hold the adapter they opened with (`acquire`/`release`), so an adapter
-in use is never dropped; adapters given with `--adapters` are never dropped either. Loading runs on a thread of its
-own, never on the I/O thread: a request for an adapter that is still loading waits for it (bounded by the load),
-and two requests for one adapter load it once.
+Each adapter holds only the tensors of this server's blocks, checked against them when it is read (core/adapters.py:
+`read_peft`); a LoRA's go into the span's per-layer pools, so that a pass mixing several LoRAs runs them together.
+Sessions hold the adapter they opened with, and requests theirs until they are answered (`get(...,
+hold=True)`/`release`), so an adapter in use is never dropped; adapters given with `--adapters` are never dropped
+either. Loading runs on a thread of its own, never on the I/O thread: a request for an adapter that is still loading
+waits for it (bounded by the load), and two requests for one adapter load it once.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ class AdapterStore:
     def _read(self, source: str) -> Task:
         span = self.span
         return read_peft(source, span.family, span.config, span.start, span.end, span.linears, span.dtype,
-                         self.config.max_bytes)
+                         self.config.max_bytes, span.lora_pool)
 
     # --- what the record announces ------------------------------------------------------------------------------
 
@@ -185,7 +186,11 @@ class AdapterStore:
                 raise Refused("bad_adapter", str(e)) from None
             task.name = name
             with self._lock:
-                self._make_room(task)
+                try:
+                    self._make_room(task)
+                except Refused:
+                    task.release()
+                    raise
                 self._loaded[name] = task
                 self.loads += 1
             log.info("loaded adapter %s (%s, %d bytes)", name, task.kind, task.nbytes)
@@ -202,7 +207,7 @@ class AdapterStore:
             if victim is None:
                 raise Refused("busy", f"no room for adapter {task.name}: the {len(self._loaded)} adapters held are "
                                       "all in use (--max-adapters, --adapter-memory); try again shortly")
-            del self._loaded[victim]
+            self._loaded.pop(victim).release()  # no session or request holds it
             self.evictions += 1
             log.info("dropped adapter %s (least recently used) to load %s", victim, task.name)
         if task.nbytes > config.max_bytes or config.max_adapters < 1:

@@ -26,6 +26,7 @@ from ...transport.messages import LoraWeights
 from ..adapters import (
     DeepPrompts,
     Group,
+    LoraPool,
     Task,
     apply_after,
     apply_before,
@@ -67,8 +68,10 @@ class BlockSpan(torch.nn.Module):
         self.requires_grad_(False)
         self.eval()
         self._groups: list[Group] = []  # the running pass's task groups (empty: no request of it has tasks)
+        self._masks: dict[Any, torch.Tensor] = {}  # what mixing the pass's pooled LoRAs needs, built once a pass
         self._linears = [block_linears(block) for block in blocks]
         self._other_linears: dict[int, dict[str, tuple[int, int]]] = {}
+        self._pools: dict[tuple[int, str], LoraPool] = {}  # served LoRAs' weights, per block and layer
         for j, block in enumerate(blocks):
             for name, module in block.named_modules():
                 if isinstance(module, torch.nn.Linear):
@@ -87,9 +90,17 @@ class BlockSpan(torch.nn.Module):
         def hook(module: torch.nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor | None:
             if not self._groups:
                 return None
-            y = apply_after(args[0], out, self._groups, index, name)
+            y = apply_after(args[0], out, self._groups, index, name, self._masks)
             return None if y is out else y
         return hook
+
+    def lora_pool(self, index: int, module: str) -> LoraPool:
+        """The pool the served LoRAs' weights for layer `module` of block `index` go to."""
+        pool = self._pools.get((index, module))
+        if pool is None:
+            fan_in, fan_out = self.linears(index)[module]
+            pool = self._pools[(index, module)] = LoraPool(fan_in, fan_out, self.dtype)
+        return pool
 
     def linears(self, index: int) -> dict[str, tuple[int, int]]:
         """Block `index`'s linear layers (its number in the model): name -> (in_features, out_features); for a block
@@ -164,6 +175,7 @@ class BlockSpan(torch.nn.Module):
                               PassCache(caches) if caches else None)
         context.inputs = self.family.pass_inputs(self.shared, hidden, context)
         self._groups = _groups(packed, segments, first)
+        self._masks = {}
         try:
             for j in indices:
                 if self._groups:  # deep prompts, before the block

@@ -74,6 +74,7 @@ class Job:
     lora: LoraWeights | None = None  # the client's LoRA, for a pass that records a graph (its gradients)
     adapter: str | None = None  # the named adapter's name (requests of different ones share passes unless not mixed)
     mix: bool = True  # whether it may share a pass with requests of other adapters (the engine's `mix_tasks`)
+    on_done: Callable[[], None] | None = None  # called once when it leaves the queue (answered, failed or dropped)
     id: int = 0
     waited: int = 0  # passes it waited without running
     done: int = 0  # columns (step) or rows (forward) already run
@@ -410,6 +411,9 @@ class Engine:
         with self._cond:
             if self._jobs.pop(job.id, None) is not None:
                 self._bytes -= job.nbytes
+        done, job.on_done = job.on_done, None
+        if done is not None:
+            done()
         if isinstance(job, ForwardJob) and job.reserved and self.budget is not None:
             self.budget.release(job.reserved)
             job.reserved, job.cache = 0, None

@@ -196,17 +196,11 @@ class Handler:
         _int(message.batch_size, "batch_size", 1, self.limits.max_batch)
         _int(message.max_length, "max_length", 1, self.limits.max_session_length)
         blocks = self._blocks(message.blocks)
-        tasks = self._lora_task(message.lora, blocks)
+        tasks = self._lora_task(self._lora(message.lora, blocks), blocks)
 
         def opened(adapter: Task | None) -> None:
-            try:
-                reply = self.open(message, (*([] if adapter is None else [adapter]), *tasks))
-            except SwarmError as e:
-                if adapter is not None and self.adapters is not None:
-                    self.adapters.release(message.adapter)
-                request.fail(e.code, str(e))
-            else:
-                request.reply(*reply.to_wire())
+            reply = self.open(message, (*([] if adapter is None else [adapter]), *tasks))
+            request.reply(*reply.to_wire())
 
         self._with_adapter(request, message.adapter, opened, hold=True)
 
@@ -237,16 +231,20 @@ class Handler:
         if self.adapters is None:
             raise Refused("unknown_adapter", f"this server serves no adapters (asked for {name!r})")
 
+        store = self.adapters
+
         def loaded(task: Task | None, error: Refused | None) -> None:
             if error is not None:
                 request.fail(error.code, str(error))
                 return
             try:
-                then(task)
+                then(task)  # it keeps the hold (a session, a queued request) or gives it back
             except SwarmError as e:
+                if hold:
+                    store.release(name)
                 request.fail(e.code, str(e))
 
-        self.adapters.get(name, loaded, hold=hold)
+        store.get(name, loaded, hold=hold)
 
     def close(self, session_id: str) -> None:
         with self._lock:
@@ -326,9 +324,10 @@ class Handler:
             tasks = served if keep else (*served, *self._lora_task(lora, blocks))
             self._submit(ForwardJob(request, request.client, hidden, mask, prompts, blocks, tasks=tasks,
                                     lora=lora if keep else None, adapter=message.adapter, keep=keep,
+                                    on_done=self._releaser(message.adapter),
                                     finish=lambda job, out: job.request.reply(*ForwardReply(out).to_wire())))
 
-        self._with_adapter(request, message.adapter, submit)
+        self._with_adapter(request, message.adapter, submit, hold=True)
 
     def _backward(self, request: Request, message: Backward) -> None:
         self._check_accepting()
@@ -342,13 +341,20 @@ class Handler:
         def submit(adapter: Task | None) -> None:
             self._submit(BackwardJob(request, request.client, hidden, mask, prompts, blocks,
                                      tasks=() if adapter is None else (adapter,), lora=lora, adapter=message.adapter,
-                                     grad_output=message.grad_output, kept=message.kept,
-                                     run_alone=self._backward_run))
+                                     on_done=self._releaser(message.adapter), grad_output=message.grad_output,
+                                     kept=message.kept, run_alone=self._backward_run))
 
-        self._with_adapter(request, message.adapter, submit)
+        self._with_adapter(request, message.adapter, submit, hold=True)
 
     def _submit(self, job: Job) -> None:
         self.engine.submit(job)  # raises Refused (busy) when the queue is full
+
+    def _releaser(self, adapter: str | None) -> Callable[[], None] | None:
+        """What gives back the hold a request took on its adapter, once it is answered."""
+        if adapter is None or self.adapters is None:
+            return None
+        store = self.adapters
+        return lambda: store.release(adapter)
 
     # --- checks ------------------------------------------------------------------------------------------------
 
@@ -437,7 +443,7 @@ class Handler:
         return lora
 
     def _lora_task(self, lora: LoraWeights | None, blocks: tuple[int, int]) -> tuple[Task, ...]:
-        lora = self._lora(lora, blocks)
+        """A checked LoRA of a client (`_lora`) as a task for shared passes."""
         if lora is None:
             return ()
         dtype = self.span.dtype
