@@ -262,16 +262,15 @@ def apply_after(x: torch.Tensor, y: torch.Tensor, groups: list[Group], block: in
     applied to its tokens (in place when autograd is off: `y` is returned, changed). `masks` keeps what
     `lora_stacked` builds for the pass (its layers mostly share one)."""
     if (not torch.is_grad_enabled() or torch.is_inference_mode_enabled()) and y.is_contiguous():
-        pooled: list[tuple[int, int, LoraOp]] = []
+        pooled: list[tuple[int, int, LoraOp]] = []  # groups whose only operator here is a pooled LoRA
         for a, b, tasks in groups:
-            for task in tasks:
-                op = task.ops.get((block, module))
-                if op is None or not op.changes_output:
-                    continue
-                if isinstance(op, LoraOp) and op.pool is not None:
-                    pooled.append((a, b, op))
-                else:
-                    op.after_(x[:, a:b], y[:, a:b])
+            ops = [op for op in (task.ops.get((block, module)) for task in tasks) if op is not None
+                   and op.changes_output]
+            if len(ops) == 1 and isinstance(ops[0], LoraOp) and ops[0].pool is not None:
+                pooled.append((a, b, ops[0]))
+                continue
+            for op in ops:  # in order: operators of several tasks on one layer compose
+                op.after_(x[:, a:b], y[:, a:b])
         if len(pooled) == 1:
             a, b, op = pooled[0]
             op.after_(x[:, a:b], y[:, a:b])
