@@ -230,3 +230,24 @@ def test_lm_lora_is_learnt_through_the_swarm(lora_model, servers, tmp_path):
         first = trainer.evaluate()["val_perplexity"]
         final = trainer.run()
     assert final["val_perplexity"] < first
+
+
+def test_loras_kept_with_sessions_are_bounded(lora_model, start_server):
+    """A client's LoRA kept with a session costs the server memory until the session ends: all of them together are
+    bounded, past the bound an open is refused busy (and nothing is kept), and closing frees room."""
+    from swarm.core.server.handler import HandlerLimits
+    from swarm.transport.errors import ServerBusy
+    from swarm.transport.messages import Close, LoraWeights, Open, OpenReply
+    from swarm.transport.rpc import RpcClient
+
+    q = "self_attn.q_proj"
+    lora = LoraWeights(2.0, {q: torch.zeros(2, 4, 64)}, {q: torch.zeros(2, 64, 4)})  # blocks 0:2, rank 4
+    server = start_server(lora_model, (0, 2), limits=HandlerLimits(max_session_lora_bytes=2 * lora.nbytes))
+    with RpcClient(server.endpoint) as client:
+        opened = [OpenReply.from_wire(client.call(*Open(8, lora=lora).to_wire())).session for _ in range(2)]
+        with pytest.raises(ServerBusy, match="LoRAs"):
+            client.call(*Open(8, lora=lora).to_wire())
+        assert len(server.handler.sessions) == 2
+        assert OpenReply.from_wire(client.call(*Open(8).to_wire())).session  # without a LoRA: room as before
+        client.call(*Close(opened[0]).to_wire())
+        assert OpenReply.from_wire(client.call(*Open(8, lora=lora).to_wire())).session

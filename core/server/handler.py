@@ -61,6 +61,8 @@ from .relay import Mailbox, Relay
 
 log = logging.getLogger(__name__)
 
+CLIENT_LORA = "client LoRA"  # the name of a task built from a client's own LoRA (no adapter name has a space)
+
 
 @dataclass(frozen=True)
 class HandlerLimits:
@@ -72,6 +74,7 @@ class HandlerLimits:
     kept_ttl: float = 120.0  # seconds a kept graph waits for its backward
     max_pass_bytes: int = 256 << 20  # memory one sequence's attention mask may take in a forward/backward pass
     max_lora_bytes: int = 64 << 20  # a client's own LoRA in one request (or kept with a session)
+    max_session_lora_bytes: int = 256 << 20  # all clients' LoRAs kept with open sessions, together
 
     @property
     def max_forward_length(self) -> int:
@@ -90,6 +93,7 @@ class Session:
     closed: bool = False
     tasks: tuple[Task, ...] = ()  # the adapter its steps run with
     adapter: str | None = None  # the named adapter it holds (released at close)
+    lora_bytes: int = 0  # of the client's own LoRA it keeps
 
 
 class Handler:
@@ -215,10 +219,16 @@ class Handler:
             raise Refused("cache_full", f"cache full: the session needs {tokens} cache tokens (batch {batch} x "
                                         f"max_length {max_length}) and {self.budget.free} of "
                                         f"{self.budget.total} are free; try a shorter max_length or another server")
+        lora_bytes = sum(t.nbytes for t in tasks if t.name == CLIENT_LORA)
         session_id = secrets.token_hex(16)
         with self._lock:
+            held = sum(s.lora_bytes for s in self.sessions.values())
+            if held + lora_bytes > self.limits.max_session_lora_bytes:
+                self.budget.release(tokens)
+                raise Refused("busy", f"sessions keep {held >> 20} MiB of clients' LoRAs here already; open this one "
+                                      "elsewhere, or later")
             self.sessions[session_id] = Session(batch, max_length, blocks, tokens, tasks=tasks,
-                                                adapter=message.adapter)
+                                                adapter=message.adapter, lora_bytes=lora_bytes)
         return OpenReply(session_id, self.budget.free)
 
     def _with_adapter(self, request: Request, name: str | None, then: Callable[[Task | None], None],
@@ -448,7 +458,7 @@ class Handler:
             return ()
         dtype = self.span.dtype
         return (lora_from_stacked(blocks[0], lora.scaling, {m: t.to(dtype) for m, t in lora.a.items()},
-                                  {m: t.to(dtype) for m, t in lora.b.items()}),)
+                                  {m: t.to(dtype) for m, t in lora.b.items()}, CLIENT_LORA),)
 
     # --- training passes, run alone on the engine thread ---------------------------------------------------------
 
