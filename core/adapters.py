@@ -405,6 +405,22 @@ def model_linears(family: ModelFamily, config: Any, index: int) -> dict[str, tup
 _SUFFIXES = {"lora_A.weight": "A", "lora_B.weight": "B", "ia3_l": "l"}
 
 
+def check_peft(name_or_path: str) -> tuple[str, dict[str, Any], Path]:
+    """(name, adapter_config.json, weights file) of a PEFT adapter whose type and options swarm supports; what the
+    files hold is checked by `read_peft`. Cheap: a server checks its adapters this way before loading its blocks."""
+    name = adapter_name(name_or_path)
+    config_path, weights_path = adapter_files(name_or_path)
+    peft = read_peft_config(config_path)
+    kind = str(peft.get("peft_type", "")).upper()
+    where = f"adapter {name}"
+    if kind not in SUPPORTED_TYPES:
+        raise ConfigError(f"{where} is a {peft.get('peft_type')!r} adapter; swarm serves "
+                          f"{' and '.join(SUPPORTED_TYPES)} adapters (and deep prompts, trained with `swarm tune "
+                          "--mode deep_ptune`)")
+    _check_options(peft, kind, where)
+    return name, peft, weights_path
+
+
 def read_peft(name_or_path: str, family: ModelFamily, config: Any, start: int, end: int,
               linears: Callable[[int], dict[str, tuple[int, int]]], dtype: torch.dtype,
               max_bytes: int | None = None, pools: Callable[[int, str], LoraPool] | None = None) -> Task:
@@ -413,17 +429,10 @@ def read_peft(name_or_path: str, family: ModelFamily, config: Any, start: int, e
     linear layer, a missing tensor, a shape the model does not have, values that are not finite). Only the tensors
     of these blocks are read. `linears(i)` gives block i's linear layers (`block_linears`); `pools(i, module)`, the
     pool a LoRA's weights for that layer go to (a server's), when given."""
-    name = adapter_name(name_or_path)
-    config_path, weights_path = adapter_files(name_or_path)
-    peft = read_peft_config(config_path)
+    name, peft, weights_path = check_peft(name_or_path)
     kind = str(peft.get("peft_type", "")).upper()
     base = peft.get("base_model_name_or_path") or "an unnamed base model"
     where = f"adapter {name}"
-    if kind not in SUPPORTED_TYPES:
-        raise ConfigError(f"{where} is a {peft.get('peft_type')!r} adapter; swarm serves "
-                          f"{' and '.join(SUPPORTED_TYPES)} adapters (and deep prompts, trained with `swarm tune "
-                          "--mode deep_ptune`)")
-    _check_options(peft, kind, where)
     total = family.num_blocks(config)
     prefixes = {PEFT_PREFIX + family.block_prefix(config, i): i for i in range(total)}
     with safe_open(str(weights_path), framework="pt") as f:
@@ -474,7 +483,8 @@ def _read_ops(f: Any, peft: dict[str, Any], kind: str, found: dict[tuple[int, st
             op = _lora_op(peft, tensors, parts, block, module, fan_in, fan_out, family, config, where, base,
                           dtype, None if pools is None else pools(block, module))
         else:
-            op = _ia3_op(peft, tensors["l"], parts["l"], module, fan_in, fan_out, where, base, dtype)
+            op = _ia3_op(peft, tensors["l"], parts["l"], module, fan_in, fan_out, where, base, dtype,
+                         family.block_prefix(config, block) + module)
         ops[(block, module)] = op
         nbytes += op.nbytes
         if max_bytes is not None and nbytes > max_bytes:
@@ -513,6 +523,7 @@ def _split_key(key: str, prefixes: dict[str, int], where: str, base: str, total:
             raise ConfigError(f"{where} has tensors for block {layer.group(1)} ({key}), but this model has {total} "
                               f"blocks: it was made for another base model ({base})")
         module = key[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0].rsplit(".ia3_l", 1)[0]
+        module = module.removesuffix(".weight").removesuffix(".bias").removesuffix(".base_layer")
         raise ConfigError(f"{where} targets {module!r} (tensor {key}), which is not in a block; swarm applies "
                           "adapters to the blocks' linear layers only (attention projections and MLP)")
     return prefixes[best], key[len(best):]
@@ -527,12 +538,15 @@ def _module_part(rest: str, key: str, where: str) -> tuple[str, str]:
 
 
 def _targets_match(targets: Any, module_key: str, module: str) -> bool:
+    """Whether PEFT's `target_modules` (or `exclude_modules`, `feedforward_modules`) names the layer `module_key`
+    (its full name in the model, e.g. model.layers.3.mlp.down_proj): a regex matches the full name, a list entry the
+    full name or its last parts."""
     if isinstance(targets, str):
         if targets == "all-linear":
             return True
         return re.fullmatch(targets, module_key) is not None
     if isinstance(targets, (list, tuple)):
-        return any(module == t or module.endswith("." + t) for t in targets if isinstance(t, str))
+        return any(module_key == t or module_key.endswith("." + t) for t in targets if isinstance(t, str))
     return False
 
 
@@ -543,8 +557,8 @@ def _check_targets(peft: dict[str, Any], kind: str, found: dict[tuple[int, str],
     targets = peft.get("target_modules")
     listed = [t for t in targets if isinstance(t, str)] if isinstance(targets, (list, tuple)) else []
     if listed:
-        known = {m.rsplit(".", 1)[-1] for m in linears(0)} | set(linears(0))
-        unknown = [t for t in listed if t not in known]
+        keys = [key_of(block, module) for block in range(total) for module in linears(block)]
+        unknown = [t for t in listed if not any(_targets_match([t], key, "") for key in keys)]
         if unknown:
             raise ConfigError(f"{where} targets {', '.join(map(repr, unknown))}, which swarm cannot adapt: it applies "
                               f"adapters to the blocks' linear layers ({', '.join(sorted(linears(0)))})")
@@ -607,12 +621,8 @@ def _lora_op(peft: dict[str, Any], tensors: dict[str, torch.Tensor], parts: dict
 
 
 def _ia3_op(peft: dict[str, Any], scale: torch.Tensor, key: str, module: str, fan_in: int, fan_out: int,
-            where: str, base: str, dtype: torch.dtype) -> IA3Op:
-    feedforward_modules = peft.get("feedforward_modules") or []
-    if isinstance(feedforward_modules, str):
-        feedforward = re.fullmatch(feedforward_modules, module) is not None or module.endswith(feedforward_modules)
-    else:
-        feedforward = any(module == m or module.endswith("." + m) for m in feedforward_modules)
+            where: str, base: str, dtype: torch.dtype, module_key: str) -> IA3Op:
+    feedforward = _targets_match(peft.get("feedforward_modules") or [], module_key, module)
     expected = (1, fan_in) if feedforward else (fan_out, 1)
     if tuple(scale.shape) != expected:
         kind = ", feed-forward" if feedforward else ""
@@ -653,6 +663,7 @@ def peft_lora_files(directory: str | Path, weights: dict[tuple[int, str], tuple[
 
 __all__ = [
     "IA3", "NAME", "PEFT_CONFIG", "PEFT_WEIGHTS", "SUPPORTED_TYPES", "DeepPrompts", "Group", "IA3Op", "Lora",
-    "LoraOp", "PromptOp", "Task", "TaskOp", "adapter_files", "adapter_name", "apply_after", "apply_before",
-    "block_linears", "lora_from_stacked", "model_linears", "peft_lora_files", "read_peft", "read_peft_config",
+    "LoraOp", "LoraPool", "PromptOp", "Task", "TaskOp", "adapter_files", "adapter_name", "apply_after",
+    "apply_before", "block_linears", "check_peft", "lora_stacked", "lora_from_stacked", "model_linears",
+    "peft_lora_files", "read_peft", "read_peft_config",
 ]

@@ -90,6 +90,10 @@ class UnknownAdapter(RemoteError):
     """The peer neither holds nor can load the adapter asked for (another server may)."""
 
 
+class BadAdapter(RemoteError):
+    """The peer has the adapter asked for, but its files are broken or do not fit its model (the message says how)."""
+
+
 class RelayRefused(BadRequest):
     """The peer will not take part in a relayed step (it does not relay, or does not know the next server)."""
 
@@ -109,7 +113,7 @@ REMOTE_ERRORS: dict[str, type[RemoteError]] = {
     "session_overflow": SessionOverflow,
     "busy": ServerBusy,
     "unknown_adapter": UnknownAdapter,
-    "bad_adapter": UnknownAdapter,
+    "bad_adapter": BadAdapter,
     "relay_refused": RelayRefused,
     "relay_timeout": RelayStopped,
     "cancelled": RelayStopped,

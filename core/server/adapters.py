@@ -125,20 +125,25 @@ class AdapterStore:
         """Call `then(task, None)` with adapter `name` (at once when it is loaded, else from the loading thread once
         it is), or `then(None, error)`. With `hold`, the adapter stays loaded until `release(name)`. Raises Refused
         (unknown_adapter) at once for an adapter this server neither holds nor can load."""
-        with self._lock:
-            task = self._loaded.get(name)
+        source: Path | None = None
+        for _ in range(2):  # loaded, loading, or to load: decided under the lock, so an adapter loads once
+            with self._lock:
+                task = self._loaded.get(name)
+                future = None if task is not None else self._loading.get(name)
+                if task is not None:
+                    self._loaded.move_to_end(name)
+                    if hold:
+                        self._users[name] = self._users.get(name, 0) + 1
+                elif future is None and source is not None:
+                    future = self._loading[name] = self._pool.submit(self._load, name, source)
             if task is not None:
-                self._loaded.move_to_end(name)
-                if hold:
-                    self._users[name] = self._users.get(name, 0) + 1
-        if task is not None:
-            then(task, None)
-            return
-        source = self._source(name)
-        with self._lock:
-            future = self._loading.get(name)
-            if future is None:
-                future = self._loading[name] = self._pool.submit(self._load, name, source)
+                then(task, None)
+                return
+            if future is not None:
+                break
+            source = self._source(name)  # (outside the lock: it reads the directory) raises for an unknown name
+        if future is None:  # (cannot happen: the second round has a source, so it loads)
+            raise Refused("internal", f"adapter {name} could not be scheduled for loading")
 
         def done(f: Future) -> None:
             error = f.exception()

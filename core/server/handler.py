@@ -433,6 +433,9 @@ class Handler:
         """A client's LoRA, checked against the blocks' linear layers (names, in and out sizes, finite values)."""
         if lora is None:
             return None
+        if lora.blocks != blocks[1] - blocks[0]:
+            raise Refused("bad_request", f"the LoRA has {lora.blocks} blocks; the request runs blocks "
+                                         f"{blocks[0]}:{blocks[1]} ({blocks[1] - blocks[0]})")
         if lora.nbytes > self.limits.max_lora_bytes:
             raise Refused("bad_request", f"the LoRA takes {lora.nbytes} bytes; the limit is "
                                          f"{self.limits.max_lora_bytes}")

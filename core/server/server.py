@@ -20,6 +20,7 @@ from ...transport.discovery import Announcement, Discovery, DiscoveryConfig, loc
 from ...transport.errors import ConfigError
 from ...transport.records import MAX_PATH_CHARS, ServerRecord
 from ...transport.rpc import Request, RpcServer, RpcServerConfig
+from ..adapters import check_peft
 from ..aliases import announced_id
 from ..weights import ModelSource
 from .adapters import AdapterConfig, AdapterStore
@@ -105,6 +106,8 @@ class Server:
         self._rpc = RpcServer(self._dispatch, RpcServerConfig(host=config.host, port=config.port,
                                                               poll_ms=config.poll_ms), tick=self._tick)
         dtype = self.source.config(config.dtype).dtype
+        for adapter in config.adapters.preload:  # a wrong file or option fails now, not after loading the blocks
+            check_peft(adapter)
         started = time.perf_counter()
         self.span = BlockSpan.load(self.source, *config.blocks, dtype=dtype)  # checks the span before reading weights
         log.info("loaded blocks %d:%d of %s (%s) in %.1f s", *config.blocks, config.model,
