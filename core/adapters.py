@@ -438,7 +438,10 @@ def read_peft(name_or_path: str, family: ModelFamily, config: Any, start: int, e
     with safe_open(str(weights_path), framework="pt") as f:
         keys = list(f.keys())
         found: dict[tuple[int, str], dict[str, str]] = {}  # (block, module) -> {"A"|"B"|"l": key}
+        saved_whole = tuple(f"{PEFT_PREFIX}{m}." for m in peft.get("modules_to_save") or [] if isinstance(m, str))
         for key in keys:
+            if key.startswith(saved_whole) and not any(key.startswith(p) for p in prefixes):
+                continue  # a module trained whole outside the blocks (a classifier's head): the client's
             block, rest = _split_key(key, prefixes, where, base, total)
             module, part = _module_part(rest, key, where)
             modules = linears(block)

@@ -251,3 +251,24 @@ def test_loras_kept_with_sessions_are_bounded(lora_model, start_server):
         assert OpenReply.from_wire(client.call(*Open(8).to_wire())).session  # without a LoRA: room as before
         client.call(*Close(opened[0]).to_wire())
         assert OpenReply.from_wire(client.call(*Open(8, lora=lora).to_wire())).session
+
+
+def test_a_classifier_lora_result_is_served_without_its_head(lora_model, tmp_path):
+    """The head of a classifier's LoRA (PEFT's modules_to_save) stays with the client: a server serves the blocks'
+    part and leaves the head out."""
+    from safetensors import safe_open
+
+    from swarm.core.adapters import read_peft
+    from swarm.core.client.lora import HEAD_KEY, new_lora, save_lora
+    from swarm.core.server.backend import BlockSpan
+    from swarm.core.weights import ModelSource
+
+    span = BlockSpan.load(ModelSource(str(lora_model)), 0, 2, torch.float32)
+    lora = new_lora(span.family, span.config, 4, 2, 4.0, ["q_proj"], torch.float32)
+    save_lora(tmp_path / "cls", lora, {"weight": torch.ones(2, 64)}, {"task": "classification", "model": "m"},
+              span.family, span.config, 64)
+    assert json.loads((tmp_path / "cls" / "adapter_config.json").read_text())["modules_to_save"] == ["score"]
+    with safe_open(str(tmp_path / "cls" / "adapter_model.safetensors"), "pt") as f:
+        assert HEAD_KEY in f.keys()
+    task = read_peft(str(tmp_path / "cls"), span.family, span.config, 0, 2, span.linears, span.dtype)
+    assert sorted(task.ops) == [(0, "self_attn.q_proj"), (1, "self_attn.q_proj")]
