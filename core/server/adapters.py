@@ -11,6 +11,7 @@ waits for it (bounded by the load), and two requests for one adapter load it onc
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -74,6 +75,7 @@ class AdapterStore:
                 self._pinned.add(name)
             log.info("adapter %s: %s, %d bytes for blocks %d:%d", name, task.kind, task.nbytes, self.span.start,
                      self.span.end)
+        trim_heap()
         if sum(t.nbytes for t in self._loaded.values()) > self.config.max_bytes:
             raise ConfigError(f"the adapters given with --adapters take more than the {self.config.max_bytes} "
                               "bytes of --adapter-memory")
@@ -199,6 +201,7 @@ class AdapterStore:
                 self._loaded[name] = task
                 self.loads += 1
             log.info("loaded adapter %s (%s, %d bytes)", name, task.kind, task.nbytes)
+            trim_heap()
             return task
         finally:
             with self._lock:
@@ -215,6 +218,8 @@ class AdapterStore:
             self._loaded.pop(victim).release()  # no session or request holds it
             self.evictions += 1
             log.info("dropped adapter %s (least recently used) to load %s", victim, task.name)
+        if self.evictions:
+            trim_heap()
         if task.nbytes > config.max_bytes or config.max_adapters < 1:
             raise Refused("busy", f"adapter {task.name} does not fit this server's adapter memory")
 
@@ -222,4 +227,23 @@ class AdapterStore:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-__all__ = ["AdapterConfig", "AdapterStore"]
+def trim_heap() -> None:
+    """Hand the C heap's free memory back to the system (glibc's malloc_trim; nothing elsewhere). Reading an adapter
+    on the loading thread leaves its temporary buffers in that thread's heap, which glibc keeps: without this a server's
+    memory grew by about 1.3x each adapter's own bytes (benchmarks/bench_adapters.py)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+__all__ = ["AdapterConfig", "AdapterStore", "trim_heap"]
