@@ -181,7 +181,7 @@ def test_lm_tuning_and_chat_with_the_prompts(tune_model, servers, tmp_path):
     ('{"text": "a", "label": 0.5}\n{"text": "b", "label": 1}\n', [], "label"),
     ('{"text": "a", "label": 0}\n', ["--text-field", "body"], "body"),
     ('{"text": "a", "label": 0}\n{"text": "b", "label": 1}\n', ["--task", "poetry"], "--task"),
-    ('{"text": "a", "label": 0}\n{"text": "b", "label": 1}\n', ["--mode", "lora"], "--mode"),
+    ('{"text": "a", "label": 0}\n{"text": "b", "label": 1}\n', ["--mode", "bitfit"], "--mode"),
 ])
 def test_bad_data_and_options_give_one_clear_line(tune_model, tmp_path, content, args, message):
     data = tmp_path / "data.jsonl"
