@@ -379,15 +379,16 @@ def adapter_files(name_or_path: str) -> tuple[Path, Path]:
     return config_path, weights_path
 
 
-def read_peft_config(path: Path) -> dict[str, Any]:
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes")
+def read_peft_config(path: Path, what: str = "a JSON object") -> dict[str, Any]:
+    """A JSON object from `path` (a config of at most MAX_CONFIG_BYTES); a ConfigError says what is wrong."""
     try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes")
         config = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot read {path}: {e}") from None
     if not isinstance(config, dict):
-        raise ConfigError(f"{path} is not a JSON object")
+        raise ConfigError(f"{path} is not {what}")
     return config
 
 

@@ -703,23 +703,16 @@ def test_client_lora_for_fewer_blocks_than_the_span_is_refused(adapters, adapter
         rpc.call(*Forward(hidden, lora=short).to_wire())  # no blocks: the whole span 0:3
 
 
-def test_ia3_with_regex_feedforward_modules_equals_peft(tiny_llama, span, tmp_path):
-    """PEFT matches a string `feedforward_modules` against the module's full name (model.layers.N.mlp.down_proj)."""
-    config = peft.IA3Config(task_type="CAUSAL_LM", target_modules=r".*\.(k_proj|v_proj|down_proj)",
-                            feedforward_modules=r"model\.layers\.\d+\.mlp\.down_proj")
-    made = make_adapter(tiny_llama, tmp_path / "ia3-regex", config, 5)
-    task = read_peft(str(made.path), span.family, span.config, 0, 3, span.linears, span.dtype)
-    ids = _ids(seed=4, batch=1, length=5)
-    with torch.no_grad():
-        states = made.model(input_ids=ids, output_hidden_states=True).hidden_states
-    with torch.inference_mode():
-        out = span.run([Work(states[0], tasks=(task,))])[0]
-    torch.testing.assert_close(out, states[3], atol=ATOL, rtol=RTOL)
-
-
-def test_lora_targeting_full_module_names_equals_peft(tiny_llama, span, tmp_path):
-    config = _lora(r=4, lora_alpha=8, target_modules=["model.layers.1.self_attn.q_proj", "model.layers.2.mlp.up_proj"])
-    made = make_adapter(tiny_llama, tmp_path / "lora-full-names", config(), 6)
+@pytest.mark.parametrize("name,config", [
+    # PEFT matches a string `feedforward_modules` against the module's full name (model.layers.N.mlp.down_proj)
+    ("ia3-regex", peft.IA3Config(task_type="CAUSAL_LM", target_modules=r".*\.(k_proj|v_proj|down_proj)",
+                                 feedforward_modules=r"model\.layers\.\d+\.mlp\.down_proj")),
+    # and list entries naming layers by their full names (its way to adapt chosen layers only)
+    ("lora-full-names", _lora(r=4, lora_alpha=8, target_modules=["model.layers.1.self_attn.q_proj",
+                                                                 "model.layers.2.mlp.up_proj"])()),
+])
+def test_targets_named_by_full_module_names_equal_peft(tiny_llama, span, tmp_path, name, config):
+    made = make_adapter(tiny_llama, tmp_path / name, config, 5)
     task = read_peft(str(made.path), span.family, span.config, 0, 3, span.linears, span.dtype)
     ids = _ids(seed=4, batch=1, length=5)
     with torch.no_grad():

@@ -98,7 +98,9 @@ def read_tuned(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.T
     directory = Path(directory)
     config_path, weights_path = directory / TUNED_CONFIG, directory / TUNED_WEIGHTS
     if config_path.is_file() and not weights_path.is_file():
-        config = _read_json(config_path)
+        from ..adapters import read_peft_config
+
+        config = read_peft_config(config_path, "a swarm tuning config")
         if config.get("tuning_mode") == "lora":  # a LoRA result: its weights are a PEFT adapter beside
             from .lora import read_lora_result
 
@@ -119,16 +121,6 @@ def read_tuned(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.T
     if config.get("version", 0) > FORMAT_VERSION:
         raise ConfigError(f"{config_path} was written by a newer swarm (format {config['version']})")
     return config, tensors
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read {path}: {e}") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path} is not a swarm tuning config")
-    return config
 
 
 def load_prompts(tuning: PromptTuning, tensors: dict[str, torch.Tensor], where: str) -> None:
