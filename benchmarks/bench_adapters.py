@@ -97,6 +97,7 @@ from bench_batching import (  # noqa: E402
     parse_list,
     percentile,
     prompts_for,
+    quiet_threads,
     worker_loop,
 )
 from bench_inference import MODELS, build_checkpoint  # noqa: E402
@@ -614,11 +615,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, option) < 1:
             parser.error(f"--{option.replace('_', '-')} must be 1 or more")
 
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    torch.set_num_threads(args.threads)
-    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
+    quiet_threads(args.threads)
     header = (f"adapters: {args.clients} clients, LoRA ranks {'/'.join(map(str, ranks))} alternating on "
               f"{', '.join(TARGETS)}; {HOPS} servers (blocks split in halves), greedy float32, {args.new_tokens} new "
               f"tokens per client, {args.threads} torch thread(s) per server and per client, on {os.cpu_count()} CPUs")

@@ -533,6 +533,15 @@ def parse_list(text: str) -> list[str]:
     return [p.strip() for p in text.split(",") if p.strip()]
 
 
+def quiet_threads(threads: int) -> None:
+    """No progress bars from transformers; `threads` torch threads here and in the processes started from here."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--models", default="tiny,mid", help="comma-separated: tiny, mid (default: both)")
@@ -575,11 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.pass_tokens is not None and args.pass_tokens < 1:
         parser.error("--pass-tokens must be 1 or more")
 
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    torch.set_num_threads(args.threads)
-    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
+    quiet_threads(args.threads)
     header = (f"continuous batching: {HOPS} servers (blocks split in halves), greedy float32, {args.new_tokens} new "
               f"tokens per client, {args.threads} torch thread(s) per server and per client, clients as "
               f"{args.client_mode}, on {os.cpu_count()} CPUs")
