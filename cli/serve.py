@@ -62,6 +62,9 @@ def serve(
     mix_adapters: Annotated[bool, typer.Option(
         help="Requests of different adapters share a pass (--no-mix-adapters: one adapter per pass, a baseline for "
              "benchmarks).")] = True,
+    identity: Annotated[str | None, typer.Option(
+        help="File of this server's key pair, made on first start: its public key is the server's peer id, stable "
+             "across restarts, and signs its records (default: a new key pair each start).")] = None,
     log_level: LogLevelOption = None,
 ) -> None:
     """Serve a span of transformer blocks of MODEL to the swarm."""
@@ -102,7 +105,7 @@ def serve(
                           limits=HandlerLimits(session_timeout=session_timeout), initial_peers=peers,
                           discovery=discovery, model_id=model_id, link_delay=max(0.0, simulate_rtt_ms) / 2000,
                           passes=PassLimits(max_tokens=pass_tokens, mix_tasks=mix_adapters), batching=batching,
-                          adapters=adapter_config)
+                          adapters=adapter_config, identity=identity)
     server = Server(config)
     total = server.num_blocks()  # reads the model's config only
     if span[1] > total:

@@ -42,6 +42,7 @@ complete -c swarm -n '__fish_seen_subcommand_from serve' -l dtype
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l gossip-period
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l help
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l host
+complete -c swarm -n '__fish_seen_subcommand_from serve' -l identity
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l initial-peers
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l log-level
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l max-adapters

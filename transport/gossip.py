@@ -174,7 +174,7 @@ class Membership:
             tomb = self._tombstones.get(record.peer_id)
             if tomb is not None and now < tomb[1] and record.seq <= tomb[0]:
                 return 0  # a stale copy of a record we already expired
-            if len(self._entries) >= self.config.max_records:
+            if len(self._entries) >= self.config.max_records and not self._make_room(record):
                 self._dropped("max_records", "membership table is full (%d records): ignoring new peers",
                               self.config.max_records)
                 return 0
@@ -182,6 +182,18 @@ class Membership:
         entry.heard = now
         self._entries[record.peer_id] = entry
         return 1
+
+    def _make_room(self, record: ServerRecord) -> bool:
+        """For a signed record when the table is full: drop the unsigned record heard of least recently (junk that
+        anyone can make must not keep out servers that prove who they are)."""
+        if not record.signed:
+            return False
+        unsigned = [e for e in self._entries.values() if not e.record.signed]
+        if not unsigned:
+            return False
+        oldest = min(unsigned, key=lambda e: e.heard)
+        del self._entries[oldest.record.peer_id]
+        return True
 
     def expire(self) -> list[str]:
         """Drop records not refreshed within their ttl (or expire_after) and offline ones after offline_linger."""

@@ -9,7 +9,13 @@ to, in the form `normalize_endpoint` writes (defined here, free of ZeroMQ and to
 
 `capabilities` names the optional features a server has (e.g. "batching"): a peer adds a name when it gains a feature,
 and others use it when they know the name and ignore it otherwise, so no feature needs every peer to upgrade at once.
-Unknown names are kept, never refused. `PROTOCOL_VERSION`, the version of the wire protocol, is stated here, once:
+Unknown names are kept, never refused.
+
+A server's record is signed (`sign_record`) by its identity (keys.py), whose public key is its peer id: a record whose
+peer id is a key (64 hex digits) is believed only with that key's signature over all its fields (`record_from_wire`
+refuses it otherwise), so no one but the server can change its address, span, throughput, ttl or sequence number.
+Peer ids of 32 hex digits are older servers' random ids: their records are not signed, and a membership table prefers
+signed records to them. `PROTOCOL_VERSION`, the version of the wire protocol, is stated here, once:
 this module stays free of torch so that the command line can read records without it, and `codec` re-exports it.
 """
 
@@ -24,6 +30,7 @@ from typing import Any
 import msgpack
 
 from .errors import PeerUnreachable, ProtocolError
+from .keys import KEY_ID, SIGNATURE_CHARS, Identity, verify
 
 PROTOCOL_VERSION = 1  # of the wire protocol (codec.PROTOCOL_VERSION); a record says which one its server speaks
 RECORD_VERSION = 1
@@ -109,6 +116,12 @@ class ServerRecord:
     updated_at: float = field(default_factory=time.time)  # owner's wall-clock time of publishing (informative)
     ttl: float = 15.0  # seconds a receiver believes this record without hearing a newer one
     record_version: int = RECORD_VERSION
+    signature: str = ""  # the owner's signature over every other field (hex); "" for an unsigned record
+
+    @property
+    def signed(self) -> bool:
+        """Whether it carries its owner's signature (records from the wire are checked when parsed)."""
+        return bool(self.signature)
 
     def newer_than(self, other: ServerRecord | None) -> bool:
         return other is None or self.seq > other.seq
@@ -116,6 +129,21 @@ class ServerRecord:
     def bump(self, **changes: Any) -> ServerRecord:
         """The next version of this record (higher seq, published now), with `changes` applied."""
         return replace(self, **changes, seq=self.seq + 1, updated_at=time.time())
+
+
+def signed_bytes(record: ServerRecord) -> bytes:
+    """What a record's signature covers: every field but the signature, in one canonical encoding."""
+    data = record_to_wire(record)
+    data.pop("signature", None)
+    return msgpack.packb(dict(sorted(data.items())), use_bin_type=True)
+
+
+def sign_record(record: ServerRecord, identity: Identity) -> ServerRecord:
+    """`record` signed by `identity` (whose peer id it must carry), as a receiver will read it."""
+    if record.peer_id != identity.peer_id:
+        raise ValueError("a record is signed by its own peer's identity only")
+    normal = record_from_wire({**record_to_wire(record), "signature": ""}, check_signature=False)  # as read there
+    return replace(normal, signature=identity.sign(signed_bytes(normal)))
 
 
 def record_to_wire(record: ServerRecord) -> dict[str, Any]:
@@ -180,8 +208,9 @@ def _capabilities(data: dict[str, Any]) -> tuple[str, ...]:
     return tuple(value)
 
 
-def record_from_wire(data: Any) -> ServerRecord:
-    """A validated ServerRecord from a decoded map; raises ProtocolError when anything is off."""
+def record_from_wire(data: Any, check_signature: bool = True) -> ServerRecord:
+    """A validated ServerRecord from a decoded map; raises ProtocolError when anything is off (a record of a key's
+    peer id without that key's signature over its fields included, unless `check_signature` is False)."""
     _check(isinstance(data, dict), "a record must be a map")
     size = len(msgpack.packb(data, use_bin_type=True))
     _check(size <= MAX_RECORD_BYTES, f"{size} bytes is more than {MAX_RECORD_BYTES}")
@@ -197,7 +226,8 @@ def record_from_wire(data: Any) -> ServerRecord:
     _check(path.isprintable(), "path must be printable")
     _check(bool(addresses) and all(map(_endpoint_ok, addresses)),
            "addresses must be tcp://HOST:PORT endpoints, HOST an IPv4 address, an [IPv6] address or a host name")
-    return ServerRecord(
+    signature = _str(data, "signature", SIGNATURE_CHARS, "")  # optional: unsigned records have none
+    record = ServerRecord(
         peer_id=peer_id, model=_str(data, "model", 300), start=start, end=end, num_blocks=num_blocks,
         hidden_size=_int(data, "hidden_size", 1, 1 << 20), addresses=addresses, state=state,
         throughput=_float(data, "throughput", 0.0), cache_tokens_free=_int(data, "cache_tokens_free", default=0),
@@ -208,5 +238,13 @@ def record_from_wire(data: Any) -> ServerRecord:
         capabilities=_capabilities(data), protocol=_int(data, "protocol", 0, 1 << 16, PROTOCOL_VERSION),
         version=_str(data, "version", 64, ""), path=path,
         seq=_int(data, "seq"), updated_at=_float(data, "updated_at"), ttl=_positive(data, "ttl"),
-        record_version=_int(data, "record_version", 0, 1 << 16, RECORD_VERSION),
+        record_version=_int(data, "record_version", 0, 1 << 16, RECORD_VERSION), signature=signature,
     )
+    if not check_signature:
+        return record
+    if KEY_ID.fullmatch(peer_id) and signature != "":
+        _check(verify(peer_id, signed_bytes(record), signature),
+               f"the signature of {peer_id[:16]}'s record does not match its fields (forged or altered)")
+    elif KEY_ID.fullmatch(peer_id):
+        _check(False, f"the record of {peer_id[:16]} is not signed by its key (only its owner may publish it)")
+    return record

@@ -9,7 +9,6 @@ the socket. The CLI's `swarm serve` wraps this with signal handling.
 from __future__ import annotations
 
 import logging
-import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -18,7 +17,8 @@ from pathlib import Path
 from ... import __version__
 from ...transport.discovery import Announcement, Discovery, DiscoveryConfig, local_endpoints
 from ...transport.errors import ConfigError
-from ...transport.records import MAX_PATH_CHARS, ServerRecord
+from ...transport.keys import Identity
+from ...transport.records import MAX_PATH_CHARS, ServerRecord, sign_record
 from ...transport.rpc import Request, RpcServer, RpcServerConfig
 from ..adapters import check_peft
 from ..aliases import announced_id
@@ -67,6 +67,7 @@ class ServerConfig:
     queue: QueueLimits = field(default_factory=QueueLimits)  # requests and bytes waiting, per client too
     batching: bool = True  # False: one request per pass, whole (the old one-at-a-time engine, for comparisons)
     adapters: AdapterConfig = field(default_factory=AdapterConfig)  # adapters served (preloaded, or from a directory)
+    identity: str | None = None  # file of the server's key pair (made on first start); None: a new one each start
 
 
 class Server:
@@ -79,7 +80,8 @@ class Server:
         self.adapters: AdapterStore | None = None
         self.handler: Handler | None = None
         self.discovery: Discovery | None = None
-        self.peer_id = secrets.token_hex(16)
+        self.identity = Identity() if config.identity is None else Identity.load_or_create(config.identity)
+        self.peer_id = self.identity.peer_id  # its public key: no one else can sign records for it
         self.model_id = config.model_id or announced_id(config.model)
         self.throughput = 0.0
         self._record: ServerRecord | None = None
@@ -153,6 +155,8 @@ class Server:
                            batch_sessions=load["batch"]["sessions"], batch_tokens=load["batch"]["tokens"],
                            adapters=self._announced_adapters())
             if self._record is None:
+                # seq starts from the wall clock, so a restart with the same identity is newer than what peers hold
+                changes["seq"] = int(time.time() * 1000)
                 self._record = ServerRecord(
                     peer_id=self.peer_id, model=self.model_id, start=span.start, end=span.end,
                     num_blocks=span.family.num_blocks(span.config), hidden_size=span.hidden_size,
@@ -162,6 +166,7 @@ class Server:
                     ttl=self.config.discovery.record_ttl, **changes)
             else:
                 self._record = self._record.bump(**changes)
+            self._record = sign_record(self._record, self.identity)
             return self._record
 
     def _announced_adapters(self) -> tuple[str, ...]:
