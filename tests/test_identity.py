@@ -102,3 +102,32 @@ def test_junk_cannot_keep_signed_servers_out_of_a_full_table():
     signed = [record(Identity()) for _ in range(3)]
     assert table.merge(signed) == 3
     assert len(table) == 8 and all(table.get(r.peer_id) is not None for r in signed)
+
+
+def test_a_signed_record_naming_another_servers_address_is_not_routed_to(tiny_llama, tiny_llama_ref, start_server):
+    """A record signed by its own (attacker's) key can still name any address: the client routes to a signed record
+    only once that address answered with the record's peer id, so a record claiming all blocks at an honest server's
+    address (which used to end generations with bad_request) is left out."""
+    import torch
+
+    from swarm import AutoDistributedModelForCausalLM
+    from swarm.core.client.config import ClientConfig
+
+    first = start_server(tiny_llama, (0, 3))
+    second = start_server(tiny_llama, (3, 6), initial_peers=[first.endpoint])
+    attacker = Identity()
+    lie = sign_record(ServerRecord(attacker.peer_id, first.record().model, 0, 6, 6, 64, (first.endpoint,),
+                                   throughput=1e12, cache_tokens_free=1 << 30, cache_tokens_total=1 << 30,
+                                   seq=1, ttl=600.0), attacker)
+    with RpcClient(first.endpoint) as client:
+        client.call("gossip", {"records": [record_to_wire(lie)]}, timeout=5)
+    ids = torch.tensor([[3, 14, 15, 92, 65]])
+    expected = tiny_llama_ref.generate(ids, max_new_tokens=6, do_sample=False)
+    with AutoDistributedModelForCausalLM.from_pretrained(str(tiny_llama), initial_peers=[first.endpoint],
+                                                         config=ClientConfig(connect_timeout=10)) as model:
+        peers = model.blocks
+        assert peers.discovery.wait(lambda _: peers.discovery.membership.get(attacker.peer_id) is not None, 15)
+        assert peers.discovery.wait(lambda _: first.endpoint in peers._owners, 15)  # the address was asked
+        assert attacker.peer_id not in {r.peer_id for r in peers.servers()}
+        assert {r.peer_id for r in peers.servers()} == {first.peer_id, second.peer_id}
+        assert model.generate(ids, max_new_tokens=6, do_sample=False).tolist() == expected.tolist()

@@ -227,6 +227,8 @@ def record_from_wire(data: Any, check_signature: bool = True) -> ServerRecord:
     _check(bool(addresses) and all(map(_endpoint_ok, addresses)),
            "addresses must be tcp://HOST:PORT endpoints, HOST an IPv4 address, an [IPv6] address or a host name")
     signature = _str(data, "signature", SIGNATURE_CHARS, "")  # optional: unsigned records have none
+    if not KEY_ID.fullmatch(peer_id):
+        signature = ""  # only a key can sign: an older server's random id has no signature to speak of
     record = ServerRecord(
         peer_id=peer_id, model=_str(data, "model", 300), start=start, end=end, num_blocks=num_blocks,
         hidden_size=_int(data, "hidden_size", 1, 1 << 20), addresses=addresses, state=state,

@@ -9,7 +9,9 @@
   `plan_or_wait`, which waits, bounded, for blocks no live server covers);
 - requests: `send` one wire message (types of transport/messages.py) to a hop, `submit` it on a background thread, and
   `retry` an attempt on other routes while servers fail.
-Ban and round-trip state is touched by the pinger, request threads and the caller: one lock guards it.
+- owners: a signed record is used only once its address has answered `info` with the record's peer id (asked in the
+  background the first time the record is seen), so a record cannot send clients to someone else's server.
+Ban, owner and round-trip state is touched by the pinger, request threads and the caller: one lock guards it.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from ...transport.errors import (
     UnknownSession,
     WrongBlocks,
 )
-from ...transport.messages import Ping, RequestMessage
+from ...transport.messages import Info, Ping, RequestMessage
 from ...transport.records import ServerRecord
 from ...transport.rpc import RpcClient, RpcClientConfig
 from .config import ClientConfig
@@ -46,6 +48,7 @@ log = logging.getLogger(__name__)
 
 FIRST_LOOK = 1.0  # seconds of discovery before blocks without a server are reported while joining
 UNREACHABLE_RTT = 1.0  # seconds counted for a server whose ping failed
+OWNER_RECHECK = 5.0  # seconds before an address that did not answer as a record's owner is asked again
 
 
 class HopFailed(SwarmError):
@@ -81,10 +84,12 @@ class Peers:
         self._clients_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="swarm-client")  # parallel requests
         self._clock = clock  # what bans are timed with
-        self._lock = threading.Lock()  # guards the three below
+        self._lock = threading.Lock()  # guards the state below
         self._warned: set[str] = set()  # peer ids already warned about
         self._bans: dict[str, tuple[float, int]] = {}  # peer endpoint -> (banned until, consecutive failures)
         self._rtt: dict[str, float] = {}  # peer endpoint -> measured round trip (seconds, moving average)
+        self._owners: dict[str, tuple[str | None, float]] = {}  # endpoint -> (peer id it answered with, when)
+        self._checking: set[str] = set()  # endpoints whose owner is being asked
         self._stop_pings = threading.Event()
         self._pinger = threading.Thread(target=self._ping_loop, name="swarm-ping", daemon=True)
         # dropped without close(), the peers still stop their threads and sockets
@@ -187,7 +192,8 @@ class Peers:
                 continue
             problem = self._check(record)
             if problem is None:
-                usable.append(record)
+                if self._owned(record):
+                    usable.append(record)
                 continue
             with self._lock:
                 warn = record.peer_id not in self._warned
@@ -195,6 +201,41 @@ class Peers:
             if warn:
                 log.warning("leaving out server %s: %s", record.addresses[0], problem)
         return usable
+
+    def _owned(self, record: ServerRecord) -> bool:
+        """Whether the server at a signed record's address has been seen to be that record's owner (it answered
+        `info` with the record's peer id). A record signed by one server can name another's address; until the
+        address has answered, the record is left out and the check starts in the background."""
+        if not record.signed:
+            return True  # an older server's record: nothing to check it against
+        address = record.addresses[0]
+        now = self._clock()
+        with self._lock:
+            owner, checked = self._owners.get(address, (None, -1e9))
+            if owner == record.peer_id:
+                return True
+            if address in self._checking or now - checked < OWNER_RECHECK:
+                return False
+            self._checking.add(address)
+        self._pool.submit(self._check_owner, address, record.peer_id)
+        return False
+
+    def _check_owner(self, address: str, peer_id: str) -> None:
+        answered = None
+        try:
+            reply = self._client(address).call(*Info().to_wire(), timeout=self.config.connect_timeout)
+            answered = reply.fields.get("peer_id")
+        except SwarmError as e:
+            log.debug("checking who answers at %s failed: %s", address, e)
+        with self._lock:
+            self._checking.discard(address)
+            self._owners[address] = (answered if isinstance(answered, str) else None, self._clock())
+            warn = answered != peer_id and address not in self._warned
+            if warn:
+                self._warned.add(address)
+        if warn and answered is not None:
+            log.warning("a record of %s names %s, where %s answers: leaving it out", peer_id[:16], address,
+                        str(answered)[:16])
 
     def _check(self, record: ServerRecord) -> str | None:
         if record.protocol != PROTOCOL_VERSION:
