@@ -131,3 +131,40 @@ def test_a_signed_record_naming_another_servers_address_is_not_routed_to(tiny_ll
         assert attacker.peer_id not in {r.peer_id for r in peers.servers()}
         assert {r.peer_id for r in peers.servers()} == {first.peer_id, second.peer_id}
         assert model.generate(ids, max_new_tokens=6, do_sample=False).tolist() == expected.tolist()
+
+
+def test_a_server_claiming_a_huge_throughput_that_never_answers_steps_is_not_routed_to(tiny_llama, tiny_llama_ref,
+                                                                                      start_server):
+    """A record claiming 1e17 tokens/s used to pull every client's route to its server, which then never answered
+    steps (a stall of the request timeout each). A client now times one step before it routes to a server and bounds
+    the announced throughput by it: a server that does not answer is left out, and the claim is cut to what was
+    measured."""
+    import torch
+
+    from swarm import AutoDistributedModelForCausalLM
+    from swarm.core.client.config import ClientConfig
+    from swarm.core.client.peers import PROBE_SLACK
+
+    first = start_server(tiny_llama, (0, 3))
+    second = start_server(tiny_llama, (3, 6), initial_peers=[first.endpoint])
+    liar = start_server(tiny_llama, (0, 6), initial_peers=[first.endpoint])
+    liar.handler._step = lambda request, message: None  # takes steps and never answers them
+    liar.throughput, liar._record = 1e17, None  # its next record (newer, signed) claims 1e17 tokens/s
+    liar.record()
+    ids = torch.tensor([[3, 14, 15, 92, 65]])
+    expected = tiny_llama_ref.generate(ids, max_new_tokens=6, do_sample=False)
+    config = ClientConfig(connect_timeout=1.0, request_timeout=60.0)
+    with AutoDistributedModelForCausalLM.from_pretrained(str(tiny_llama), initial_peers=[first.endpoint],
+                                                         config=config) as model:
+        peers = model.blocks
+        assert peers.discovery.wait(lambda _: (r := peers.discovery.membership.get(liar.peer_id)) is not None
+                                    and r.throughput == 1e17, 15)
+        assert peers.discovery.wait(lambda _: liar.endpoint in peers._owners and first.endpoint in peers._owners
+                                    and second.endpoint in peers._owners, 15)
+        assert liar.peer_id not in {r.peer_id for r in peers.servers()}
+        started = time.monotonic()
+        assert model.generate(ids, max_new_tokens=6, do_sample=False).tolist() == expected.tolist()
+        assert time.monotonic() - started < 20  # no request-timeout stall
+        # an honest server's claim stays within what its measured step allows
+        span = next(s for s in peers.spans() if s.peer == first.endpoint)
+        assert 0 < span.throughput <= PROBE_SLACK / (peers._step_times[first.endpoint] * 3)

@@ -9,8 +9,10 @@
   `plan_or_wait`, which waits, bounded, for blocks no live server covers);
 - requests: `send` one wire message (types of transport/messages.py) to a hop, `submit` it on a background thread, and
   `retry` an attempt on other routes while servers fail.
-- owners: a signed record is used only once its address has answered `info` with the record's peer id (asked in the
-  background the first time the record is seen), so a record cannot send clients to someone else's server.
+- owners: a signed record is used only once its address has answered `info` with the record's peer id and run one
+  timed step of one token through its first block (both asked in the background the first time the record is seen),
+  so a record cannot send clients to someone else's server, nor to one that does not answer steps, and the
+  throughput it announces is bounded by what that step measured.
 Ban, owner and round-trip state is touched by the pinger, request threads and the caller: one lock guards it.
 """
 
@@ -29,6 +31,7 @@ import torch
 from ...transport.codec import PROTOCOL_VERSION, Message
 from ...transport.discovery import Discovery
 from ...transport.errors import (
+    CacheFull,
     PeerTimeout,
     PeerUnreachable,
     ProtocolError,
@@ -38,7 +41,7 @@ from ...transport.errors import (
     UnknownSession,
     WrongBlocks,
 )
-from ...transport.messages import Info, Ping, RequestMessage
+from ...transport.messages import Close, Info, Open, Ping, RequestMessage, Step
 from ...transport.records import ServerRecord
 from ...transport.rpc import RpcClient, RpcClientConfig
 from .config import ClientConfig
@@ -49,6 +52,9 @@ log = logging.getLogger(__name__)
 FIRST_LOOK = 1.0  # seconds of discovery before blocks without a server are reported while joining
 UNREACHABLE_RTT = 1.0  # seconds counted for a server whose ping failed
 OWNER_RECHECK = 5.0  # seconds before an address that did not answer as a record's owner is asked again
+# an announced throughput (tokens/s through a span, measured by the server on 32-token forwards) may be at most this
+# many times what one measured one-token step through one block, times the span's blocks, allows
+PROBE_SLACK = 64.0
 
 
 class HopFailed(SwarmError):
@@ -90,6 +96,7 @@ class Peers:
         self._rtt: dict[str, float] = {}  # peer endpoint -> measured round trip (seconds, moving average)
         self._owners: dict[str, tuple[str | None, float]] = {}  # endpoint -> (peer id it answered with, when)
         self._checking: set[str] = set()  # endpoints whose owner is being asked
+        self._step_times: dict[str, float] = {}  # endpoint -> seconds of a one-token step through one block
         self._stop_pings = threading.Event()
         self._pinger = threading.Thread(target=self._ping_loop, name="swarm-ping", daemon=True)
         # dropped without close(), the peers still stop their threads and sockets
@@ -217,25 +224,53 @@ class Peers:
             if address in self._checking or now - checked < OWNER_RECHECK:
                 return False
             self._checking.add(address)
-        self._pool.submit(self._check_owner, address, record.peer_id)
+        self._pool.submit(self._check_owner, address, record.peer_id, record.start)
         return False
 
-    def _check_owner(self, address: str, peer_id: str) -> None:
-        answered = None
+    def _check_owner(self, address: str, peer_id: str, block: int) -> None:
+        """Ask `address` who it is, then time one inference step of one token through its first block (what
+        routing will ask of it); a server that does not answer either is left out for now."""
+        answered, step_time = None, None
         try:
             reply = self._client(address).call(*Info().to_wire(), timeout=self.config.connect_timeout)
             answered = reply.fields.get("peer_id")
+            if answered == peer_id:
+                step_time = self._probe_step(address, block)
         except SwarmError as e:
-            log.debug("checking who answers at %s failed: %s", address, e)
+            log.debug("checking the server at %s failed: %s", address, e)
+            answered = None
         with self._lock:
             self._checking.discard(address)
             self._owners[address] = (answered if isinstance(answered, str) else None, self._clock())
+            if step_time is not None:
+                self._step_times[address] = step_time
             warn = answered != peer_id and address not in self._warned
             if warn:
                 self._warned.add(address)
         if warn and answered is not None:
             log.warning("a record of %s names %s, where %s answers: leaving it out", peer_id[:16], address,
                         str(answered)[:16])
+
+    def _probe_step(self, address: str, block: int) -> float | None:
+        """Seconds of one step of one token through block `block` at `address` (None: it had no cache room, so
+        nothing was measured); raises SwarmError when it does not answer in time."""
+        client, timeout = self._client(address), self.config.connect_timeout
+        try:
+            opened = client.call(*Open(1, 1, blocks=(block, block + 1)).to_wire(), timeout=timeout)
+        except CacheFull:
+            return None
+        session = opened.fields.get("session")
+        if not isinstance(session, str):
+            raise ProtocolError(f"{address} answered an open without a session id")
+        try:
+            started = time.perf_counter()
+            client.call(*Step(session, torch.zeros(1, 1, self.hidden_size)).to_wire(), timeout=timeout)
+            return time.perf_counter() - started
+        finally:
+            try:
+                client.call(*Close(session).to_wire(), timeout=timeout)
+            except SwarmError as e:
+                log.debug("closing a probe session at %s failed: %s", address, e)
 
     def _check(self, record: ServerRecord) -> str | None:
         if record.protocol != PROTOCOL_VERSION:
@@ -264,8 +299,8 @@ class Peers:
         """A snapshot of the usable servers (holding `adapter`, when one is asked for), as routing sees them."""
         servers = self.servers(adapter)
         with self._lock:
-            rtt = dict(self._rtt)
-        return [_span(r, rtt.get(r.addresses[0])) for r in servers]
+            rtt, steps = dict(self._rtt), dict(self._step_times)
+        return [_span(r, rtt.get(r.addresses[0]), steps.get(r.addresses[0])) for r in servers]
 
     def plan(self, start: int = 0, end: int | None = None, kind: str = "inference", cache_needed: int = 0,
              adapter: str | None = None) -> list[Hop]:
@@ -391,6 +426,10 @@ def _missing_text(spans: list[SpanInfo], start: int, end: int) -> str:
     return f"no server covers blocks {gaps} of the model (live servers cover {served})"
 
 
-def _span(record: ServerRecord, rtt: float | None = None) -> SpanInfo:
-    return SpanInfo(record.addresses[0], record.start, record.end, rtt=rtt, throughput=record.throughput,
+def _span(record: ServerRecord, rtt: float | None = None, step_time: float | None = None) -> SpanInfo:
+    """What routing knows of a server; its announced throughput is bounded by what a measured step allows."""
+    throughput = record.throughput
+    if step_time is not None:
+        throughput = min(throughput, PROBE_SLACK / (max(step_time, 1e-6) * (record.end - record.start)))
+    return SpanInfo(record.addresses[0], record.start, record.end, rtt=rtt, throughput=throughput,
                     cache_free=record.cache_tokens_free)
