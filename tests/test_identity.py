@@ -149,8 +149,8 @@ def test_a_server_claiming_a_huge_throughput_that_never_answers_steps_is_not_rou
     second = start_server(tiny_llama, (3, 6), initial_peers=[first.endpoint])
     liar = start_server(tiny_llama, (0, 6), initial_peers=[first.endpoint])
     liar.handler._step = lambda request, message: None  # takes steps and never answers them
-    liar.throughput, liar._record = 1e17, None  # its next record (newer, signed) claims 1e17 tokens/s
-    liar.record()
+    liar._record = replace(liar.record(), throughput=1e17)  # its next record (newer, signed) claims 1e17 tokens/s
+    assert liar.record().throughput == 1e17
     ids = torch.tensor([[3, 14, 15, 92, 65]])
     expected = tiny_llama_ref.generate(ids, max_new_tokens=6, do_sample=False)
     config = ClientConfig(connect_timeout=1.0, request_timeout=60.0)

@@ -29,6 +29,18 @@ def connect(model_dir, first, expected, **config):
     model = AutoDistributedModelForCausalLM.from_pretrained(str(model_dir), initial_peers=[first.endpoint],
                                                             config=config)
     assert model.blocks.discovery.wait(lambda _: len(model.blocks.servers()) == expected, 15)
+    # a server relays only to servers it knows: wait until each knows the others (it learns them by gossip, maybe
+    # after this client did)
+    endpoints = {r.addresses[0] for r in model.blocks.servers()}
+    deadline = time.monotonic() + 15
+    for endpoint in endpoints:
+        with RpcClient(endpoint) as client:
+            while time.monotonic() < deadline:
+                known = {a for r in client.call("gossip", {"records": []}, timeout=5).fields["records"]
+                         for a in r["addresses"]}
+                if endpoints <= known:
+                    break
+                time.sleep(0.05)
     return model
 
 
