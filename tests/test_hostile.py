@@ -152,3 +152,29 @@ def test_refused_steps_do_not_keep_a_session_alive(tiny_llama, start_server):
 
 
 __all__ = ["ServerBusy"]
+
+
+def test_kept_graphs_are_bounded_by_bytes(tiny_llama, start_server):
+    """A forward that keeps its graph holds the activations autograd saved until its backward: all kept graphs
+    together stay within `max_kept_bytes` (the oldest go first), a graph bigger than the bound is not kept, and every
+    backward is still answered (running the blocks again when its graph is gone)."""
+    from swarm.transport.messages import Backward, BackwardReply, Forward, ForwardReply
+
+    hidden, grad = torch.randn(1, 6, 64), torch.randn(1, 6, 64)
+    probe = start_server(tiny_llama, (0, 3))
+    with RpcClient(probe.endpoint) as client:
+        kept = ForwardReply.from_wire(client.call(*Forward(hidden, keep=True).to_wire())).kept
+        one = probe.handler.info()["kept_bytes"]
+        want = BackwardReply.from_wire(client.call(*Backward(hidden, grad, kept=kept).to_wire())).grad_input
+    assert one > 0
+    server = start_server(tiny_llama, (0, 3), limits=HandlerLimits(max_kept_bytes=int(one * 2.5)))
+    with RpcClient(server.endpoint) as client:
+        ids = [ForwardReply.from_wire(client.call(*Forward(hidden, keep=True).to_wire())).kept for _ in range(4)]
+        info = server.handler.info()
+        assert all(isinstance(i, str) for i in ids) and info["kept_graphs"] == 2 and info["kept_bytes"] == 2 * one
+        for kid in ids:  # the two oldest were dropped: their backward runs the blocks again, with the same result
+            got = BackwardReply.from_wire(client.call(*Backward(hidden, grad, kept=kid).to_wire())).grad_input
+            assert torch.equal(got, want)
+        bigger = torch.randn(4, 6, 64)  # four times the activations: more than the bound, so not kept at all
+        reply = ForwardReply.from_wire(client.call(*Forward(bigger, keep=True).to_wire()))
+        assert reply.kept is None and server.handler.info()["kept_graphs"] == 0

@@ -71,6 +71,7 @@ class HandlerLimits:
     max_session_length: int = 1 << 17  # max_length of a session
     session_timeout: float = 600.0  # seconds a session may stay idle before it is closed
     max_kept: int = 8  # forward passes whose graphs wait for their backward (oldest dropped first; 0: none)
+    max_kept_bytes: int = 1 << 30  # what the tensors those graphs saved for their backward may take together
     kept_ttl: float = 120.0  # seconds a kept graph waits for its backward
     max_pass_bytes: int = 256 << 20  # memory one sequence's attention mask may take in a forward/backward pass
     max_lora_bytes: int = 64 << 20  # a client's own LoRA in one request (or kept with a session)
@@ -117,6 +118,8 @@ class Handler:
         self._lock = threading.Lock()
         self.accepting = True
         engine.run_forward_alone = self._forward_kept
+        # the blocks' own tensors: a graph saves them too, but keeping it costs no memory for them
+        self._weights = {t.untyped_storage().data_ptr() for t in (*span.parameters(), *span.buffers())}
 
     @property
     def capabilities(self) -> tuple[str, ...]:
@@ -185,6 +188,7 @@ class Handler:
             "cache_tokens_free": self.budget.free,
             "sessions": sessions,
             "kept_graphs": len(self._kept),
+            "kept_bytes": sum(k.nbytes for k in list(self._kept.values())),
             **self.engine.stats(),
             "accepting": self.accepting,
             "adapters": [] if self.adapters is None else self.adapters.names(),
@@ -466,14 +470,30 @@ class Handler:
     # --- training passes, run alone on the engine thread ---------------------------------------------------------
 
     def _forward_kept(self, job: ForwardJob) -> tuple[dict[str, Any], list[torch.Tensor]]:
-        graph = self.span.forward_graph(job.hidden, job.mask, job.blocks, job.prompts, job.tasks, job.lora)
+        saved = 0
+
+        weights = self._weights
+
+        def count(tensor: torch.Tensor) -> torch.Tensor:  # what autograd keeps for the backward (not the weights)
+            nonlocal saved
+            if tensor.untyped_storage().data_ptr() not in weights:
+                saved += tensor.nbytes
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
+            graph = self.span.forward_graph(job.hidden, job.mask, job.blocks, job.prompts, job.tasks, job.lora)
+        out = graph.out.detach().to(job.hidden.dtype)
+        limits = self.limits
+        if saved > limits.max_kept_bytes:  # too big to keep: its backward runs the blocks again
+            return ForwardReply(out).to_wire()
         kid = secrets.token_hex(12)
         with self._lock:
-            self._kept[kid] = _Kept(graph, job.mask, job.blocks, time.monotonic() + self.limits.kept_ttl,
-                                    job.adapter)
-            while len(self._kept) > self.limits.max_kept:
-                del self._kept[next(iter(self._kept))]
-        return ForwardReply(graph.out.detach().to(job.hidden.dtype), kid).to_wire()
+            self._kept[kid] = _Kept(graph, job.mask, job.blocks, time.monotonic() + limits.kept_ttl, job.adapter,
+                                    saved)
+            while len(self._kept) > limits.max_kept or sum(k.nbytes for k in self._kept.values()) > \
+                    limits.max_kept_bytes:
+                del self._kept[next(iter(self._kept))]  # the oldest first
+        return ForwardReply(out, kid).to_wire()
 
     def _backward_run(self, job: BackwardJob) -> tuple[dict[str, Any], list[torch.Tensor]]:
         graph = self._kept_graph(job.kept, job.hidden, job.mask, job.blocks, job.prompts, job.adapter, job.lora)
@@ -509,6 +529,7 @@ class _Kept:
     blocks: tuple[int, int]
     deadline: float
     adapter: str | None = None
+    nbytes: int = 0  # of the tensors it saved for the backward
 
 
 def _finite(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
