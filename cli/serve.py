@@ -137,7 +137,7 @@ def serve(
         span_text = f"{span[0]}:{span[1]}"
         dtype_text = str(server.span.dtype).removeprefix("torch.") if server.span else dtype
         print(server.endpoint, flush=True)  # data on stdout: the address clients use
-        held = server.adapters.config_names() if server.adapters is not None else []
+        held = server.adapters.preloaded if server.adapters is not None else []
         adapters_text = f", adapters {', '.join(held)}" if held else ""
         if adapter_dir:
             adapters_text += f", adapters from {adapter_dir} on request"

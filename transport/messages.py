@@ -197,8 +197,8 @@ class _Reader:
 
     def lora(self, tensors: dict[str, torch.Tensor], blocks: tuple[int, int] | None) -> LoraWeights | None:
         """The client's LoRA among `tensors` (lora_a.M, lora_b.M), checked for shapes that agree."""
-        a = {n.split(".", 1)[1]: t for n, t in tensors.items() if n.startswith("lora_a.")}
-        b = {n.split(".", 1)[1]: t for n, t in tensors.items() if n.startswith("lora_b.")}
+        named = LoraWeights.from_tensors(0.0, tensors)
+        a, b = named.a, named.b
         scaling = self.get("lora_scaling")
         if not a and not b:
             if scaling is not None:
@@ -317,6 +317,12 @@ class LoraWeights:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {**{f"lora_a.{m}": t for m, t in self.a.items()}, **{f"lora_b.{m}": t for m, t in self.b.items()}}
+
+    @classmethod
+    def from_tensors(cls, scaling: float, tensors: dict[str, torch.Tensor]) -> LoraWeights:
+        """The inverse of `tensors()` (names other than lora_a.M / lora_b.M are left out); shapes are not checked."""
+        return cls(scaling, {n.split(".", 1)[1]: t for n, t in tensors.items() if n.startswith("lora_a.")},
+                   {n.split(".", 1)[1]: t for n, t in tensors.items() if n.startswith("lora_b.")})
 
     @property
     def nbytes(self) -> int:

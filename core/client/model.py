@@ -85,8 +85,7 @@ class _Tunable:
             return None
         weights = self.tuning.weights(self.dtype)
         if detach:
-            weights = type(weights)(weights.scaling, {m: t.detach() for m, t in weights.a.items()},
-                                    {m: t.detach() for m, t in weights.b.items()})
+            weights = type(weights).from_tensors(weights.scaling, {n: t.detach() for n, t in weights.tensors().items()})
         return weights
 
     def set_adapter(self, adapter: str | None) -> None:

@@ -161,8 +161,7 @@ class _RemoteBlocks(torch.autograd.Function):
         lora = None
         if names:
             named = {n: t.detach() for n, t in zip(names, tensors, strict=True)}
-            lora = LoraWeights(float(scaling), {n[7:]: t for n, t in named.items() if n.startswith("lora_a.")},
-                               {n[7:]: t for n, t in named.items() if n.startswith("lora_b.")})
+            lora = LoraWeights.from_tensors(float(scaling), named)
         extras = _Extras(prompts, adapter, lora)
         out, inputs = _forward_span(seq, 0, seq.num_blocks, hidden.detach(), mask, extras, keep)
         ctx.seq, ctx.inputs, ctx.mask, ctx.extras, ctx.names = seq, inputs, mask, extras, names

@@ -60,13 +60,13 @@ class AdapterStore:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarm-adapters")
         self._listed: list[str] = []
         self._scanned = 0.0
+        self.preloaded = [adapter_name(source) for source in self.config.preload]  # their names, kept first
         self.loads = 0  # adapters read from disk so far
         self.evictions = 0
 
     def load_preloaded(self) -> None:
         """Read the `--adapters` ones (a ConfigError names what is wrong with any of them)."""
-        for source in self.config.preload:
-            name = adapter_name(source)
+        for source, name in zip(self.config.preload, self.preloaded, strict=True):
             if name in self._loaded:
                 raise ConfigError(f"two adapters are named {name!r}; adapters are chosen by name")
             task = self._read(source)
@@ -91,11 +91,8 @@ class AdapterStore:
         """The adapters this server holds or can load: the ones given at start, those loaded, those in its
         directory (listed again every few seconds)."""
         with self._lock:
-            names = list(dict.fromkeys([*self.config_names(), *self._loaded]))
+            names = list(dict.fromkeys([*self.preloaded, *self._loaded]))
         return list(dict.fromkeys([*names, *self._scan()]))
-
-    def config_names(self) -> list[str]:
-        return [adapter_name(s) for s in self.config.preload]
 
     def _scan(self) -> list[str]:
         if self.directory is None:

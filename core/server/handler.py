@@ -443,7 +443,7 @@ class Handler:
         if lora.nbytes > self.limits.max_lora_bytes:
             raise Refused("bad_request", f"the LoRA takes {lora.nbytes} bytes; the limit is "
                                          f"{self.limits.max_lora_bytes}")
-        for n, block in enumerate(range(*blocks)):
+        for block in range(*blocks):
             linears = self.span.linears(block)
             for module, a in lora.a.items():
                 shape = linears.get(module)
@@ -454,9 +454,8 @@ class Handler:
                     raise Refused("bad_request", f"lora_a.{module} / lora_b.{module} must be [blocks, r, "
                                                  f"{shape[0]}] / [blocks, {shape[1]}, r] for this model, got "
                                                  f"{list(a.shape)} / {list(lora.b[module].shape)}")
-            if n == 0:
-                for name, t in lora.tensors().items():
-                    _finite(name, t, self.span.dtype)
+        for name, t in lora.tensors().items():
+            _finite(name, t, self.span.dtype)
         return lora
 
     def _lora_task(self, lora: LoraWeights | None, blocks: tuple[int, int]) -> tuple[Task, ...]:
