@@ -70,19 +70,29 @@ class RpcServerConfig:
 class Request:
     """One request received by the server; answer it exactly once with `reply` or `fail` (from any thread)."""
 
-    __slots__ = ("_server", "_identity", "message", "_answered", "_lock")
+    __slots__ = ("_server", "_identity", "message", "_answered", "_lock", "_frame", "_peer")
 
-    def __init__(self, server: RpcServer, identity: bytes, message: Message):
+    def __init__(self, server: RpcServer, identity: bytes, message: Message, frame: Any = None):
         self._server = server
         self._identity = identity
         self.message = message
         self._answered = False
         self._lock = threading.Lock()
+        self._frame = frame  # a received frame, for the connection's properties (see `peer`)
+        self._peer: str | None = None
 
     @property
     def client(self) -> bytes:
         """The ZeroMQ identity of the requesting connection."""
         return self._identity
+
+    @property
+    def peer(self) -> str:
+        """Who sent the request, for limits per peer: `key:<z85>` for a peer authenticated by its CURVE key (a
+        private swarm), else `ip:<address>` of the connection, else `conn:<hex>` (the connection itself)."""
+        if self._peer is None:
+            self._peer = _peer_of(self._frame, self._identity)
+        return self._peer
 
     def _claim(self) -> bool:
         with self._lock:
@@ -211,7 +221,7 @@ class RpcServer:
                 self._reject(identity, body, e)
                 continue
             try:
-                self._handler(Request(self, identity, message))
+                self._handler(Request(self, identity, message, body[0]))
             except SwarmError as e:
                 self._router.send_multipart([identity, *encode(ERROR, message.id, {"code": e.code,
                                                                                    "message": str(e)})])
@@ -581,6 +591,18 @@ class _Link:
                 continue
             self._outbox.popleft()
             call.frames = []
+
+
+def _peer_of(frame: Any, identity: bytes) -> str:
+    """See `Request.peer`: the properties ZeroMQ keeps on a received frame of the connection."""
+    for prop, prefix in (("User-Id", "key:"), ("Peer-Address", "ip:")):
+        try:
+            value = frame.get(prop) if frame is not None else None
+        except (zmq.ZMQError, AttributeError, UnicodeDecodeError):
+            value = None
+        if value and value != "anonymous":
+            return prefix + value
+    return "conn:" + identity.hex()
 
 
 def _close(sock: zmq.Socket, monitor: zmq.Socket | None) -> None:
