@@ -89,7 +89,8 @@ class Request:
     @property
     def peer(self) -> str:
         """Who sent the request, for limits per peer: `key:<z85>` for a peer authenticated by its CURVE key (a
-        private swarm), else `ip:<address>` of the connection, else `conn:<hex>` (the connection itself)."""
+        private swarm), else `ip:<address>` of a remote connection, else `conn:<hex>`: the connection itself
+        (loopback, where every local client shares one address, and anything ZeroMQ cannot name)."""
         if self._peer is None:
             self._peer = _peer_of(self._frame, self._identity)
         return self._peer
@@ -600,9 +601,13 @@ def _peer_of(frame: Any, identity: bytes) -> str:
             value = frame.get(prop) if frame is not None else None
         except (zmq.ZMQError, AttributeError, UnicodeDecodeError):
             value = None
-        if value and value != "anonymous":
+        if value and value != "anonymous" and not (prefix == "ip:" and _loopback(value)):
             return prefix + value
     return "conn:" + identity.hex()
+
+
+def _loopback(address: str) -> bool:
+    return address.startswith("127.") or address in ("::1", "::ffff:127.0.0.1")
 
 
 def _close(sock: zmq.Socket, monitor: zmq.Socket | None) -> None:
