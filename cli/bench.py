@@ -16,9 +16,11 @@ from .common import (
     LogLevelOption,
     MdnsInterfaceOption,
     MdnsOption,
+    SwarmKeyOption,
     UsageError,
     err_console,
     listener,
+    load_swarm_key,
     model_and_peers,
     searched,
     setup_logging,
@@ -31,6 +33,7 @@ def bench(
     initial_peers: InitialPeersOption = None,
     mdns: MdnsOption = None,
     mdns_interface: MdnsInterfaceOption = None,
+    swarm_key: SwarmKeyOption = None,
     wait: Annotated[float, typer.Option(help="Seconds to listen for servers first.")] = 2.0,
     steps: Annotated[int, typer.Option(help="Inference steps timed per server and per route.")] = 20,
     batch: Annotated[int, typer.Option(help="Batch size of the forward measurement.")] = 8,
@@ -46,7 +49,8 @@ def bench(
         raise UsageError("--steps, --batch and --length must be at least 1 and --wait 0 or more")
     from ..core.bench import Bench, as_dicts
 
-    with listener(peers, mdns, mdns_interface) as discovery:
+    key = load_swarm_key(swarm_key)
+    with listener(peers, mdns, mdns_interface, key) as discovery:
         discovery.listen(wait)
         records = [r for r in discovery.records() if r.state == "online"]
     if model is None:
@@ -54,12 +58,12 @@ def bench(
         if len(served) > 1:
             raise UsageError(f"several models are served ({'; '.join(served)}); name one: swarm bench MODEL")
         if not served:
-            raise SwarmError(f"found no server ({searched(peers, mdns, mdns_interface, wait)})")
+            raise SwarmError(f"found no server ({searched(peers, mdns, mdns_interface, wait, discovery)})")
         model = served[0]
     records = [r for r in records if matches(model, r.model)]
     if not records:
-        raise SwarmError(f"found no server of {model!r} ({searched(peers, mdns, mdns_interface, wait)})")
-    runner = Bench(records)
+        raise SwarmError(f"found no server of {model!r} ({searched(peers, mdns, mdns_interface, wait, discovery)})")
+    runner = Bench(records, swarm_key=key)
     try:
         with err_console.status(f"measuring {len(records)} servers of {records[0].model}..."):
             servers = runner.servers(steps)

@@ -24,8 +24,10 @@ from .common import (
     LogLevelOption,
     MdnsInterfaceOption,
     MdnsOption,
+    SwarmKeyOption,
     UsageError,
     err_console,
+    load_swarm_key,
     model_and_peers,
     setup_logging,
 )
@@ -41,8 +43,9 @@ DEMOS = ("smollm2", "random")
 
 
 @contextlib.contextmanager
-def _demo_swarm(kind: str) -> Iterator[tuple[str, list[str]]]:
-    """The built-in demo: a local swarm of 2 servers of the demo model `kind` on 127.0.0.1, stopped on exit."""
+def _demo_swarm(kind: str, swarm_key: str | None = None) -> Iterator[tuple[str, list[str]]]:
+    """The built-in demo: a local swarm of 2 servers of the demo model `kind` on 127.0.0.1 (private with
+    `swarm_key`), stopped on exit."""
     from ..core.local_swarm import LocalSwarm, even_spans
 
     with err_console.status("preparing the demo model...") as spinner:
@@ -60,7 +63,9 @@ def _demo_swarm(kind: str) -> Iterator[tuple[str, list[str]]]:
             path = ensure_chat_model(on_status=on_status)
             blocks = num_blocks(path)
         spinner.update("starting a local swarm of 2 servers...")
-        swarm = LocalSwarm(path, even_spans(blocks, 2), extra_args=["--log-level", "warning", "--no-mdns"]).start()
+        private = [] if swarm_key is None else ["--swarm-key", swarm_key]
+        swarm = LocalSwarm(path, even_spans(blocks, 2),
+                           extra_args=["--log-level", "warning", "--no-mdns", *private]).start()
     spans = ", ".join(f"blocks {a}:{b} at {e}" for (a, b), e in zip(swarm.spans, swarm.endpoints, strict=True))
     if kind == "random":
         err_console.print("[yellow]This is swarm's random demo model: its weights are random, so its answers are "
@@ -94,6 +99,7 @@ def chat(
     seed: Annotated[int | None, typer.Option(help="Random seed for sampling.")] = None,
     mdns: MdnsOption = None,
     mdns_interface: MdnsInterfaceOption = None,
+    swarm_key: SwarmKeyOption = None,
     show_route: Annotated[bool, typer.Option(help="Print which servers run which blocks after each answer.")] = False,
     relay: Annotated[bool, typer.Option(help="Servers pass each step along the chain themselves (one round trip "
                                         "from here per step instead of one per server).")] = False,
@@ -119,13 +125,15 @@ def chat(
         temperature = 0.0 if prompt is not None else 0.7
     if temperature < 0 or not 0 < top_p <= 1:
         raise ConfigError("--temperature must be >= 0 and --top-p in (0, 1]")
+    key = load_swarm_key(swarm_key)
     options = dict(system=system, max_length=max_length, max_new_tokens=max_new_tokens, temperature=temperature,
-                   top_p=top_p, seed=seed, config=ClientConfig(relay=relay), prompts=prompts, adapter=adapter)
+                   top_p=top_p, seed=seed, config=ClientConfig(relay=relay, swarm_key=key), prompts=prompts,
+                   adapter=adapter)
     settings = MdnsSettings.from_options(mdns, mdns_interface)
     discovery: Discovery | None = None
     try:
         if model is None and (peers or settings.enabled):
-            discovery = Discovery(peers, DiscoveryConfig(mdns=settings)).start()
+            discovery = Discovery(peers, DiscoveryConfig(mdns=settings, swarm_key=key)).start()
             model = _pick_model(discovery, wait=5.0 if peers else 2.0)
             if model is None and peers:
                 raise ConfigError(f"found no server through {', '.join(peers)}")
@@ -133,11 +141,11 @@ def chat(
             if discovery is not None:
                 discovery.stop()
                 discovery = None
-            with _demo_swarm(demo) as (demo_path, endpoints):
+            with _demo_swarm(demo, swarm_key) as (demo_path, endpoints):
                 _run(ChatSession.connect(demo_path, endpoints, mdns=False, **options), prompt, show_route)
             return
         if discovery is None:
-            discovery = Discovery(peers, DiscoveryConfig(mdns=settings)).start()
+            discovery = Discovery(peers, DiscoveryConfig(mdns=settings, swarm_key=key)).start()
         with err_console.status("connecting to the swarm..."):
             session = ChatSession.connect(model, peers, discovery=discovery, **options)
         _run(session, prompt, show_route)

@@ -18,6 +18,7 @@ from ..transport.errors import ConfigError
 
 if TYPE_CHECKING:
     from ..transport.discovery import Discovery
+    from ..transport.keys import SwarmKey
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -29,6 +30,9 @@ MdnsOption = Annotated[bool | None, typer.Option(
 MdnsInterfaceOption = Annotated[str | None, typer.Option(
     help="Bind mDNS to this interface's IPv4 address ($SWARM_MDNS_INTERFACE).")]
 LogLevelOption = Annotated[str | None, typer.Option(help="debug, info, warning or error.")]
+SwarmKeyOption = Annotated[str | None, typer.Option(
+    help="Join a private swarm with this key file (`swarm keygen`): every connection is encrypted and only holders "
+         "of the swarm's keys get in.")]
 
 err_console = Console(stderr=True)
 
@@ -84,20 +88,34 @@ def model_and_peers(model: str | None, values: list[str] | None, extra: list[str
     return model, collect_peers(values, extra)
 
 
-def listener(peers: list[str], mdns: bool | None, mdns_interface: str | None) -> Discovery:
+def load_swarm_key(path: str | None) -> SwarmKey | None:
+    """The key of `--swarm-key PATH` (None without it); a bad file is a ConfigError that names it."""
+    if path is None:
+        return None
+    from ..transport.keys import SwarmKey
+
+    return SwarmKey.load(path)
+
+
+def listener(peers: list[str], mdns: bool | None, mdns_interface: str | None,
+             swarm_key: SwarmKey | None = None) -> Discovery:
     """A discovery that only listens (for `status` and `bench`), gossiping every half second; not started."""
     from ..transport.discovery import Discovery, DiscoveryConfig
     from ..transport.gossip import GossipConfig
     from ..transport.mdns import MdnsSettings
 
-    settings = DiscoveryConfig(mdns=MdnsSettings.from_options(mdns, mdns_interface), gossip=GossipConfig(period=0.5))
+    settings = DiscoveryConfig(mdns=MdnsSettings.from_options(mdns, mdns_interface), gossip=GossipConfig(period=0.5),
+                               swarm_key=swarm_key)
     return Discovery(peers, settings)
 
 
-def searched(peers: list[str], mdns: bool | None, mdns_interface: str | None, wait: float) -> str:
-    """Where a command looked for servers, for its 'found no server' line."""
+def searched(peers: list[str], mdns: bool | None, mdns_interface: str | None, wait: float,
+             discovery: Discovery | None = None) -> str:
+    """Where a command looked for servers, for its 'found no server' line (or which server refused us and why)."""
     from ..transport.mdns import MdnsSettings
 
+    for address, why in (discovery.denied() if discovery is not None else {}).items():
+        return f"{address} refused us: {why}"
     places = []
     if MdnsSettings.from_options(mdns, mdns_interface).enabled:
         places.append("mDNS on the local network")

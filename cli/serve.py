@@ -65,6 +65,12 @@ def serve(
     identity: Annotated[str | None, typer.Option(
         help="File of this server's key pair, made on first start: its public key is the server's peer id, stable "
              "across restarts, and signs its records (default: a new key pair each start).")] = None,
+    swarm_key: Annotated[str | None, typer.Option(
+        help="Serve a private swarm with this swarm key (`swarm keygen`): every connection is encrypted, and only "
+             "peers holding the swarm key or a key in --allowed-keys get in.")] = None,
+    allowed_keys: Annotated[str | None, typer.Option(
+        help="Directory of member keys (`swarm keygen --member`, their .pub files) admitted besides the swarm key; "
+             "read again when it changes.")] = None,
     log_level: LogLevelOption = None,
 ) -> None:
     """Serve a span of transformer blocks of MODEL to the swarm."""
@@ -105,7 +111,8 @@ def serve(
                           limits=HandlerLimits(session_timeout=session_timeout), initial_peers=peers,
                           discovery=discovery, model_id=model_id, link_delay=max(0.0, simulate_rtt_ms) / 2000,
                           passes=PassLimits(max_tokens=pass_tokens, mix_tasks=mix_adapters), batching=batching,
-                          adapters=adapter_config, identity=identity)
+                          adapters=adapter_config, identity=identity, swarm_key=swarm_key,
+                          allowed_keys=allowed_keys)
     server = Server(config)
     total = server.num_blocks()  # reads the model's config only
     if span[1] > total:

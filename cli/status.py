@@ -20,9 +20,11 @@ from .common import (
     LogLevelOption,
     MdnsInterfaceOption,
     MdnsOption,
+    SwarmKeyOption,
     UsageError,
     err_console,
     listener,
+    load_swarm_key,
     model_and_peers,
     searched,
     setup_logging,
@@ -134,6 +136,7 @@ def status(
     initial_peers: InitialPeersOption = None,
     mdns: MdnsOption = None,
     mdns_interface: MdnsInterfaceOption = None,
+    swarm_key: SwarmKeyOption = None,
     wait: Annotated[float, typer.Option(help="Seconds to listen before showing the swarm.")] = 2.0,
     json_: Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of tables.")] = False,
     watch: Annotated[bool, typer.Option(help="Refresh the view live until Ctrl-C.")] = False,
@@ -144,13 +147,14 @@ def status(
     model, peers = model_and_peers(model, initial_peers, list(ctx.args))
     if wait < 0:
         raise UsageError("--wait must be 0 or more")
-    with listener(peers, mdns, mdns_interface) as discovery:
+    key = load_swarm_key(swarm_key)
+    with listener(peers, mdns, mdns_interface, key) as discovery:
         discovery.listen(wait)
         if json_ or not watch:
             records, coverages = snapshot(discovery, model)
             if not records:
                 of = f" of {model!r}" if model is not None else ""
-                raise SwarmError(f"found no server{of} ({searched(peers, mdns, mdns_interface, wait)})")
+                raise SwarmError(f"found no server{of} ({searched(peers, mdns, mdns_interface, wait, discovery)})")
             if json_:
                 print(json.dumps(as_json(records, coverages, discovery), indent=2))
             else:

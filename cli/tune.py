@@ -27,9 +27,11 @@ from .common import (
     LogLevelOption,
     MdnsInterfaceOption,
     MdnsOption,
+    SwarmKeyOption,
     UsageError,
     collect_peers,
     err_console,
+    load_swarm_key,
     setup_logging,
 )
 
@@ -74,6 +76,7 @@ def tune(
     initial_peers: InitialPeersOption = None,
     mdns: MdnsOption = None,
     mdns_interface: MdnsInterfaceOption = None,
+    swarm_key: SwarmKeyOption = None,
     log_level: LogLevelOption = None,
 ) -> None:
     """Prompt-tune a model through the swarm (the servers' weights never change)."""
@@ -92,6 +95,7 @@ def tune(
         raise UsageError(str(e)) from None
     if output.exists() and not output.is_dir():
         raise UsageError(f"--output {output} exists and is not a directory")
+    key = load_swarm_key(swarm_key)  # a bad key file fails before the dataset is read
     with err_console.status(f"reading {dataset}..."):
         data = load_data(dataset, task=task, text_field=text_field, label_field=label_field,
                          validation_split=validation_split, seed=seed, max_examples=max_examples,
@@ -101,7 +105,8 @@ def tune(
     tokenizer = ModelSource(resolve_alias(model)).tokenizer()
     with err_console.status("connecting to the swarm..."):
         lora = dict(lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets) if mode == "lora" else {}
-        net = _connect(model, task, mode, prompt_length, data, prompts, peers, mdns, mdns_interface, seed, lora)
+        net = _connect(model, task, mode, prompt_length, data, prompts, peers, mdns, mdns_interface, seed, lora,
+                       key)
     stop = threading.Event()
     with net, _stop_on_ctrl_c(stop):
         trainer = Trainer(net, tokenizer, data, config, stop=stop)
@@ -120,13 +125,15 @@ def tune(
 
 def _connect(model: str, task: str, mode: str, prompt_length: int, data: Any, prompts: Path | None,
              peers: list[str], mdns: bool | None, mdns_interface: str | None, seed: int,
-             lora: dict[str, Any] | None = None) -> Any:
+             lora: dict[str, Any] | None = None, swarm_key: Any = None) -> Any:
     import torch
 
+    from ..core.client.config import ClientConfig
     from ..core.client.model import AutoDistributedModelForCausalLM, AutoDistributedModelForSequenceClassification
 
     torch.manual_seed(seed)  # the initial prompts (or LoRA) and head
-    common: dict[str, Any] = dict(initial_peers=peers, mdns=mdns, mdns_interface=mdns_interface)
+    common: dict[str, Any] = dict(initial_peers=peers, mdns=mdns, mdns_interface=mdns_interface,
+                                  config=ClientConfig(swarm_key=swarm_key))
     if prompts is not None:
         common["prompts"] = str(prompts)
     elif mode == "lora":

@@ -4,16 +4,17 @@ _swarm_completion() {
     cur="${COMP_WORDS[COMP_CWORD]}"
     cmd="${COMP_WORDS[1]}"
     if [ "$COMP_CWORD" -eq 1 ]; then
-        COMPREPLY=($(compgen -W "bench chat completions serve status tune --help --version" -- "$cur"))
+        COMPREPLY=($(compgen -W "bench chat completions keygen serve status tune --help --version" -- "$cur"))
         return
     fi
     case "$cmd" in
-        bench) opts="--all-routes --batch --help --initial-peers --json --length --log-level --mdns --mdns-interface --steps --wait" ;;
-        chat) opts="--adapter --demo --help --initial-peers --log-level --max-length --max-new-tokens --mdns --mdns-interface --prompt --prompts --relay --seed --show-route --system --temperature --top-p" ;;
+        bench) opts="--all-routes --batch --help --initial-peers --json --length --log-level --mdns --mdns-interface --steps --swarm-key --wait" ;;
+        chat) opts="--adapter --demo --help --initial-peers --log-level --max-length --max-new-tokens --mdns --mdns-interface --prompt --prompts --relay --seed --show-route --swarm-key --system --temperature --top-p" ;;
         completions) opts="--help --write" ;;
-        serve) opts="--adapter-dir --adapter-memory --adapters --batching --blocks --cache-tokens --dtype --gossip-period --help --host --identity --initial-peers --log-level --max-adapters --mdns --mdns-interface --mix-adapters --model-id --pass-tokens --port --record-ttl --session-timeout --simulate-rtt-ms" ;;
-        status) opts="--help --initial-peers --json --log-level --mdns --mdns-interface --wait --watch" ;;
-        tune) opts="--batch-size --dataset --epochs --eval-every --help --initial-peers --json --label-field --log-level --lora-alpha --lora-rank --lora-targets --lr --max-examples --max-length --max-steps --mdns --mdns-interface --mode --output --prompt-length --prompts --seed --task --text-field --validation-file --validation-split" ;;
+        keygen) opts="--help --log-level --member-of --out" ;;
+        serve) opts="--adapter-dir --adapter-memory --adapters --allowed-keys --batching --blocks --cache-tokens --dtype --gossip-period --help --host --identity --initial-peers --log-level --max-adapters --mdns --mdns-interface --mix-adapters --model-id --pass-tokens --port --record-ttl --session-timeout --simulate-rtt-ms --swarm-key" ;;
+        status) opts="--help --initial-peers --json --log-level --mdns --mdns-interface --swarm-key --wait --watch" ;;
+        tune) opts="--batch-size --dataset --epochs --eval-every --help --initial-peers --json --label-field --log-level --lora-alpha --lora-rank --lora-targets --lr --max-examples --max-length --max-steps --mdns --mdns-interface --mode --output --prompt-length --prompts --seed --swarm-key --task --text-field --validation-file --validation-split" ;;
         *) opts="" ;;
     esac
     if [[ "$cur" == -* ]]; then

@@ -17,9 +17,10 @@ import torch
 
 from ..transport.codec import Message
 from ..transport.errors import ProtocolError, SwarmError
+from ..transport.keys import SwarmKey
 from ..transport.messages import Close, Forward, ForwardReply, Open, OpenReply, Ping, RequestMessage, Step, StepReply
 from ..transport.records import ServerRecord
-from ..transport.rpc import RpcClient, RpcClientConfig
+from ..transport.rpc import CurveClient, RpcClient, RpcClientConfig
 from .client.routing import Hop, SpanInfo, missing_ranges, plan_forward, plan_inference
 
 _Reply = TypeVar("_Reply")
@@ -64,12 +65,12 @@ def all_chains(spans: Sequence[SpanInfo], start: int, end: int, limit: int = 20)
 
 
 class Bench:
-    def __init__(self, records: Sequence[ServerRecord], timeout: float = 30.0):
+    def __init__(self, records: Sequence[ServerRecord], timeout: float = 30.0, swarm_key: SwarmKey | None = None):
         self.records = list(records)
         self.hidden = self.records[0].hidden_size
         self.num_blocks = self.records[0].num_blocks
-        self._clients = {r.addresses[0]: RpcClient(r.addresses[0], RpcClientConfig(timeout=timeout))
-                         for r in self.records}
+        config = RpcClientConfig(timeout=timeout, curve=None if swarm_key is None else CurveClient.of(swarm_key))
+        self._clients = {r.addresses[0]: RpcClient(r.addresses[0], config) for r in self.records}
         self.rtt: dict[str, float] = {}
 
     def close(self) -> None:

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .gossip import GossipConfig, GossipNode, Membership
+from .keys import SwarmKey
 from .mdns import MdnsAnnouncer, MdnsBrowser, MdnsSettings
 from .records import ServerRecord
-from .rpc import normalize_endpoint
+from .rpc import CurveClient, RpcClientConfig, normalize_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ class DiscoveryConfig:
     mdns: MdnsSettings = field(default_factory=lambda: MdnsSettings.from_options(None, None))  # $SWARM_MDNS...
     gossip: GossipConfig = field(default_factory=GossipConfig)  # gossip period, fanout, expiry
     record_ttl: float = 15.0  # seconds others believe a server's record without hearing a newer one
+    swarm_key: SwarmKey | None = None  # a private swarm: gossip over CurveZMQ, mDNS shows only the swarm's tag
 
 
 @dataclass(frozen=True)
@@ -46,11 +48,15 @@ class Discovery:
         self.config = config or DiscoveryConfig()
         self.initial_peers = [normalize_endpoint(p) for p in initial_peers]
         self.membership = Membership(self.config.gossip)
+        key = self.config.swarm_key
+        rpc = RpcClientConfig(curve=None if key is None else CurveClient.of(key))
         self._node = GossipNode(self.membership, self.config.gossip, seeds=self.initial_peers,
-                                refresh_own=own_record)
-        self._browser = MdnsBrowser(self.config.mdns, on_change=self._on_mdns) if self.config.mdns.enabled else None
+                                refresh_own=own_record, rpc=rpc)
+        tag = None if key is None else key.mdns_tag
+        self._browser = (MdnsBrowser(self.config.mdns, on_change=self._on_mdns, tag=tag)
+                         if self.config.mdns.enabled else None)
         self._announcer = (MdnsAnnouncer(announce.peer_id, announce.port, announce.model, self.config.mdns,
-                                         host=announce.host)
+                                         host=announce.host, tag=tag)
                            if announce is not None and self.config.mdns.enabled else None)
         self._started = False
 
@@ -77,6 +83,10 @@ class Discovery:
         self.membership.expire()
         found = self.membership.records(include_offline=include_offline)
         return [r for r in found if predicate is None or predicate(r)]
+
+    def denied(self) -> dict[str, str]:
+        """Addresses whose servers refused us at the last try, and why (a private swarm's, without its key)."""
+        return dict(self._node.denied)
 
     def refresh(self) -> None:
         """One gossip round now (a client that needs fresh records does not wait for the next period)."""

@@ -102,6 +102,10 @@ class RelayStopped(RemoteError):
     """A relayed step did not run: its input never came from the previous server, or the client cancelled it."""
 
 
+class AccessDenied(RemoteError):
+    """A server of a private swarm does not admit our key (or we hold none, or it speaks another mechanism)."""
+
+
 # Stable error codes used on the wire and the exception each maps to on the caller's side.
 REMOTE_ERRORS: dict[str, type[RemoteError]] = {
     "bad_request": BadRequest,
@@ -117,6 +121,7 @@ REMOTE_ERRORS: dict[str, type[RemoteError]] = {
     "relay_refused": RelayRefused,
     "relay_timeout": RelayStopped,
     "cancelled": RelayStopped,
+    "access_denied": AccessDenied,
     "internal": RemoteError,
 }
 

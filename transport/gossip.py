@@ -36,9 +36,9 @@ import msgpack
 import zmq
 
 from .codec import MAX_HEADER_BYTES
-from .errors import ConfigError, ProtocolError, SwarmError
+from .errors import AccessDenied, ConfigError, ProtocolError, SwarmError
 from .records import ServerRecord, record_from_wire, record_to_wire
-from .rpc import RpcClient, normalize_endpoint
+from .rpc import RpcClient, RpcClientConfig, normalize_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -303,8 +303,10 @@ class GossipNode:
     """Push-pull gossip rounds over ZeroMQ in a daemon thread, plus the server side of an exchange (`handle`)."""
 
     def __init__(self, membership: Membership, config: GossipConfig | None = None, seeds: Sequence[str] = (),
-                 refresh_own: Callable[[], ServerRecord | None] | None = None, context: zmq.Context | None = None):
+                 refresh_own: Callable[[], ServerRecord | None] | None = None, context: zmq.Context | None = None,
+                 rpc: RpcClientConfig | None = None):
         self.membership = membership
+        self._rpc = rpc or RpcClientConfig()  # how exchanges connect (a private swarm's keys)
         self.config = config or membership.config
         try:
             self.seeds = list(dict.fromkeys(normalize_endpoint(s) for s in seeds))
@@ -315,6 +317,7 @@ class GossipNode:
         self._clients: dict[str, RpcClient] = {}
         self._backoff: dict[str, _Backoff] = {}
         self._answered: set[str] = set()  # seeds that answered at least once
+        self.denied: dict[str, str] = {}  # address -> why it refused us (a private swarm's server; bounded below)
         self._state_lock = threading.Lock()  # clients, backoff and answered, shared with the exchange threads
         # a server warns about peers it cannot reach; a listening client leaves that to its own error messages
         self._failing = _OnceLogger(level=logging.WARNING if refresh_own is not None else logging.INFO)
@@ -410,7 +413,7 @@ class GossipNode:
         with self._state_lock:
             client = self._clients.get(address)
             if client is None:
-                client = self._clients[address] = RpcClient(address, context=self._context)
+                client = self._clients[address] = RpcClient(address, self._rpc, context=self._context)
             return client
 
     def _prune_clients(self, keep: set[str]) -> None:
@@ -440,6 +443,7 @@ class GossipNode:
         with self._state_lock:
             recovered = self._backoff.pop(address, None) is not None
             self._answered.add(address)
+            self.denied.pop(address, None)
         if recovered:
             log.debug("gossip peer %s answers again", address)
             self._failing.forget(address)
@@ -447,6 +451,8 @@ class GossipNode:
 
     def _failed(self, address: str, error: Exception) -> None:
         with self._state_lock:
+            if isinstance(error, AccessDenied) and (address in self.denied or len(self.denied) < 64):
+                self.denied[address] = error.remote_message
             state = self._backoff.setdefault(address, _Backoff())
             state.failures += 1
             delay = min(self.config.max_backoff, self.config.period * 2 ** min(state.failures - 1, 30))

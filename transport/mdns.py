@@ -5,9 +5,12 @@ What this module does:
 - `MdnsSettings`: whether mDNS is on and which interface it binds to, from CLI options or the environment
   (`SWARM_MDNS`, `SWARM_MDNS_INTERFACE`); bad values raise ConfigError.
 - `MdnsAnnouncer`: a server registers one `_swarm._tcp.local.` service whose TXT record carries its peer id, the
-  protocol version and the model it serves, and whose addresses are the IPv4 addresses it can be reached at.
+  protocol version and the model it serves, and whose addresses are the IPv4 addresses it can be reached at. A
+  server of a private swarm announces only its address, a random name and the swarm's tag (`SwarmKey.mdns_tag`):
+  no peer id, no model, nothing a stranger could use to get in (the connection itself needs the swarm's keys).
 - `MdnsBrowser`: a client or server browses that service type and keeps a thread-safe table of the peers it sees
-  (peer id, tcp://IP:PORT endpoints, model); services that go away leave the table; malformed ones are ignored.
+  (peer id, tcp://IP:PORT endpoints, model); services that go away leave the table; malformed ones are ignored, and
+  so are those of another swarm (a browser with a tag sees only services with that tag, one without sees none).
 - `open_zeroconf`: one Zeroconf instance for the settings, shared by an announcer and a browser in one process.
 
 mDNS is best effort: when zeroconf cannot start (no multicast-capable interface, permission denied) one warning is
@@ -22,6 +25,7 @@ import logging
 import os
 import queue
 import re
+import secrets
 import socket
 import threading
 import time
@@ -174,12 +178,14 @@ class MdnsAnnouncer:
     """
 
     def __init__(self, peer_id: str, port: int, model: str, settings: MdnsSettings, host: str = "0.0.0.0",
-                 zc: zeroconf.Zeroconf | None = None):
+                 zc: zeroconf.Zeroconf | None = None, tag: str | None = None):
         if not 0 < port < 65536:
             raise ConfigError(f"cannot announce port {port}: it must be between 1 and 65535")
-        self.peer_id = peer_id
+        # a private swarm's server: a random name in place of its id, no model, the swarm's tag
+        self.peer_id = peer_id if tag is None else secrets.token_hex(8)
         self.port = port
-        self.model = model
+        self.model = model if tag is None else ""
+        self.tag = tag
         self.settings = settings
         self.host = host
         self._zc = zc
@@ -216,9 +222,10 @@ class MdnsAnnouncer:
                     return self
             addresses = _announce_addresses(self.settings, self.host)
             model = _truncate_utf8(self.model, MAX_TXT_ENTRY - len("model="))
+            properties = {"id": self.peer_id, "proto": PROTOCOL}
+            properties.update({"model": model} if self.tag is None else {"swarm": self.tag})
             info = zeroconf.ServiceInfo(
-                SERVICE_TYPE, f"{self.peer_id[:63]}.{SERVICE_TYPE}", port=self.port,
-                properties={"id": self.peer_id, "proto": PROTOCOL, "model": model},
+                SERVICE_TYPE, f"{self.peer_id[:63]}.{SERVICE_TYPE}", port=self.port, properties=properties,
                 server=f"swarm-{self.peer_id[:12]}.local.", parsed_addresses=addresses)
             try:
                 # a stale record of a previous run may still be cached; the TXT id, not the name, identifies us
@@ -282,9 +289,10 @@ class MdnsBrowser:
     """
 
     def __init__(self, settings: MdnsSettings, on_change: Callable[[], None] | None = None,
-                 zc: zeroconf.Zeroconf | None = None):
+                 zc: zeroconf.Zeroconf | None = None, tag: str | None = None):
         self.settings = settings
         self.on_change = on_change
+        self.tag = tag  # a private swarm's: only its services count
         self._zc = zc
         self._own_zc = zc is None
         self._browser: Any = None
@@ -372,7 +380,7 @@ class MdnsBrowser:
         if zc is None:
             return False
         info = zc.get_service_info(SERVICE_TYPE, name, timeout=RESOLVE_TIMEOUT_MS)
-        peer = _peer_from_info(info) if info is not None else None
+        peer = _peer_from_info(info, self.tag) if info is not None else None
         if peer is None:
             if key not in self._logged_bad:
                 self._logged_bad.add(key)
@@ -415,9 +423,13 @@ class MdnsBrowser:
         self.close()
 
 
-def _peer_from_info(info: Any) -> MdnsPeer | None:
-    """The peer a resolved service describes, or None when its TXT or addresses are malformed."""
+def _peer_from_info(info: Any, tag: str | None = None) -> MdnsPeer | None:
+    """The peer a resolved service describes, or None when its TXT or addresses are malformed or it belongs to
+    another swarm than the one `tag` names (None: the open swarm)."""
     props = info.properties or {}
+    raw_tag = props.get(b"swarm")
+    if (raw_tag is None) != (tag is None) or (tag is not None and raw_tag != tag.encode()):
+        return None
     raw_id = props.get(b"id")
     if not isinstance(raw_id, bytes):
         return None

@@ -44,7 +44,16 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from .codec import MAX_HEADER_BYTES, Message, decode, decode_header, encode
-from .errors import ConfigError, PeerTimeout, PeerUnreachable, ProtocolError, SwarmError, error_for_code
+from .errors import (
+    AccessDenied,
+    ConfigError,
+    PeerTimeout,
+    PeerUnreachable,
+    ProtocolError,
+    SwarmError,
+    error_for_code,
+)
+from .keys import SwarmKey
 from .records import normalize_endpoint  # re-exported: callers import it from here
 
 log = logging.getLogger(__name__)
@@ -52,6 +61,9 @@ log = logging.getLogger(__name__)
 ERROR = "error"  # message type of an error reply
 RESULT = "result"  # message type of a successful reply
 _LOST_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+ZAP_DOMAIN = b"swarm"  # the authentication domain of a private swarm's sockets
 # why a bind failed, in words a user can act on (ZeroMQ reports a host it cannot parse as "no such device")
 _BIND_ERRORS = {errno.EADDRINUSE: "address in use (another process listens on that port)",
                 errno.EADDRNOTAVAIL: "not an address of this machine",
@@ -60,11 +72,34 @@ _BIND_ERRORS = {errno.EADDRINUSE: "address in use (another process listens on th
 
 
 @dataclass(frozen=True)
+class CurveServer:
+    """A server of a private swarm: the key pair it presents (z85) and which client keys it admits."""
+
+    public: bytes
+    secret: bytes
+    admit: Callable[[bytes], bool]  # z85 client key -> admitted (asked at each handshake and each request)
+
+
+@dataclass(frozen=True)
+class CurveClient:
+    """A peer of a private swarm: its own key pair and the server key it expects (z85)."""
+
+    public: bytes
+    secret: bytes
+    server: bytes
+
+    @classmethod
+    def of(cls, key: SwarmKey) -> CurveClient:
+        return cls(key.public, key.secret, key.swarm)
+
+
+@dataclass(frozen=True)
 class RpcServerConfig:
     host: str = "0.0.0.0"  # interface to bind; 0.0.0.0 binds all
     port: int = 0  # 0 picks any free port (see RpcServer.endpoint)
     poll_ms: int = 100  # how often the I/O loop wakes to run its tick callback and check for stop
     high_water_mark: int = 10_000  # queued messages per peer before ZeroMQ drops
+    curve: CurveServer | None = None  # a private swarm: CurveZMQ on every connection, only admitted keys served
 
 
 class Request:
@@ -126,6 +161,13 @@ class RpcServer:
         self._router.setsockopt(zmq.SNDHWM, self.config.high_water_mark)
         self._router.setsockopt(zmq.RCVHWM, self.config.high_water_mark)
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self._auth = None
+        if self.config.curve is not None:
+            self._auth = _start_authenticator(self._ctx, self.config.curve.admit)
+            self._router.setsockopt(zmq.CURVE_SERVER, 1)
+            self._router.setsockopt(zmq.CURVE_PUBLICKEY, self.config.curve.public)
+            self._router.setsockopt(zmq.CURVE_SECRETKEY, self.config.curve.secret)
+            self._router.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
         try:
             if self.config.port:
                 self._router.bind(f"tcp://{self.config.host}:{self.config.port}")
@@ -134,6 +176,8 @@ class RpcServer:
                 self.port = self._router.bind_to_random_port(f"tcp://{self.config.host}")
         except zmq.ZMQError as e:
             self._router.close(linger=0)
+            if self._auth is not None:
+                self._auth.stop()
             if self._own_context:
                 self._ctx.term()
             address = f"tcp://{self.config.host}:{self.config.port or '*'}"
@@ -174,6 +218,8 @@ class RpcServer:
         with self._push_lock:
             for sock in (self._router, self._pull, self._push):
                 sock.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
         if self._own_context:
             self._ctx.term()
 
@@ -221,8 +267,13 @@ class RpcServer:
             except ProtocolError as e:
                 self._reject(identity, body, e)
                 continue
+            request = Request(self, identity, message, body[0])
+            if self.config.curve is not None and not self._admitted(request):
+                request.fail("access_denied", "this server does not admit your key any more (it was taken out of "
+                                              "its --allowed-keys)")
+                continue
             try:
-                self._handler(Request(self, identity, message, body[0]))
+                self._handler(request)
             except SwarmError as e:
                 self._router.send_multipart([identity, *encode(ERROR, message.id, {"code": e.code,
                                                                                    "message": str(e)})])
@@ -230,6 +281,11 @@ class RpcServer:
                 log.exception("handler failed on %s", message.type)
                 self._router.send_multipart([identity, *encode(ERROR, message.id, {"code": "internal",
                                                                                    "message": repr(e)})])
+
+    def _admitted(self, request: Request) -> bool:
+        """Whether the key that sent `request` is still admitted (an allow-list may have shrunk since its handshake)."""
+        peer = request.peer
+        return peer.startswith("key:") and self.config.curve.admit(peer[4:].encode())
 
     def _reject(self, identity: bytes, body: list[Any], error: ProtocolError) -> None:
         request_id = 0
@@ -252,6 +308,7 @@ class RpcClientConfig:
     connect_timeout: float = 5.0  # seconds for the first reply from a peer (used by callers that probe peers)
     link_delay: float = 0.0  # simulated one-way latency added to each request and each reply (benchmarks)
     link_bandwidth: float | None = None  # simulated link speed in bytes/s (None: as fast as loopback)
+    curve: CurveClient | None = None  # a private swarm: our key pair and the swarm's server key
 
     def link_time(self, frames: Sequence[Any]) -> float:
         """Seconds a message of `frames` spends on the simulated link."""
@@ -297,9 +354,10 @@ class _Link:
     the RpcClient, so a client dropped without `close` is finalized, which closes the link and ends the thread.
     """
 
-    def __init__(self, endpoint: str, context: zmq.Context):
+    def __init__(self, endpoint: str, context: zmq.Context, curve: CurveClient | None = None):
         self.endpoint = endpoint
         self._ctx = context
+        self._curve = curve
         self._lock = threading.Lock()  # pending, queue, closed, reset_wanted, thread
         self._pending: dict[int, _Call] = {}  # request id -> call whose caller still waits
         self._queue: deque[_Call] = deque()  # submitted, not yet taken by the I/O thread
@@ -420,6 +478,10 @@ class _Link:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.RECONNECT_IVL, 20)  # ms: a refused reconnect (peer gone) shows up quickly
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+            if self._curve is not None:
+                sock.setsockopt(zmq.CURVE_SERVERKEY, self._curve.server)
+                sock.setsockopt(zmq.CURVE_PUBLICKEY, self._curve.public)
+                sock.setsockopt(zmq.CURVE_SECRETKEY, self._curve.secret)
             if self._ipv6:
                 # only for literals: with it a name may resolve to IPv6 first (localhost to ::1), where a server
                 # bound to 0.0.0.0 does not listen
@@ -429,7 +491,7 @@ class _Link:
                 # timed out is dropped instead of being delivered late
                 sock.setsockopt(zmq.IMMEDIATE, 1)
                 # connection events tell at once that a peer went away (ZeroMQ itself would only reconnect silently)
-                events = sock.get_monitor_socket(_LOST_EVENTS)
+                events = sock.get_monitor_socket(_LOST_EVENTS | _HANDSHAKE_FAILED)
             sock.connect(self.endpoint)
         except zmq.ZMQError as e:
             if sock is not None:
@@ -518,22 +580,38 @@ class _Link:
 
     def _check_connection(self) -> None:
         """Drain connection events; when the peer closed or refused the connection, fail what is in flight."""
-        lost = None
+        lost = denied = None
         while self._monitor is not None:
             try:
                 event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
             except zmq.Again:
                 break
+            if denied is None and event["event"] & _HANDSHAKE_FAILED:
+                denied = self._denied(event["event"])
             if lost is not None:  # the first event tells what happened (a close is followed by refused retries)
                 continue
             if event["event"] == zmq.EVENT_DISCONNECTED:
                 lost = "closed the connection"
             elif event["event"] == zmq.EVENT_CONNECT_RETRIED:
                 lost = "refused the connection"
-        if lost is not None:
+        if denied is not None:
+            self._fail_taken(lambda call: AccessDenied(denied, code="access_denied",
+                                                       peer=self.endpoint))
+            self._outbox.clear()
+            self._reset()
+        elif lost is not None:
             self._fail_taken(lambda call: PeerUnreachable(f"{self.endpoint} {lost} before answering {call.type!r}"))
             self._outbox.clear()
             self._reset()  # a fresh socket: nothing queued for the lost connection goes out later
+
+    def _denied(self, event: int) -> str:
+        """Why the security handshake failed, in words a user can act on."""
+        if self._curve is None:
+            return "the server belongs to a private swarm: pass the swarm's key (--swarm-key) to connect"
+        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            return "the server does not admit our key: it is neither the swarm key nor in the server's --allowed-keys"
+        return ("the server did not complete the private swarm's handshake: it belongs to an open swarm, or to "
+                "another private swarm (another --swarm-key)")
 
     def _receive(self, sock: zmq.Socket) -> list[tuple[_Call, tuple[dict[str, Any], list[Any]]]]:
         """Take the replies that came (at most 1000 a turn) and match them to their calls."""
@@ -594,6 +672,30 @@ class _Link:
             call.frames = []
 
 
+class _Admission:
+    """The credentials provider of pyzmq's authenticator: asks `admit` about each client key at its handshake."""
+
+    def __init__(self, admit: Callable[[bytes], bool]):
+        self._admit = admit
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        try:
+            return bool(self._admit(key))
+        except Exception:  # a broken allow-list admits no one, and the server goes on
+            log.exception("checking a client key failed")
+            return False
+
+
+def _start_authenticator(context: zmq.Context, admit: Callable[[bytes], bool]) -> Any:
+    """A ZAP handler (pyzmq's authenticator thread) for the sockets of `context`: CURVE keys that `admit` accepts."""
+    from zmq.auth.thread import ThreadAuthenticator
+
+    auth = ThreadAuthenticator(context, log=logging.getLogger(__name__ + ".auth"))
+    auth.start()
+    auth.configure_curve_callback(ZAP_DOMAIN.decode(), credentials_provider=_Admission(admit))
+    return auth
+
+
 def _peer_of(frame: Any, identity: bytes) -> str:
     """See `Request.peer`: the properties ZeroMQ keeps on a received frame of the connection."""
     for prop, prefix in (("User-Id", "key:"), ("Peer-Address", "ip:")):
@@ -639,7 +741,7 @@ class RpcClient:
     def __init__(self, endpoint: str, config: RpcClientConfig | None = None, context: zmq.Context | None = None):
         self.endpoint = normalize_endpoint(endpoint)
         self.config = config or RpcClientConfig()
-        self._link = _Link(self.endpoint, context or zmq.Context.instance())
+        self._link = _Link(self.endpoint, context or zmq.Context.instance(), self.config.curve)
         # a client dropped without close() still ends its thread and closes its sockets
         self._finalizer = weakref.finalize(self, self._link.release)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ...transport.keys import SwarmKey
+
 
 @dataclass(frozen=True)
 class ClientConfig:
@@ -19,3 +21,4 @@ class ClientConfig:
     relay: bool = False  # servers pass a step's output straight to the next server (one client round trip a step)
     link_delay: float = 0.0  # simulated one-way latency on every link to a server, seconds (benchmarks and tests)
     link_bandwidth: float | None = None  # simulated link speed to servers, bytes/s (None: unlimited)
+    swarm_key: SwarmKey | None = None  # a private swarm's key (SwarmKey.load(FILE)): every connection CurveZMQ

@@ -31,7 +31,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassifierOutput
 
 from ...transport.discovery import Discovery, DiscoveryConfig
-from ...transport.errors import ConfigError, PeerUnreachable
+from ...transport.errors import AccessDenied, ConfigError, PeerUnreachable
 from ...transport.gossip import GossipConfig
 from ...transport.mdns import MdnsSettings
 from ..adapters import NAME as ADAPTER_NAME
@@ -345,7 +345,7 @@ class _Loaded:
         owns = discovery is None
         if discovery is None:
             settings = DiscoveryConfig(mdns=MdnsSettings.from_options(mdns, mdns_interface),
-                                       gossip=GossipConfig(period=config.gossip_period))
+                                       gossip=GossipConfig(period=config.gossip_period), swarm_key=config.swarm_key)
             discovery = Discovery(initial_peers or [], settings).start()
         self.blocks = blocks = RemoteSequential(family.num_blocks(model_config), int(model_config.hidden_size),
                                                 discovery, lambda record: matches(name_or_path, record.model,
@@ -355,6 +355,11 @@ class _Loaded:
             if not blocks.wait_ready(config.connect_timeout) and not blocks.servers():
                 where = ", ".join(discovery.initial_peers) or "no initial peers"
                 mdns_text = "mDNS on" if discovery.config.mdns.enabled else "mDNS off"
+                denied = discovery.denied()
+                if denied:
+                    address, why = next(iter(denied.items()))
+                    raise AccessDenied(f"found no server of {announced_id(name_or_path, gguf_file)!r}: {why}",
+                                       code="access_denied", peer=address)
                 raise PeerUnreachable(f"found no server of {announced_id(name_or_path, gguf_file)!r} within "
                                       f"{config.connect_timeout:g} s ({where}; {mdns_text}); start one with "
                                       "`swarm serve MODEL --blocks START:END` or check --initial-peers")

@@ -31,6 +31,7 @@ import torch
 from ...transport.codec import PROTOCOL_VERSION, Message
 from ...transport.discovery import Discovery
 from ...transport.errors import (
+    AccessDenied,
     CacheFull,
     PeerTimeout,
     PeerUnreachable,
@@ -43,7 +44,7 @@ from ...transport.errors import (
 )
 from ...transport.messages import Close, Info, Open, Ping, RequestMessage, Step
 from ...transport.records import ServerRecord
-from ...transport.rpc import RpcClient, RpcClientConfig
+from ...transport.rpc import CurveClient, RpcClient, RpcClientConfig
 from .config import ClientConfig
 from .routing import Hop, MissingAdapter, MissingBlocks, SpanInfo, missing_ranges, plan_forward, plan_inference
 
@@ -69,7 +70,7 @@ class HopFailed(SwarmError):
 # the blocks its record claims, or the adapter it announced (a full cache is not one of them yet: the caller learns it
 # at once instead of waiting for a server with room)
 RECOVERABLE = (HopFailed, PeerTimeout, PeerUnreachable, UnknownSession, ServerBusy, WrongBlocks, ProtocolError,
-               UnknownAdapter)
+               UnknownAdapter, AccessDenied)
 
 _Reply = TypeVar("_Reply")
 
@@ -84,8 +85,10 @@ class Peers:
         self.num_blocks, self.hidden_size = num_blocks, hidden_size
         self.config = config or ClientConfig()
         self.discovery, self._model_filter, self._owns_discovery = discovery, model_filter, owns_discovery
+        key = self.config.swarm_key
         self._rpc = RpcClientConfig(timeout=self.config.request_timeout, connect_timeout=self.config.connect_timeout,
-                                    link_delay=self.config.link_delay, link_bandwidth=self.config.link_bandwidth)
+                                    link_delay=self.config.link_delay, link_bandwidth=self.config.link_bandwidth,
+                                    curve=None if key is None else CurveClient.of(key))
         self._clients: dict[str, RpcClient] = {}  # peer (or peer#channel) -> its connection
         self._clients_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="swarm-client")  # parallel requests

@@ -25,7 +25,7 @@ import torch
 
 from ...transport.errors import SwarmError
 from ...transport.messages import Push, PushTarget
-from ...transport.rpc import Request, RpcClient, RpcClientConfig
+from ...transport.rpc import CurveClient, Request, RpcClient, RpcClientConfig
 
 log = logging.getLogger(__name__)
 
@@ -132,11 +132,12 @@ class Mailbox:
 class Relay:
     """Pushes outputs to the next servers of chains, on its own threads."""
 
-    def __init__(self, timeout: float = 60.0, threads: int = 8, link_delay: float = 0.0):
+    def __init__(self, timeout: float = 60.0, threads: int = 8, link_delay: float = 0.0,
+                 curve: CurveClient | None = None):
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="swarm-relay")
         self._clients: dict[str, RpcClient] = {}
         self._lock = threading.Lock()
-        self._config = RpcClientConfig(timeout=timeout, link_delay=link_delay)
+        self._config = RpcClientConfig(timeout=timeout, link_delay=link_delay, curve=curve)
 
     def push(self, target: PushTarget, out: torch.Tensor) -> None:
         self._pool.submit(self._push, target, out)

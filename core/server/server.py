@@ -11,15 +11,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ... import __version__
 from ...transport.discovery import Announcement, Discovery, DiscoveryConfig, local_endpoints
 from ...transport.errors import ConfigError
-from ...transport.keys import Identity
+from ...transport.keys import Admission, Identity, SwarmKey
 from ...transport.records import MAX_PATH_CHARS, ServerRecord, sign_record
-from ...transport.rpc import Request, RpcServer, RpcServerConfig
+from ...transport.rpc import CurveClient, CurveServer, Request, RpcServer, RpcServerConfig
 from ..adapters import check_peft
 from ..aliases import announced_id
 from ..weights import ModelSource
@@ -68,6 +68,8 @@ class ServerConfig:
     batching: bool = True  # False: one request per pass, whole (the old one-at-a-time engine, for comparisons)
     adapters: AdapterConfig = field(default_factory=AdapterConfig)  # adapters served (preloaded, or from a directory)
     identity: str | None = None  # file of the server's key pair (made on first start); None: a new one each start
+    swarm_key: str | None = None  # a private swarm's key file (swarm keygen): every connection CurveZMQ, members only
+    allowed_keys: str | None = None  # directory of member keys admitted besides the swarm key (re-read on change)
 
 
 class Server:
@@ -86,7 +88,18 @@ class Server:
         self.throughput = 0.0
         self._record: ServerRecord | None = None
         self._record_lock = threading.Lock()
-        self._relay = Relay(timeout=config.limits.session_timeout, link_delay=config.link_delay)
+        self.swarm_key: SwarmKey | None = None
+        self._admission: Admission | None = None
+        if config.swarm_key is not None:
+            self.swarm_key = SwarmKey.load(config.swarm_key)
+            if not self.swarm_key.can_serve:
+                raise ConfigError(f"{config.swarm_key} is a member key: it connects to a private swarm but cannot "
+                                  "serve in it (servers hold the swarm key itself)")
+            self._admission = Admission(self.swarm_key, config.allowed_keys)
+        elif config.allowed_keys is not None:
+            raise ConfigError("--allowed-keys needs --swarm-key: only a private swarm admits keys")
+        curve = None if self.swarm_key is None else CurveClient.of(self.swarm_key)
+        self._relay = Relay(timeout=config.limits.session_timeout, link_delay=config.link_delay, curve=curve)
         self._stopped = threading.Event()
 
     def start(self) -> Server:
@@ -105,8 +118,10 @@ class Server:
         if config.cache_tokens < 0:
             raise ConfigError("--cache-tokens must be 0 or more")
         # bind before anything slow; the I/O loop starts (and requests reach the handler) only once it exists
+        key = self.swarm_key
+        curve = None if key is None else CurveServer(key.public, key.secret, self._admission)
         self._rpc = RpcServer(self._dispatch, RpcServerConfig(host=config.host, port=config.port,
-                                                              poll_ms=config.poll_ms), tick=self._tick)
+                                                              poll_ms=config.poll_ms, curve=curve), tick=self._tick)
         dtype = self.source.config(config.dtype).dtype
         for adapter in config.adapters.preload:  # a wrong file or option fails now, not after loading the blocks
             check_peft(adapter)
@@ -130,7 +145,8 @@ class Server:
                                adapters=self.adapters)
         self._rpc.start()
         self.addresses = local_endpoints(config.host, self._rpc.port)
-        self.discovery = Discovery(config.initial_peers, config.discovery, own_record=self.record,
+        discovery = config.discovery if key is None else replace(config.discovery, swarm_key=key)
+        self.discovery = Discovery(config.initial_peers, discovery, own_record=self.record,
                                    announce=Announcement(self.peer_id, self._rpc.port, self.model_id, config.host))
         self.discovery.start()
         return self
@@ -140,6 +156,8 @@ class Server:
             self.handler(request)
 
     def _tick(self) -> None:
+        if self._admission is not None:
+            self._admission.refresh()
         if self.handler is not None:
             self.handler.tick()
 
