@@ -148,8 +148,12 @@ def serve(
         adapters_text = f", adapters {', '.join(held)}" if held else ""
         if adapter_dir:
             adapters_text += f", adapters from {adapter_dir} on request"
+        private = ""
+        if server.swarm_key is not None:
+            members = f", {len(server.admission.keys)} member keys" if allowed_keys is not None else ""
+            private = f", private swarm{members}"
         err_console.print(f"[green]serving[/] blocks {span_text} of {server.model_id} at [bold]{server.endpoint}[/] "
-                          f"({dtype_text}, cache {cache_tokens} tokens{adapters_text}); "
+                          f"({dtype_text}, cache {cache_tokens} tokens{adapters_text}{private}); "
                           "Ctrl-C to stop", highlight=False)
         while not stop.wait(0.5):
             pass

@@ -300,3 +300,41 @@ def test_swarm_status_with_and_without_the_key(tiny_llama, start_server, swarm_k
     assert server.peer_id in capsys.readouterr().out
     assert run(["status", "--initial-peers", server.endpoint, "--no-mdns", "--wait", "1"]) == 1
     assert "found no server" in (err := capsys.readouterr().err) and "--swarm-key" in err
+
+
+@pytest.mark.slow
+def test_serve_and_chat_in_a_private_swarm_from_the_command_line(serve_process, tmp_path):
+    """`swarm keygen`, `swarm serve --swarm-key --allowed-keys`, then `swarm chat --prompt` with a member key answers
+    what plain transformers answers, and without a key says it is a private swarm (exit code 1)."""
+    import subprocess
+    import sys
+
+    from conftest import load_reference, make_tokenized_model, swarm_env
+    from transformers import AutoTokenizer
+
+    model = make_tokenized_model(tmp_path / "llama", layers=4, seed=5)
+    key_path, alice_path, allowed = tmp_path / "swarm.key", tmp_path / "alice.key", tmp_path / "allowed"
+    allowed.mkdir()
+    assert run(["keygen", "--out", str(key_path)]) == 0
+    assert run(["keygen", "--member-of", str(key_path), "--out", str(alice_path)]) == 0
+    shutil.copy(tmp_path / "alice.key.pub", allowed)
+    server = serve_process(str(model), "--blocks", "0:4", "--host", "127.0.0.1", "--swarm-key", str(key_path),
+                           "--allowed-keys", str(allowed))
+    env = swarm_env(tmp_path)
+
+    def chat(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "swarm", "chat", str(model), "--initial-peers", server.endpoint,
+                               "--prompt", "Hello, swarm!", "--temperature", "0", "--max-new-tokens", "8", *extra],
+                              capture_output=True, text=True, env=env, timeout=120, stdin=subprocess.DEVNULL)
+
+    result = chat("--swarm-key", str(alice_path))
+    assert result.returncode == 0, result.stderr
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hello, swarm!"}], tokenize=False,
+                                         add_generation_prompt=True)
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    out = load_reference(model).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                         do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert result.stdout == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True) + "\n"
+    refused = chat()
+    assert refused.returncode == 1 and "private swarm" in refused.stderr and "--swarm-key" in refused.stderr

@@ -155,6 +155,11 @@ class Server:
         if self.handler is not None:  # always set: the I/O loop starts after the handler is built
             self.handler(request)
 
+    @property
+    def admission(self) -> Admission | None:
+        """Which keys a private swarm's server admits (None in an open swarm)."""
+        return self._admission
+
     def _tick(self) -> None:
         if self._admission is not None:
             self._admission.refresh()
