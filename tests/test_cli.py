@@ -9,8 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import load_reference, make_tokenized_model, swarm_env
+from conftest import make_tokenized_model, reference_answer, swarm_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,17 +36,7 @@ def test_chat_prompt_through_subprocess_servers(chat_model, serve_process, tmp_p
                        env=swarm_env(tmp_path))
     assert result.returncode == 0, result.stderr
     assert f"route: {a.endpoint}[0:2] -> {b.endpoint}[2:4]" in result.stderr
-
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(chat_model)
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hello, swarm!"}], tokenize=False,
-                                         add_generation_prompt=True)
-    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
-    out = load_reference(chat_model).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
-                                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    expected = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-    assert result.stdout == expected + "\n"
+    assert result.stdout == reference_answer(chat_model, "Hello, swarm!", 12) + "\n"
 
 
 @pytest.mark.slow

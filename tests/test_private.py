@@ -309,8 +309,7 @@ def test_serve_and_chat_in_a_private_swarm_from_the_command_line(serve_process, 
     import subprocess
     import sys
 
-    from conftest import load_reference, make_tokenized_model, swarm_env
-    from transformers import AutoTokenizer
+    from conftest import make_tokenized_model, reference_answer, swarm_env
 
     model = make_tokenized_model(tmp_path / "llama", layers=4, seed=5)
     key_path, alice_path, allowed = tmp_path / "swarm.key", tmp_path / "alice.key", tmp_path / "allowed"
@@ -329,12 +328,6 @@ def test_serve_and_chat_in_a_private_swarm_from_the_command_line(serve_process, 
 
     result = chat("--swarm-key", str(alice_path))
     assert result.returncode == 0, result.stderr
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hello, swarm!"}], tokenize=False,
-                                         add_generation_prompt=True)
-    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
-    out = load_reference(model).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
-                                         do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    assert result.stdout == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True) + "\n"
+    assert result.stdout == reference_answer(model, "Hello, swarm!", 8) + "\n"
     refused = chat()
     assert refused.returncode == 1 and "private swarm" in refused.stderr and "--swarm-key" in refused.stderr
