@@ -26,10 +26,13 @@ from .common import (
     MdnsOption,
     SwarmKeyOption,
     UsageError,
+    VerifyOption,
+    check_verify,
     err_console,
     load_swarm_key,
     model_and_peers,
     setup_logging,
+    verify_summary,
 )
 
 if TYPE_CHECKING:  # torch and transformers are imported by the command, not by `swarm --help`
@@ -109,6 +112,7 @@ def chat(
                                                 "--adapters`): its directory's name or hub id.")] = None,
     demo: Annotated[str, typer.Option(help="The built-in demo run when there is no model and no server: smollm2 "
                                       "(a real chat model) or random (random weights, for tests).")] = "smollm2",
+    verify: VerifyOption = 0.0,
     log_level: LogLevelOption = None,
 ) -> None:
     """Chat with a model served by the swarm."""
@@ -116,6 +120,7 @@ def chat(
     from ..transport.discovery import Discovery, DiscoveryConfig
 
     setup_logging(log_level, default="WARNING")
+    check_verify(verify)
     model, peers = model_and_peers(model, initial_peers, list(ctx.args))
     if demo not in DEMOS:
         raise UsageError(f"--demo must be one of {', '.join(DEMOS)}; got {demo!r}")
@@ -127,8 +132,8 @@ def chat(
         raise ConfigError("--temperature must be >= 0 and --top-p in (0, 1]")
     key = load_swarm_key(swarm_key)
     options = dict(system=system, max_length=max_length, max_new_tokens=max_new_tokens, temperature=temperature,
-                   top_p=top_p, seed=seed, config=ClientConfig(relay=relay, swarm_key=key), prompts=prompts,
-                   adapter=adapter)
+                   top_p=top_p, seed=seed, config=ClientConfig(relay=relay, swarm_key=key, verify=verify),
+                   prompts=prompts, adapter=adapter)
     settings = MdnsSettings.from_options(mdns, mdns_interface)
     discovery: Discovery | None = None
     try:
@@ -155,6 +160,15 @@ def chat(
 
 
 def _run(session: ChatSession, prompt: str | None, show_route: bool) -> None:
+    try:
+        _talk(session, prompt, show_route)
+    finally:
+        if session.model.blocks.config.verify > 0:
+            err_console.print(f"[dim]{verify_summary(session.model.blocks.verifier.stats.as_dict())}[/]",
+                              highlight=False)
+
+
+def _talk(session: ChatSession, prompt: str | None, show_route: bool) -> None:
     with session:
         if prompt is not None:
             _answer(session, prompt, show_route)

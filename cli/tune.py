@@ -29,10 +29,13 @@ from .common import (
     MdnsOption,
     SwarmKeyOption,
     UsageError,
+    VerifyOption,
+    check_verify,
     collect_peers,
     err_console,
     load_swarm_key,
     setup_logging,
+    verify_summary,
 )
 
 log = logging.getLogger("swarm.cli.tune")
@@ -77,10 +80,12 @@ def tune(
     mdns: MdnsOption = None,
     mdns_interface: MdnsInterfaceOption = None,
     swarm_key: SwarmKeyOption = None,
+    verify: VerifyOption = 0.0,
     log_level: LogLevelOption = None,
 ) -> None:
     """Prompt-tune a model through the swarm (the servers' weights never change)."""
     setup_logging(log_level, default="WARNING")
+    check_verify(verify)
     peers = collect_peers(initial_peers, list(ctx.args))
     from ..core.tune import Trainer, TuneConfig, load_data
     from ..core.tune.train import DEFAULT_LR
@@ -106,7 +111,7 @@ def tune(
     with err_console.status("connecting to the swarm..."):
         lora = dict(lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets) if mode == "lora" else {}
         net = _connect(model, task, mode, prompt_length, data, prompts, peers, mdns, mdns_interface, seed, lora,
-                       key)
+                       key, verify)
     stop = threading.Event()
     with net, _stop_on_ctrl_c(stop):
         trainer = Trainer(net, tokenizer, data, config, stop=stop)
@@ -117,6 +122,8 @@ def tune(
             final = _with_progress(trainer)
         info = {"dataset": dataset, "metrics": final, "max_length": max_length}
         net.save_tuned(str(output), **info)
+        if verify > 0:
+            err_console.print(f"[dim]{verify_summary(net.blocks.verifier.stats.as_dict())}[/]", highlight=False)
     summary = ", ".join(f"{k} {v}" for k, v in final.items() if k.startswith("val_"))
     stopped = " (stopped early)" if final.get("stopped") else ""
     err_console.print(f"saved to {output}{stopped}: {final['step']} steps" + (f", {summary}" if summary else ""),
@@ -125,7 +132,7 @@ def tune(
 
 def _connect(model: str, task: str, mode: str, prompt_length: int, data: Any, prompts: Path | None,
              peers: list[str], mdns: bool | None, mdns_interface: str | None, seed: int,
-             lora: dict[str, Any] | None = None, swarm_key: Any = None) -> Any:
+             lora: dict[str, Any] | None = None, swarm_key: Any = None, verify: float = 0.0) -> Any:
     import torch
 
     from ..core.client.config import ClientConfig
@@ -133,7 +140,7 @@ def _connect(model: str, task: str, mode: str, prompt_length: int, data: Any, pr
 
     torch.manual_seed(seed)  # the initial prompts (or LoRA) and head
     common: dict[str, Any] = dict(initial_peers=peers, mdns=mdns, mdns_interface=mdns_interface,
-                                  config=ClientConfig(swarm_key=swarm_key))
+                                  config=ClientConfig(swarm_key=swarm_key, verify=verify))
     if prompts is not None:
         common["prompts"] = str(prompts)
     elif mode == "lora":

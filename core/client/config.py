@@ -1,9 +1,11 @@
-"""Client settings, one dataclass."""
+"""Client settings, one dataclass (checked when built: a bad value is a ConfigError, not a surprise later)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+from ...transport.errors import ConfigError
 from ...transport.keys import SwarmKey
 
 
@@ -22,3 +24,14 @@ class ClientConfig:
     link_delay: float = 0.0  # simulated one-way latency on every link to a server, seconds (benchmarks and tests)
     link_bandwidth: float | None = None  # simulated link speed to servers, bytes/s (None: unlimited)
     swarm_key: SwarmKey | None = None  # a private swarm's key (SwarmKey.load(FILE)): every connection CurveZMQ
+    verify: float = 0.0  # fraction of remote forwards and session steps checked on a second server (verify.py)
+    verify_ban_time: float = 86400.0  # seconds a server caught answering wrong outputs is avoided (not forgiven)
+
+    def __post_init__(self) -> None:
+        verify = self.verify
+        if isinstance(verify, bool) or not isinstance(verify, (int, float)) or not math.isfinite(verify) \
+                or not 0.0 <= verify <= 1.0:
+            raise ConfigError(f"verify must be a fraction in [0, 1] of the remote calls to check, got {verify!r}")
+        if isinstance(self.verify_ban_time, bool) or not isinstance(self.verify_ban_time, (int, float)) \
+                or not self.verify_ban_time > 0:
+            raise ConfigError(f"verify_ban_time must be a positive number of seconds, got {self.verify_ban_time!r}")

@@ -4,7 +4,9 @@
 - one connection per server (and a second, named channel for calls that may wait long, such as relayed steps);
 - measured round trips (`ping_all`, and a background pinger), as a moving average;
 - bans: a server that failed is avoided for a while, with capped exponential backoff over consecutive failures,
-  forgiven when it answers again;
+  forgiven when it answers again; a server caught answering wrong outputs (verify.py) is `distrust`ed: avoided for
+  `ClientConfig.verify_ban_time` (a day by default), by address and by the peer ids of its records, and never
+  forgiven by answering;
 - the usable-server snapshot (`servers`, `spans`) that the pure planners of routing.py turn into chains (`plan`,
   `plan_or_wait`, which waits, bounded, for blocks no live server covers);
 - requests: `send` one wire message (types of transport/messages.py) to a hop, `submit` it on a background thread, and
@@ -96,6 +98,7 @@ class Peers:
         self._lock = threading.Lock()  # guards the state below
         self._warned: set[str] = set()  # peer ids already warned about
         self._bans: dict[str, tuple[float, int]] = {}  # peer endpoint -> (banned until, consecutive failures)
+        self._distrusted: dict[str, float] = {}  # endpoint or peer id of a server caught lying -> avoided until
         self._rtt: dict[str, float] = {}  # peer endpoint -> measured round trip (seconds, moving average)
         self._owners: dict[str, tuple[str | None, float]] = {}  # endpoint -> (peer id it answered with, when)
         self._checking: set[str] = set()  # endpoints whose owner is being asked
@@ -174,7 +177,26 @@ class Peers:
     def banned(self, peer: str) -> bool:
         """Whether `peer` is avoided now."""
         with self._lock:
-            return self._bans.get(peer, (0.0, 0))[0] > self._clock()
+            now = self._clock()
+            return self._bans.get(peer, (0.0, 0))[0] > now or self._distrusted.get(peer, 0.0) > now
+
+    def distrust(self, peer: str, reason: str) -> None:
+        """Avoid a server whose outputs were found wrong, for `verify_ban_time` (answering again does not end it):
+        its address, and the peer ids of its signed records (so the same server is not used at another address;
+        an unsigned record's id could be anyone's, so banning it could frame another server)."""
+        until = self._clock() + self.config.verify_ban_time
+        ids = {r.peer_id for r in self.discovery.records(self._model_filter) if peer in r.addresses and r.signed}
+        with self._lock:
+            for key in (peer, *ids):
+                self._distrusted[key] = max(until, self._distrusted.get(key, 0.0))
+        log.warning("server %s%s answered wrong outputs (%s); avoiding it for %.0f s", peer,
+                    f" (peer id {', '.join(sorted(i[:16] for i in ids))})" if ids else "", reason,
+                    self.config.verify_ban_time)
+
+    def distrusted(self, peer: str) -> bool:
+        """Whether `peer` (an endpoint or a peer id) was found answering wrong outputs and is still avoided."""
+        with self._lock:
+            return self._distrusted.get(peer, 0.0) > self._clock()
 
     def failures(self, peer: str) -> int:
         """Consecutive failures of `peer` since it last answered (what its next ban's length grows with)."""
@@ -194,9 +216,10 @@ class Peers:
         now = self._clock()
         with self._lock:
             banned = {peer for peer, (until, _) in self._bans.items() if until > now}
+            banned.update(peer for peer, until in self._distrusted.items() if until > now)
         usable = []
         for record in self.discovery.records(self._model_filter):
-            if record.state not in ("online", "joining") or record.addresses[0] in banned:
+            if record.state not in ("online", "joining") or record.addresses[0] in banned or record.peer_id in banned:
                 continue
             if adapter is not None and adapter not in record.adapters:
                 continue

@@ -7,6 +7,9 @@ and the client's LoRA of its blocks), in reverse order. A forward may name an `a
 that hold it are used) and carry the client's own `lora` (sent to each server for its blocks, never kept).
 A forward that autograd will need keeps its graphs on the servers (`keep`), so the backward costs them one pass
 instead of two. When a server fails in either direction, it is banned and its blocks are run again on others.
+With `ClientConfig.verify`, a random fraction of the forward requests is also sent to a second server of the same
+blocks and the outputs compared (verify.py); a server caught answering wrong outputs is banned for long and the forward
+runs again on another route.
 `inference_session` opens generation with the caches on the servers (session.py).
 """
 
@@ -23,9 +26,10 @@ from ...transport.errors import ConfigError, SwarmError
 from ...transport.messages import Backward, BackwardReply, Forward, ForwardReply, LoraWeights
 from ...transport.records import ServerRecord
 from .config import ClientConfig
-from .peers import RECOVERABLE, Peers, hop_prompts, read_reply, same_shape
+from .peers import RECOVERABLE, HopFailed, Peers, hop_prompts, read_reply, same_shape
 from .routing import Hop
 from .session import InferenceSession
+from .verify import Verifier, VerifyMismatch
 
 
 class RemoteSequential(Peers, torch.nn.Module):
@@ -36,6 +40,7 @@ class RemoteSequential(Peers, torch.nn.Module):
                  config: ClientConfig | None = None, owns_discovery: bool = True):
         torch.nn.Module.__init__(self)
         Peers.__init__(self, num_blocks, hidden_size, discovery, model_filter, config, owns_discovery)
+        self.verifier = Verifier(self)  # checks a fraction of the servers' outputs on other servers (verify.py)
 
     def _rows(self, hidden: torch.Tensor) -> list[slice]:
         """Row ranges of a batch small enough for one request (`ClientConfig.max_request_tokens`)."""
@@ -57,8 +62,12 @@ class RemoteSequential(Peers, torch.nn.Module):
         for rows in self._rows(hidden):
             request = Forward(hidden[rows], _sliced(mask, rows), hop_prompts(prompts, hop, rows),
                               blocks=(hop.start, hop.end), keep=kept is not None, adapter=adapter, lora=hop_lora)
+            check = self.verifier.maybe(hop, request, mask=request.attention_mask, adapter=adapter)  # runs alongside
             reply = read_reply(ForwardReply.from_wire, self.send(hop, request), hop)
-            outs.append(same_shape(reply.hidden, hidden[rows], hop, "forward output"))
+            out = same_shape(reply.hidden, hidden[rows], hop, "forward output")
+            if check is not None and not self.verifier.judge(check, out):
+                raise HopFailed(hop, VerifyMismatch("its forward output did not match other servers'"))
+            outs.append(out)
             if kept is not None:
                 kept.append(reply.kept)
         return outs[0] if len(outs) == 1 else torch.cat(outs)

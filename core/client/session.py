@@ -5,6 +5,12 @@ servers that hold it), and each step sends only the new tokens' hidden states th
 server pushing its output straight to the next, the client getting every hop's output back). Every hop keeps the inputs
 it was sent, so when a server fails its blocks are rebuilt on a replacement chain by replaying that history, and the
 generation goes on with the same tokens.
+
+With `ClientConfig.verify`, a random fraction of the hops' steps is checked (verify.py) before the step's output is
+used: a second server runs a stateless forward of the hop's whole history through the same blocks, sent as soon as
+the hop answered (it runs while the later hops step), and the new positions are compared. When a check bans the
+hop's server, the hop is replaced (its earlier steps replayed on another server) and the step runs again from that
+hop, so the tokens stay those an honest swarm gives.
 """
 
 from __future__ import annotations
@@ -18,9 +24,21 @@ from dataclasses import dataclass, field
 import torch
 
 from ...transport.errors import ConfigError, PeerTimeout, PeerUnreachable, RelayRefused, RelayStopped, SwarmError
-from ...transport.messages import MAX_WAIT, Cancel, Close, LoraWeights, Open, OpenReply, PushTarget, Step, StepReply
+from ...transport.messages import (
+    MAX_WAIT,
+    Cancel,
+    Close,
+    Forward,
+    LoraWeights,
+    Open,
+    OpenReply,
+    PushTarget,
+    Step,
+    StepReply,
+)
 from .peers import RECOVERABLE, Peers, hop_prompts, read_reply, same_shape
 from .routing import Hop
+from .verify import Check, verifier_of
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +51,9 @@ class _HopSession:
     session_id: str
     # what was sent, in order: (hidden, attention mask, this hop's deep prompts)
     history: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = field(default_factory=list)
+
+
+_Checked = tuple[_HopSession, Check, torch.Tensor]  # a hop, the check of its step, and the output it answered
 
 
 class _RelayStopped(SwarmError):
@@ -63,6 +84,7 @@ class InferenceSession:
         self.hops: list[_HopSession] = []
         self.closed = False
         self.recoveries = 0  # replacement chains built so far
+        self.verifier = verifier_of(peers)  # checks a fraction of the steps on other servers
         self._no_relay = False  # set when relaying failed RELAY_ATTEMPTS steps in a row
         self._relay_failures = 0
 
@@ -140,18 +162,53 @@ class InferenceSession:
             log.info("inference session through %s",
                      " -> ".join(f"{h.peer} [{h.start}:{h.end})" for h in self.route))
         mask = None if attention_mask is None else attention_mask.to(torch.int8)
-        out = hidden.detach()
-        i, failures, hop_by_hop = 0, 0, not self.peers.config.relay or self._no_relay
+        out, i, failures = hidden.detach(), 0, 0
+        while True:
+            out, failures, checks = self._run(i, out, mask, prompts, failures)
+            bad = self._first_wrong(checks)
+            if bad is None:
+                break
+            # hop `bad` answered wrong outputs (its server is banned now), and the later hops' caches hold what
+            # they computed from its outputs: this step's entries of those hops are dropped, blocks from the bad
+            # hop's start to the end are rebuilt on a new chain by replaying the bad hop's inputs through it, and
+            # the step runs again from there
+            failures += 1
+            if failures > self.peers.config.max_retries:
+                raise SwarmError(f"giving up after {failures - 1} recoveries in one step")
+            i = self._index(bad)
+            out = bad.history[-1][0]
+            for hop_session in self.hops[i:]:
+                del hop_session.history[-1]
+            rest = _HopSession(Hop(bad.hop.peer, bad.hop.start, self.hops[-1].hop.end), bad.session_id,
+                               [(h, m, None) for h, m, _ in bad.history])
+            deep = [h.history[0][2] for h in self.hops[i:] if h.history and h.history[0][2] is not None]
+            if rest.history and deep:  # the deep prompts of all those blocks come with the first step
+                rest.history[0] = (*rest.history[0][:2], torch.cat(deep))
+            self._close_sessions(self.hops[i:])
+            self.hops[i:] = self._replacement(rest)
+        self.position += new
+        return out
+
+    def _run(self, i: int, out: torch.Tensor, mask: torch.Tensor | None, prompts: torch.Tensor | None,
+             failures: int) -> tuple[torch.Tensor, int, list[_Checked]]:
+        """This step from hop `i` (whose input is `out`) to the end, recovering failed servers; returns the output,
+        the updated failure count, and the checks started (verify)."""
+        checks: list[_Checked] = []
+        hop_by_hop = not self.peers.config.relay or self._no_relay
         while i < len(self.hops):
+            first = i
             try:
                 if not hop_by_hop and i + 1 < len(self.hops):
                     out, i = self._relayed(i, out, mask, prompts)
                     self._relay_failures = 0
+                    self._check_relayed(first, i, out, checks)
                 else:
                     out = self._step_hop(self.hops[i], out, mask, start=self.position,
                                          prompts=hop_prompts(prompts, self.hops[i].hop))
+                    self._maybe_check(self.hops[i], out, checks)
                     i += 1
             except _RelayStopped as stopped:
+                self._check_relayed(first, stopped.index, stopped.hidden, checks)  # the hops that did answer
                 out, i, error = stopped.hidden, stopped.index, stopped.error
                 if isinstance(error, (RelayStopped, RelayRefused)):
                     # e.g. a server does not know the next one (yet, or any more, when it just died): this step
@@ -166,8 +223,47 @@ class InferenceSession:
                     raise error from None
             except RECOVERABLE as e:
                 failures = self._recover(i, e, failures)
-        self.position += new
-        return out
+        return out, failures, checks
+
+    def _check_relayed(self, first: int, stop: int, out: torch.Tensor, checks: list[_Checked]) -> None:
+        """`_maybe_check` hops [first, stop) of a relayed step: each one's output is the next one's input, the last
+        one's is `out`."""
+        for k in range(first, stop):
+            self._maybe_check(self.hops[k], self.hops[k + 1].history[-1][0] if k + 1 < stop else out, checks)
+
+    def _maybe_check(self, hop_session: _HopSession, out: torch.Tensor, checks: list[_Checked]) -> None:
+        """With probability `verify`, start checking the step `hop_session` just answered with `out`: a stateless
+        forward of the hop's whole history (this step last) on another server of its blocks."""
+        verifier = self.verifier
+        if not verifier.draw():
+            return
+        history, hop = hop_session.history, hop_session.hop
+        hidden = torch.cat([h for h, _, _ in history], dim=1)
+        batch, length = hidden.shape[:2]
+        if batch * length > self.peers.config.max_request_tokens:  # too long for one forward request
+            verifier.count(skipped=1)
+            return
+        masks = [m for _, m, _ in history]
+        mask = None
+        if any(m is not None for m in masks):
+            mask = torch.cat([torch.ones(h.shape[:2], dtype=torch.int8) if m is None else m
+                              for (h, _, _), m in zip(history, masks, strict=True)], dim=1)
+        lora = None if self.lora is None else self.lora.sliced(hop.start, hop.end)
+        request = Forward(hidden, mask, history[0][2], blocks=(hop.start, hop.end), adapter=self.adapter, lora=lora)
+        new = out.shape[1]
+        check = verifier.start(hop, request, columns=new, mask=None if mask is None else mask[:, -new:],
+                               adapter=self.adapter)
+        if check is not None:
+            checks.append((hop_session, check, out))
+
+    def _first_wrong(self, checks: list[_Checked]) -> _HopSession | None:
+        """Wait for this step's checks; the first hop (in chain order) whose server was banned for a wrong output."""
+        wrong = [h for h, check, out in checks if not self.verifier.judge(check, out)]  # each judged: each may ban
+        wrong = [h for h in wrong if any(h is x for x in self.hops)]
+        return min(wrong, key=self._index) if wrong else None
+
+    def _index(self, hop_session: _HopSession) -> int:
+        return next(k for k, h in enumerate(self.hops) if h is hop_session)
 
     def _recover(self, i: int, error: BaseException, failures: int) -> int:
         """Replace hop `i` after its server failed; returns the updated failure count of this step."""
