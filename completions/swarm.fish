@@ -32,6 +32,7 @@ complete -c swarm -n '__fish_seen_subcommand_from chat' -l swarm-key
 complete -c swarm -n '__fish_seen_subcommand_from chat' -l system
 complete -c swarm -n '__fish_seen_subcommand_from chat' -l temperature
 complete -c swarm -n '__fish_seen_subcommand_from chat' -l top-p
+complete -c swarm -n '__fish_seen_subcommand_from chat' -l verify
 complete -c swarm -n '__fish_seen_subcommand_from completions' -l help
 complete -c swarm -n '__fish_seen_subcommand_from completions' -l write
 complete -c swarm -n '__fish_seen_subcommand_from keygen' -l help
@@ -100,3 +101,4 @@ complete -c swarm -n '__fish_seen_subcommand_from tune' -l task
 complete -c swarm -n '__fish_seen_subcommand_from tune' -l text-field
 complete -c swarm -n '__fish_seen_subcommand_from tune' -l validation-file
 complete -c swarm -n '__fish_seen_subcommand_from tune' -l validation-split
+complete -c swarm -n '__fish_seen_subcommand_from tune' -l verify

@@ -9,8 +9,9 @@ generation goes on with the same tokens.
 With `ClientConfig.verify`, a random fraction of the hops' steps is checked (verify.py) before the step's output is
 used: a second server runs a stateless forward of the hop's whole history through the same blocks, sent as soon as
 the hop answered (it runs while the later hops step), and the new positions are compared. When a check bans the
-hop's server, the hop is replaced (its earlier steps replayed on another server) and the step runs again from that
-hop, so the tokens stay those an honest swarm gives.
+hop's server, the blocks from that hop to the end are rebuilt on a new chain (replaying the bad hop's inputs, since
+the later hops' caches hold what they computed from its outputs) and the step runs again from there, so the tokens
+stay those an honest swarm gives. Steps are not relayed while checking (a server's push to the next one is unseen).
 """
 
 from __future__ import annotations
@@ -194,21 +195,20 @@ class InferenceSession:
         """This step from hop `i` (whose input is `out`) to the end, recovering failed servers; returns the output,
         the updated failure count, and the checks started (verify)."""
         checks: list[_Checked] = []
-        hop_by_hop = not self.peers.config.relay or self._no_relay
+        # no relay while checking: the client sees what a server answers, not what it pushes to the next one, so a
+        # server could answer honestly and push garbage, and the check of the next hop would blame that one
+        hop_by_hop = not self.peers.config.relay or self._no_relay or self.verifier.fraction > 0
         while i < len(self.hops):
-            first = i
             try:
                 if not hop_by_hop and i + 1 < len(self.hops):
                     out, i = self._relayed(i, out, mask, prompts)
                     self._relay_failures = 0
-                    self._check_relayed(first, i, out, checks)
                 else:
                     out = self._step_hop(self.hops[i], out, mask, start=self.position,
                                          prompts=hop_prompts(prompts, self.hops[i].hop))
                     self._maybe_check(self.hops[i], out, checks)
                     i += 1
             except _RelayStopped as stopped:
-                self._check_relayed(first, stopped.index, stopped.hidden, checks)  # the hops that did answer
                 out, i, error = stopped.hidden, stopped.index, stopped.error
                 if isinstance(error, (RelayStopped, RelayRefused)):
                     # e.g. a server does not know the next one (yet, or any more, when it just died): this step
@@ -224,12 +224,6 @@ class InferenceSession:
             except RECOVERABLE as e:
                 failures = self._recover(i, e, failures)
         return out, failures, checks
-
-    def _check_relayed(self, first: int, stop: int, out: torch.Tensor, checks: list[_Checked]) -> None:
-        """`_maybe_check` hops [first, stop) of a relayed step: each one's output is the next one's input, the last
-        one's is `out`."""
-        for k in range(first, stop):
-            self._maybe_check(self.hops[k], self.hops[k + 1].history[-1][0] if k + 1 < stop else out, checks)
 
     def _maybe_check(self, hop_session: _HopSession, out: torch.Tensor, checks: list[_Checked]) -> None:
         """With probability `verify`, start checking the step `hop_session` just answered with `out`: a stateless

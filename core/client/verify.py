@@ -31,7 +31,12 @@ failed are counted in `Verifier.stats`.
 
 What it does not catch: a server that perturbs outputs by less than the tolerance, that lies only in backward passes
 (gradients are not checked) or only on requests it can tell are not checks (a session's check is a long stateless
-forward; its steps are one-token steps), and servers that collude (a checker and a checked server that agree).
+forward; its steps are one-token steps), and servers that collude (a checker and a checked server that agree). With a
+fraction below 1, unchecked steps of a liar before the one that caught it may already have given wrong tokens (the
+rebuild makes the later ones right); with 1, every step is checked before it is used. Blocks served by one server
+only cannot be checked (counted as skipped). A session steps hop by hop while checking, never relayed: the client sees
+what a server answers, not what it pushes to the next server, so a liar could answer honestly, push garbage, and have
+the next server blamed.
 """
 
 from __future__ import annotations
