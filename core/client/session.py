@@ -7,11 +7,12 @@ it was sent, so when a server fails its blocks are rebuilt on a replacement chai
 generation goes on with the same tokens.
 
 With `ClientConfig.verify`, a random fraction of the hops' steps is checked (verify.py) before the step's output is
-used: a second server runs a stateless forward of the hop's whole history through the same blocks, sent as soon as
-the hop answered (it runs while the later hops step), and the new positions are compared. When a check bans the
-hop's server, the blocks from that hop to the end are rebuilt on a new chain (replaying the bad hop's inputs, since
-the later hops' caches hold what they computed from its outputs) and the step runs again from there, so the tokens
-stay those an honest swarm gives. Steps are not relayed while checking (a server's push to the next one is unseen).
+used: a second server runs a stateless forward of the hop's whole history and the step through the same blocks, sent
+with the step (the two servers work at once), and the new positions are compared when both answered. When a check
+bans the hop's server, the blocks from that hop to the end are rebuilt on a new chain (replaying the bad hop's inputs,
+since the later hops' caches hold what they computed from its outputs) and the step runs again from there, so the
+tokens stay those an honest swarm gives. Steps are not relayed while checking (a server's push to the next one is
+unseen).
 """
 
 from __future__ import annotations
@@ -204,9 +205,11 @@ class InferenceSession:
                     out, i = self._relayed(i, out, mask, prompts)
                     self._relay_failures = 0
                 else:
-                    out = self._step_hop(self.hops[i], out, mask, start=self.position,
-                                         prompts=hop_prompts(prompts, self.hops[i].hop))
-                    self._maybe_check(self.hops[i], out, checks)
+                    hop_session, sub_prompts = self.hops[i], hop_prompts(prompts, self.hops[i].hop)
+                    check = self._maybe_check(hop_session, out, mask, sub_prompts)  # runs alongside the step
+                    out = self._step_hop(hop_session, out, mask, start=self.position, prompts=sub_prompts)
+                    if check is not None:
+                        checks.append((hop_session, check, out))
                     i += 1
             except _RelayStopped as stopped:
                 out, i, error = stopped.hidden, stopped.index, stopped.error
@@ -225,30 +228,29 @@ class InferenceSession:
                 failures = self._recover(i, e, failures)
         return out, failures, checks
 
-    def _maybe_check(self, hop_session: _HopSession, out: torch.Tensor, checks: list[_Checked]) -> None:
-        """With probability `verify`, start checking the step `hop_session` just answered with `out`: a stateless
-        forward of the hop's whole history (this step last) on another server of its blocks."""
+    def _maybe_check(self, hop_session: _HopSession, hidden: torch.Tensor, mask: torch.Tensor | None,
+                     prompts: torch.Tensor | None) -> Check | None:
+        """With probability `verify`, start checking the step `hop_session` is about to run on `hidden`: a stateless
+        forward of the hop's whole history and this step on another server of its blocks, sent now so that it runs
+        while the hop's own server steps."""
         verifier = self.verifier
         if not verifier.draw():
-            return
-        history, hop = hop_session.history, hop_session.hop
-        hidden = torch.cat([h for h, _, _ in history], dim=1)
-        batch, length = hidden.shape[:2]
+            return None
+        history, hop = [*hop_session.history, (hidden, mask, prompts)], hop_session.hop
+        whole = torch.cat([h for h, _, _ in history], dim=1)
+        batch, length = whole.shape[:2]
         if batch * length > self.peers.config.max_request_tokens:  # too long for one forward request
             verifier.count(skipped=1)
-            return
-        masks = [m for _, m, _ in history]
-        mask = None
-        if any(m is not None for m in masks):
-            mask = torch.cat([torch.ones(h.shape[:2], dtype=torch.int8) if m is None else m
-                              for (h, _, _), m in zip(history, masks, strict=True)], dim=1)
+            return None
+        whole_mask = None
+        if any(m is not None for _, m, _ in history):
+            whole_mask = torch.cat([torch.ones(h.shape[:2], dtype=torch.int8) if m is None else m
+                                    for h, m, _ in history], dim=1)
         lora = None if self.lora is None else self.lora.sliced(hop.start, hop.end)
-        request = Forward(hidden, mask, history[0][2], blocks=(hop.start, hop.end), adapter=self.adapter, lora=lora)
-        new = out.shape[1]
-        check = verifier.start(hop, request, columns=new, mask=None if mask is None else mask[:, -new:],
-                               adapter=self.adapter)
-        if check is not None:
-            checks.append((hop_session, check, out))
+        request = Forward(whole, whole_mask, history[0][2], blocks=(hop.start, hop.end), adapter=self.adapter,
+                          lora=lora)
+        new = hidden.shape[1]
+        return verifier.start(hop, request, columns=new, mask=mask, adapter=self.adapter)
 
     def _first_wrong(self, checks: list[_Checked]) -> _HopSession | None:
         """Wait for this step's checks; the first hop (in chain order) whose server was banned for a wrong output."""

@@ -7,10 +7,10 @@ training path, sequence.py) and each hop of each inference step (session.py) is 
   the compute and the client almost no latency;
 - a session's step on one hop is checked with a stateless forward of the hop's whole history plus the new step
   (same blocks, deep prompts, adapter, client LoRA); the new positions of its output are compared with what the
-  session's server answered. This runs before the step's output is used (sent in the background as soon as the hop's
-  step answered, waited for at the end of the step), so a wrong output never reaches the sampler: generate() never
-  has to take back a token it already streamed. The price is latency on checked steps: the check is a forward of
-  the whole history, not one token (see benchmarks/bench_verify.py).
+  session's server answered. The check is sent with the step (both servers work at once) and judged before the
+  step's output is used, so a wrong output never reaches the sampler: generate() never has to take back a token it
+  already streamed. The price is latency on checked steps: the check is a forward of the whole history, not one
+  token, and the step waits for it (see benchmarks/bench_verify.py).
 
 Outputs are compared by relative norm difference, ||a - b|| / max(||a||, ||b||), over the real (unpadded) positions,
 against a tolerance set by the dtypes and weight quantization involved (`tolerance`: the loosest of the client's and
