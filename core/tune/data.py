@@ -61,7 +61,8 @@ FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
 _PATH_LIKE_SUFFIXES = (*FILE_SUFFIXES, ".txt", ".parquet", ".arrow")
 _HINT = "pass a local file: --dataset ./data.jsonl --text-field sentence --label-field label " \
         "(.jsonl, .csv and .tsv are supported)"
-_INT_LITERAL = re.compile(r"\s*[+-]?\d+\s*")
+_INT_LITERAL = re.compile(r"\s*[+-]?\d{1,18}\s*")  # a longer one is no class id (and int() would refuse it)
+MAX_CLASSES = 1 << 16  # class ids are 0..MAX_CLASSES-1: the names of all of them are made, so a huge id is refused
 _TOKENIZE_CHUNK = 1024  # texts handed to the tokenizer per call
 
 
@@ -233,6 +234,8 @@ def _read_json_lines(path: Path, content: str) -> list[tuple[str, dict[str, Any]
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path} line {number}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
+        except (RecursionError, ValueError) as exc:  # nested too deeply, or an integer of more than 4300 digits
+            raise ConfigError(f"{path} line {number}: unreadable JSON ({_unreadable(exc)})") from None
         if not isinstance(record, dict):
             raise ConfigError(f"{path} line {number}: expected a JSON object with the fields, got "
                               f"{_type_name(record)}")
@@ -240,11 +243,18 @@ def _read_json_lines(path: Path, content: str) -> list[tuple[str, dict[str, Any]
     return records
 
 
+def _unreadable(exc: Exception) -> str:
+    """Why json could read no value where the text is valid JSON (json's decoder recurses once per level)."""
+    return "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+
+
 def _read_json_array(path: Path, content: str) -> list[tuple[str, dict[str, Any]]]:
     try:
         data = json.loads(content)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path} line {exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
+    except (RecursionError, ValueError) as exc:
+        raise ConfigError(f"{path}: unreadable JSON ({_unreadable(exc)})") from None
     if not isinstance(data, list):
         raise ConfigError(f"{path}: expected JSON lines or a JSON array of objects, got {_type_name(data)}")
     for index, record in enumerate(data, start=1):
@@ -257,18 +267,25 @@ def _read_delimited(path: Path, delimiter: str) -> list[tuple[str, dict[str, Any
     # newline="" lets quoted fields hold line breaks, as the csv module expects
     with open(path, encoding="utf-8-sig", newline="") as handle:
         reader = csv.reader(handle, delimiter=delimiter)
-        header = next(reader, None)
-        if header is None:
-            return []
-        records = []
-        for row in reader:
-            if not any(cell.strip() for cell in row):
-                continue
-            where = f"line {reader.line_num}"
-            if len(row) != len(header):
-                raise ConfigError(f"{path} {where}: {len(row)} fields, but the header has {len(header)} "
-                                  f"({', '.join(header)}); quote fields that contain {_delimiter_name(delimiter)}")
-            records.append((where, dict(zip(header, row, strict=True))))
+        try:
+            return _delimited_records(path, reader, delimiter)
+        except csv.Error as exc:  # e.g. a field longer than csv.field_size_limit() (128 KiB)
+            raise ConfigError(f"{path} line {reader.line_num}: {exc}") from None
+
+
+def _delimited_records(path: Path, reader: Any, delimiter: str) -> list[tuple[str, dict[str, Any]]]:
+    header = next(reader, None)
+    if header is None:
+        return []
+    records = []
+    for row in reader:
+        if not any(cell.strip() for cell in row):
+            continue
+        where = f"line {reader.line_num}"
+        if len(row) != len(header):
+            raise ConfigError(f"{path} {where}: {len(row)} fields, but the header has {len(header)} "
+                              f"({', '.join(header)}); quote fields that contain {_delimiter_name(delimiter)}")
+        records.append((where, dict(zip(header, row, strict=True))))
     return records
 
 
@@ -334,6 +351,9 @@ def _encode_labels(rows: list[_Row], source: str, names: list[str] | None) -> tu
         for where, _, label in rows:
             if label < 0:
                 raise ConfigError(f"{where}: label {label} is negative; integer labels are class ids 0, 1, 2, ...")
+            if label >= MAX_CLASSES:
+                raise ConfigError(f"{where}: label {label} is not a class id swarm tunes for (ids are 0 to "
+                                  f"{MAX_CLASSES - 1}); use string labels for names")
             if names is not None and label >= len(names):
                 raise ConfigError(f"{where}: label {label} is not a class id of this dataset "
                                   f"(it has {len(names)} classes)")
