@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..transport.errors import ConfigError
@@ -387,6 +387,8 @@ def read_peft_config(path: Path, what: str = "a JSON object") -> dict[str, Any]:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot read {path}: {e}") from None
+    except RecursionError:  # json's decoder recurses once per nested array or object
+        raise ConfigError(f"cannot read {path}: its JSON is nested too deeply") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{path} is not {what}")
     return config
@@ -419,7 +421,42 @@ def check_peft(name_or_path: str) -> tuple[str, dict[str, Any], Path]:
                           f"{' and '.join(SUPPORTED_TYPES)} adapters (and deep prompts, trained with `swarm tune "
                           "--mode deep_ptune`)")
     _check_options(peft, kind, where)
+    _check_types(peft, where)
     return name, peft, weights_path
+
+
+def _check_types(peft: dict[str, Any], where: str) -> None:
+    """The config's module lists and patterns have the types PEFT writes, and its regular expressions compile (a
+    junk config is one ConfigError, not a TypeError or re.error when the tensors are matched against it)."""
+    def refuse(option: str, expected: str) -> None:
+        raise ConfigError(f"{where}: {PEFT_CONFIG} field {option} must be {expected}, got {peft.get(option)!r:.80}")
+
+    def regex(option: str, pattern: str) -> None:
+        try:
+            re.compile(pattern if option.endswith("_modules") else rf"(.*\.)?({pattern})$")  # as _pattern uses it
+        except (re.error, RecursionError, OverflowError) as e:
+            raise ConfigError(f"{where}: {PEFT_CONFIG} field {option} holds {pattern[:80]!r}, which is not a "
+                              f"regular expression ({e})") from None
+
+    for option in ("target_modules", "exclude_modules", "feedforward_modules", "modules_to_save"):
+        value = peft.get(option)
+        if value is None or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            continue
+        if not isinstance(value, str) or option == "modules_to_save":
+            refuse(option, "a list of module names" + ("" if option == "modules_to_save" else " or a pattern"))
+        regex(option, value)
+    for option in ("rank_pattern", "alpha_pattern"):
+        value = peft.get(option)
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            refuse(option, "a map of patterns to numbers")
+        for pattern in value:
+            regex(option, str(pattern))
+    layers = peft.get("layers_to_transform")
+    if not (layers is None or isinstance(layers, int) or (isinstance(layers, list)
+                                                          and all(isinstance(v, int) for v in layers))):
+        refuse("layers_to_transform", "a block index or a list of them")
 
 
 def read_peft(name_or_path: str, family: ModelFamily, config: Any, start: int, end: int,
@@ -436,6 +473,18 @@ def read_peft(name_or_path: str, family: ModelFamily, config: Any, start: int, e
     where = f"adapter {name}"
     total = family.num_blocks(config)
     prefixes = {PEFT_PREFIX + family.block_prefix(config, i): i for i in range(total)}
+    try:
+        return _read_peft(name, peft, kind, base, where, prefixes, weights_path, family, config, start, end,
+                          linears, dtype, max_bytes, pools)
+    except SafetensorError as e:  # a truncated or junk weights file
+        raise ConfigError(f"{where}: {weights_path.name} is not a readable safetensors file ({e})") from None
+
+
+def _read_peft(name: str, peft: dict[str, Any], kind: str, base: str, where: str, prefixes: dict[str, int],
+               weights_path: Path, family: ModelFamily, config: Any, start: int, end: int,
+               linears: Callable[[int], dict[str, tuple[int, int]]], dtype: torch.dtype, max_bytes: int | None,
+               pools: Callable[[int, str], LoraPool] | None) -> Task:
+    total = family.num_blocks(config)
     with safe_open(str(weights_path), framework="pt") as f:
         keys = list(f.keys())
         found: dict[tuple[int, str], dict[str, str]] = {}  # (block, module) -> {"A"|"B"|"l": key}
