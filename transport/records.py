@@ -38,7 +38,7 @@ MAX_RECORD_BYTES = 4096  # one encoded record
 MAX_PATH_CHARS = 1024  # a record's model directory path
 MAX_CAPABILITIES = 32  # names in a record's capabilities
 STATES = ("joining", "online", "draining", "offline")
-_PEER_ID = re.compile(r"^[0-9a-f]{8,64}$")
+_PEER_ID = re.compile(r"[0-9a-f]{8,64}")
 _LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")  # one label of a DNS name
 _IPV4 = re.compile(r"[0-9.]+")
 _ZONE = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # an IPv6 zone: an interface name or number
@@ -215,7 +215,7 @@ def record_from_wire(data: Any, check_signature: bool = True) -> ServerRecord:
     size = len(msgpack.packb(data, use_bin_type=True))
     _check(size <= MAX_RECORD_BYTES, f"{size} bytes is more than {MAX_RECORD_BYTES}")
     peer_id = _str(data, "peer_id", 64)
-    _check(bool(_PEER_ID.match(peer_id)), "peer_id must be 8 to 64 lowercase hex digits")
+    _check(bool(_PEER_ID.fullmatch(peer_id)), "peer_id must be 8 to 64 lowercase hex digits")
     num_blocks = _int(data, "num_blocks", 1, 1 << 20)
     start = _int(data, "start", 0, num_blocks - 1)
     end = _int(data, "end", start + 1, num_blocks)
