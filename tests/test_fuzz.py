@@ -15,7 +15,8 @@ Two halves:
   unsigned records), gossip merging and handling, mDNS TXT parsing, and the CLI's file inputs (datasets, PEFT
   adapters, identity key files). Each gives a result or its documented typed error, never another exception.
 
-Every test is deterministic (`derandomize=True`, no example database). The bugs these tests found are fixed in the
+Every test is deterministic (`derandomize=True`, no example database); `SWARM_FUZZ_SCALE=10` runs ten times as many
+examples for a deeper search than CI's. The bugs these tests found are fixed in the
 library; each failing input is also kept below as a plain regression test.
 """
 
@@ -47,7 +48,15 @@ from swarm.transport.codec import PROTOCOL_VERSION, Message, decode, decode_head
 from swarm.transport.errors import REMOTE_ERRORS, ConfigError, ProtocolError
 from swarm.transport.gossip import GossipConfig, GossipNode, Membership
 from swarm.transport.keys import KEY_ID, Identity
-from swarm.transport.messages import Step, parse_request
+from swarm.transport.messages import (
+    BackwardReply,
+    CancelReply,
+    ForwardReply,
+    OpenReply,
+    Step,
+    StepReply,
+    parse_request,
+)
 from swarm.transport.records import (
     ServerRecord,
     normalize_endpoint,
@@ -68,8 +77,11 @@ HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function
           HealthCheck.filter_too_much, HealthCheck.large_base_example]
 
 
+SCALE = float(os.environ.get("SWARM_FUZZ_SCALE", "1"))  # more examples for a deeper run than CI's (e.g. 10)
+
+
 def fuzz(examples: int) -> settings:
-    return settings(derandomize=True, deadline=None, database=None, max_examples=examples,
+    return settings(derandomize=True, deadline=None, database=None, max_examples=max(1, round(examples * SCALE)),
                     suppress_health_check=HEALTH, print_blob=False)
 
 
@@ -80,7 +92,9 @@ EDGE_INTS = st.sampled_from([-(1 << 63), -1, 0, 1, 2, 3, 6, 64, 1 << 31, 1 << 62
 SCALARS = st.one_of(st.none(), st.booleans(), EDGE_INTS, MSGPACK_INT, st.floats(), st.text(max_size=12),
                     st.binary(max_size=12))
 JUNK = st.recursive(SCALARS, lambda kids: st.one_of(st.lists(kids, max_size=3),
-                                                     st.dictionaries(st.text(max_size=6), kids, max_size=3)),
+                                                     st.dictionaries(st.one_of(st.text(max_size=6),
+                                                                               st.binary(max_size=4)), kids,
+                                                                     max_size=3)),
                     max_leaves=8)
 HEX = "0123456789abcdef"
 
@@ -362,7 +376,8 @@ def mutated_frames(draw, request: tuple[str, dict[str, Any], list[torch.Tensor]]
         header = msgpack.unpackb(frames[0], raw=False)
         if how == "header":
             for _ in range(draw(st.integers(1, 3))):
-                key = draw(st.sampled_from(["v", "type", "id", "tensors", "names", *sorted(fields), "extra"]))
+                key = draw(st.sampled_from(["v", "type", "id", "tensors", "names", *sorted(fields), "extra",
+                                            b"names", b"type"]))
                 if draw(st.integers(0, 3)) == 0:
                     header.pop(key, None)
                 elif key == "id":  # never a valid id: replies to valid ids must stay unique to tell them apart
@@ -715,6 +730,40 @@ def test_codec_and_request_parsing_refuse_with_protocol_errors_only(frames) -> N
     except ProtocolError:  # UnknownMethod included
         return
     assert request.TYPE == message.type
+
+
+REPLIES = [OpenReply, StepReply, ForwardReply, BackwardReply, CancelReply]
+
+
+@st.composite
+def reply_frames(draw) -> list[bytes]:
+    """A server's reply as it would send it (of any reply type), then maybe mutated: what a client parses."""
+    h = draw(hidden_states(draw(LEVELS)))
+    reply = draw(st.sampled_from([
+        OpenReply("a" * 32, 10), StepReply(h, 3), ForwardReply(h, "k1"), ForwardReply(h),
+        BackwardReply(h, torch.randn(3, 1, 2, HIDDEN), {"lora_a.q": torch.randn(3, 2, HIDDEN)}), BackwardReply(h),
+        CancelReply(True)]))
+    fields, tensors_ = reply.to_wire()
+    for _ in range(draw(st.integers(0, 2))):
+        fields[draw(st.sampled_from(["session", "position", "kept", "names", "cancelled", "cache_tokens_free"]))] = \
+            draw(JUNK)
+    return draw(mutated_frames((RESULT, fields, tensors_), draw(st.integers(0, 1 << 20))))
+
+
+@fuzz(400)
+@given(frames=reply_frames())
+def test_reply_parsing_refuses_with_protocol_errors_only(frames) -> None:
+    """What a client reads from a hostile server: each reply type gives its reply or a ProtocolError."""
+    try:
+        message = decode(frames)
+    except ProtocolError:
+        return
+    for cls in REPLIES:
+        try:
+            reply = cls.from_wire(message)
+        except ProtocolError:
+            continue
+        assert isinstance(reply, cls)
 
 
 @fuzz(400)
