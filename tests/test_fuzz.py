@@ -1111,3 +1111,27 @@ def test_a_broken_adapter_is_bad_adapter_not_internal(fuzzer, baseline) -> None:
         fuzzer.good.call("forward", {"names": ["hidden"], "adapter": "broken"}, [torch.zeros(1, 2, HIDDEN)])
     assert info.value.code == "bad_adapter" and "safetensors" in str(info.value)
     fuzzer.check_serving()
+
+
+@pytest.mark.xfail(strict=True, reason="core/server/relay.py: Mailbox bounds the halves of relayed steps (MAX_WAITING "
+                                       "1024) for the whole server, not per peer: one peer that parks 1024 relayed "
+                                       "steps (wait up to 600 s) in its own session makes every other client's "
+                                       "relayed steps 'busy' for as long")
+def test_one_peer_cannot_fill_the_relay_mailbox_for_everyone(tiny_llama, start_server) -> None:
+    from swarm.core.server.relay import MAX_WAITING
+
+    server = start_server(tiny_llama, SPAN)
+    with RpcClient(server.endpoint, RpcClientConfig(timeout=10)) as attacker, \
+            RpcClient(server.endpoint, RpcClientConfig(timeout=10)) as user:
+        session = attacker.call("open", {"batch_size": 1, "max_length": 8}).fields["session"]
+        for i in range(MAX_WAITING):  # relayed steps whose input never comes, each waiting 600 s
+            attacker.send_raw([bytes(f) for f in encode("step", 10 + i, {"session": session, "ticket": f"t{i}",
+                                                                          "wait": 600.0, "names": []}, [])])
+        deadline = time.monotonic() + 10
+        while len(server.handler.mailbox) < MAX_WAITING and time.monotonic() < deadline:
+            time.sleep(0.02)
+        mine = user.call("open", {"batch_size": 1, "max_length": 8}).fields["session"]
+        hidden = torch.randn(1, 2, HIDDEN)
+        user.call("push", {"session": mine, "ticket": "x", "names": ["hidden"]}, [hidden])  # the previous server's
+        out = user.call("step", {"session": mine, "ticket": "x", "names": []}).tensors[0]
+        assert out.shape == hidden.shape
