@@ -538,9 +538,11 @@ class Fuzzer:
             self.good.call("close", {"session": session})
         torch.testing.assert_close(torch.cat(outs, dim=1), sample.expected, atol=ATOL, rtol=0)
 
-    def exchange(self, requests: list[Any]) -> None:
-        """Send the requests (frames, or (type, fields, tensors) to mutate later) in the same fuzz session; every
-        one must be answered once, under its id, with a result or a typed error, within BATCH_DEADLINE."""
+    def exchange(self, requests: list[list[bytes]]) -> None:
+        """Send the requests (their frames) with a fuzz session of their own opened for them; every one must be
+        answered once, under the id its header carries, with a result or a typed error other than `internal`,
+        within BATCH_DEADLINE (relayed steps of the fuzz session: by the time its close is answered). A late or
+        doubled reply fails here or at the next exchange (no request is owed it)."""
         session = self.rpc.call("open", {"batch_size": 1, "max_length": 64}).fields["session"]
         outstanding: collections.Counter[int] = collections.Counter()
         waiting: collections.Counter[int] = collections.Counter()  # relayed steps: answered by the close at the end
