@@ -1115,10 +1115,6 @@ def test_a_broken_adapter_is_bad_adapter_not_internal(fuzzer, baseline) -> None:
     fuzzer.check_serving()
 
 
-@pytest.mark.xfail(strict=True, reason="core/server/relay.py: Mailbox bounds the halves of relayed steps (MAX_WAITING "
-                                       "1024) for the whole server, not per peer: one peer that parks 1024 relayed "
-                                       "steps (wait up to 600 s) in its own session makes every other client's "
-                                       "relayed steps 'busy' for as long")
 def test_one_peer_cannot_fill_the_relay_mailbox_for_everyone(tiny_llama, start_server) -> None:
     from swarm.core.server.relay import MAX_WAITING
 

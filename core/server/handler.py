@@ -147,7 +147,7 @@ class Handler:
         elif isinstance(message, Push):
             self._check_relays()
             self._session(message.session)
-            self.mailbox.push(message.session, message.ticket, message.hidden)
+            self.mailbox.push(message.session, message.ticket, message.hidden, request.peer)
             request.reply()
         elif isinstance(message, Cancel):
             request.reply(*CancelReply(self.mailbox.cancel(message.session, message.ticket)).to_wire())

@@ -8,7 +8,9 @@ while the data crosses each link once, and the last server answers the client di
 hop plus one back instead of a round trip per hop.
 
 `Mailbox` matches the two halves of a relayed step (the client's waiting request and the pushed input), whichever
-comes first, and forgets halves that wait too long. Pushing runs on its own threads, so the compute worker never
+comes first, and forgets halves that wait too long. What it holds is bounded for the server and, at a quarter of
+that, for each peer that sent the halves (`Request.peer`), so one peer that parks steps whose input never comes
+cannot make everyone else's relayed steps busy. Pushing runs on its own threads, so the compute worker never
 waits on another server. A server only pushes to servers of its model that its discovery knows.
 """
 
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 
 MAX_WAITING = 1024  # halves of relayed steps held at once on one server (both kinds together)
 MAX_PUSHED_BYTES = 256 << 20  # bytes of pushed inputs held at once on one server
+PEER_SHARE = 0.25  # what one peer may hold of either bound
 PUSH_TTL = 60.0  # seconds a pushed input waits for the client's request before it is dropped
 
 
@@ -49,6 +52,14 @@ class _Waiting:
     request: Request
     start: Callable[[torch.Tensor], None]  # runs the step once its input is here
     deadline: float
+    peer: str = ""  # who sent it
+
+
+@dataclass
+class _Pushed:
+    hidden: torch.Tensor
+    deadline: float
+    peer: str = ""
 
 
 class Mailbox:
@@ -56,19 +67,37 @@ class Mailbox:
 
     def __init__(self) -> None:
         self._waiting: dict[tuple[str, str], _Waiting] = {}
-        self._pushed: dict[tuple[str, str], tuple[torch.Tensor, float]] = {}
+        self._pushed: dict[tuple[str, str], _Pushed] = {}
         self._bytes = 0  # of the pushed inputs held
+        self._held: dict[str, list[int]] = {}  # peer -> [halves, pushed bytes] it holds
         self._lock = threading.Lock()
 
-    def _room(self, nbytes: int = 0) -> None:
+    def _room(self, peer: str, nbytes: int = 0) -> None:
         if len(self._waiting) + len(self._pushed) >= MAX_WAITING or self._bytes + nbytes > MAX_PUSHED_BYTES:
             raise _error("busy", "too many relayed steps waiting on this server")
+        count, held = self._held.get(peer, (0, 0))
+        if count + 1 > MAX_WAITING * PEER_SHARE or held + nbytes > MAX_PUSHED_BYTES * PEER_SHARE:
+            raise _error("busy", f"you have {count} relayed steps waiting on this server already")
 
-    def _take(self, key: tuple[str, str]) -> tuple[torch.Tensor, float] | None:
+    def _hold(self, peer: str, count: int, nbytes: int) -> None:
+        held = self._held.setdefault(peer, [0, 0])
+        held[0] += count
+        held[1] += nbytes
+        if held[0] <= 0:
+            del self._held[peer]
+
+    def _take(self, key: tuple[str, str]) -> _Pushed | None:
         pushed = self._pushed.pop(key, None)
         if pushed is not None:
-            self._bytes -= pushed[0].nbytes
+            self._bytes -= pushed.hidden.nbytes
+            self._hold(pushed.peer, -1, -pushed.hidden.nbytes)
         return pushed
+
+    def _unwait(self, key: tuple[str, str]) -> _Waiting | None:
+        waiting = self._waiting.pop(key, None)
+        if waiting is not None:
+            self._hold(waiting.peer, -1, 0)
+        return waiting
 
     def wait(self, session: str, ticket: str, request: Request, start: Callable[[torch.Tensor], None],
              timeout: float) -> None:
@@ -78,21 +107,23 @@ class Mailbox:
             if pushed is None:
                 if key in self._waiting:
                     raise _bad("a request already waits with this ticket")
-                self._room()
-                self._waiting[key] = _Waiting(request, start, time.monotonic() + timeout)
+                self._room(request.peer)
+                self._waiting[key] = _Waiting(request, start, time.monotonic() + timeout, request.peer)
+                self._hold(request.peer, 1, 0)
                 return
-        start(pushed[0])
+        start(pushed.hidden)
 
-    def push(self, session: str, ticket: str, hidden: torch.Tensor) -> None:
+    def push(self, session: str, ticket: str, hidden: torch.Tensor, peer: str = "") -> None:
         key = (session, ticket)
         with self._lock:
-            waiting = self._waiting.pop(key, None)
+            waiting = self._unwait(key)
             if waiting is None:
                 if key in self._pushed:
                     raise _bad("an input was already pushed with this ticket")
-                self._room(hidden.nbytes)
-                self._pushed[key] = (hidden, time.monotonic() + PUSH_TTL)
+                self._room(peer, hidden.nbytes)
+                self._pushed[key] = _Pushed(hidden, time.monotonic() + PUSH_TTL, peer)
                 self._bytes += hidden.nbytes
+                self._hold(peer, 1, hidden.nbytes)
                 return
         waiting.start(hidden)
 
@@ -100,7 +131,7 @@ class Mailbox:
         """Drop both halves of a relayed step; the waiting request (if any) is answered `cancelled`."""
         with self._lock:
             self._take((session, ticket))
-            waiting = self._waiting.pop((session, ticket), None)
+            waiting = self._unwait((session, ticket))
         if waiting is None:
             return False
         waiting.request.fail("cancelled", "the client cancelled this relayed step")
@@ -108,7 +139,7 @@ class Mailbox:
 
     def drop_session(self, session: str) -> None:
         with self._lock:
-            dropped = [self._waiting.pop(k) for k in [k for k in self._waiting if k[0] == session]]
+            dropped = [self._unwait(k) for k in [k for k in self._waiting if k[0] == session]]
             for key in [k for k in self._pushed if k[0] == session]:
                 self._take(key)
         for waiting in dropped:
@@ -117,8 +148,8 @@ class Mailbox:
     def expire(self) -> None:
         now = time.monotonic()
         with self._lock:
-            late = [self._waiting.pop(k) for k in [k for k, w in self._waiting.items() if w.deadline < now]]
-            for key in [k for k, (_, deadline) in self._pushed.items() if deadline < now]:
+            late = [self._unwait(k) for k in [k for k, w in self._waiting.items() if w.deadline < now]]
+            for key in [k for k, pushed in self._pushed.items() if pushed.deadline < now]:
                 self._take(key)
         for waiting in late:
             waiting.request.fail("relay_timeout", "the input of this relayed step never came from the previous "
