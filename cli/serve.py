@@ -71,11 +71,17 @@ def serve(
     allowed_keys: Annotated[str | None, typer.Option(
         help="Directory of member keys (`swarm keygen --member`, their .pub files) admitted besides the swarm key; "
              "read again when it changes.")] = None,
+    peer_sessions: Annotated[int, typer.Option(
+        help="Sessions one peer (a client's address, key, or loopback connection) may hold open at once.")] = 128,
+    peer_share: Annotated[float, typer.Option(
+        help="What one peer may hold of the cache budget and of the request queue (0..1], so that others find "
+             "room; a peer may always hold 4096 cache tokens when the budget has them.")] = 0.5,
     log_level: LogLevelOption = None,
 ) -> None:
     """Serve a span of transformer blocks of MODEL to the swarm."""
     setup_logging(log_level)
     from ..core.server import Server, ServerConfig, parse_blocks
+    from ..core.server.engine import QueueLimits
     from ..core.server.handler import HandlerLimits
     from ..core.server.scheduler import PassLimits
     from ..transport.discovery import DiscoveryConfig
@@ -95,6 +101,8 @@ def serve(
         raise UsageError("--session-timeout must be positive")
     if pass_tokens < 1:
         raise UsageError("--pass-tokens must be at least 1")
+    if peer_sessions < 1 or not 0 < peer_share <= 1:
+        raise UsageError("--peer-sessions must be at least 1 and --peer-share in (0, 1]")
     if max_adapters < 0 or adapter_memory < 0:
         raise UsageError("--max-adapters and --adapter-memory must be 0 or more")
     from ..core.server.adapters import AdapterConfig
@@ -108,7 +116,9 @@ def serve(
                                 gossip=GossipConfig(period=gossip_period, suspect_after=3 * gossip_period),
                                 record_ttl=record_ttl)
     config = ServerConfig(model=model, blocks=span, host=host, port=port, dtype=dtype, cache_tokens=cache_tokens,
-                          limits=HandlerLimits(session_timeout=session_timeout), initial_peers=peers,
+                          limits=HandlerLimits(session_timeout=session_timeout, max_peer_sessions=peer_sessions,
+                                               peer_share=peer_share),
+                          queue=QueueLimits(client_share=peer_share), initial_peers=peers,
                           discovery=discovery, model_id=model_id, link_delay=max(0.0, simulate_rtt_ms) / 2000,
                           passes=PassLimits(max_tokens=pass_tokens, mix_tasks=mix_adapters), batching=batching,
                           adapters=adapter_config, identity=identity, swarm_key=swarm_key,

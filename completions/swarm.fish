@@ -59,6 +59,8 @@ complete -c swarm -n '__fish_seen_subcommand_from serve' -l mdns-interface
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l mix-adapters
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l model-id
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l pass-tokens
+complete -c swarm -n '__fish_seen_subcommand_from serve' -l peer-sessions
+complete -c swarm -n '__fish_seen_subcommand_from serve' -l peer-share
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l port
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l record-ttl
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l session-timeout

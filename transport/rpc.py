@@ -98,7 +98,13 @@ class RpcServerConfig:
     host: str = "0.0.0.0"  # interface to bind; 0.0.0.0 binds all
     port: int = 0  # 0 picks any free port (see RpcServer.endpoint)
     poll_ms: int = 100  # how often the I/O loop wakes to run its tick callback and check for stop
-    high_water_mark: int = 10_000  # queued messages per peer before ZeroMQ drops
+    # messages queued per connection: past it ZeroMQ stops reading that connection's requests (backpressure) and
+    # drops replies to it (a peer that does not read them); replies of 64 KiB and more are bounded in bytes below
+    high_water_mark: int = 256
+    max_unread_bytes: int = 64 << 20  # reply bytes one peer may leave unread before its further replies are dropped
+    max_unread_total: int = 512 << 20  # the same for all peers together (a peer with none unread is still answered)
+    max_frame_bytes: int = (1 << 31) + (1 << 20)  # a larger frame closes its connection before ZeroMQ buffers it
+    #                                               (the codec refuses tensors over 2 GiB and headers over 1 MiB)
     curve: CurveServer | None = None  # a private swarm: CurveZMQ on every connection, only admitted keys served
 
 
@@ -139,11 +145,12 @@ class Request:
 
     def reply(self, fields: dict[str, Any] | None = None, tensors: Sequence[torch.Tensor] = ()) -> None:
         if self._claim():
-            self._server.send(self._identity, encode(RESULT, self.message.id, fields, tensors))
+            self._server.send(self._identity, encode(RESULT, self.message.id, fields, tensors), self.peer)
 
     def fail(self, code: str, message: str) -> None:
         if self._claim():
-            self._server.send(self._identity, encode(ERROR, self.message.id, {"code": code, "message": message}))
+            self._server.send(self._identity, encode(ERROR, self.message.id, {"code": code, "message": message}),
+                              self.peer)
 
 
 class RpcServer:
@@ -161,6 +168,11 @@ class RpcServer:
         self._router.setsockopt(zmq.SNDHWM, self.config.high_water_mark)
         self._router.setsockopt(zmq.RCVHWM, self.config.high_water_mark)
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self._router.setsockopt(zmq.MAXMSGSIZE, self.config.max_frame_bytes)
+        # replies handed to ZeroMQ and not yet written out, per peer: (tracker, bytes), oldest first (see `send`)
+        self._unread: dict[str | bytes, deque[tuple[zmq.MessageTracker, int]]] = {}
+        self._unread_total = 0
+        self.dropped_replies = 0  # replies not sent because their peer left too many unread
         self._auth = None
         if self.config.curve is not None:
             self._auth = _start_authenticator(self._ctx, self.config.curve.admit)
@@ -204,12 +216,49 @@ class RpcServer:
         self._thread.start()
         return self
 
-    def send(self, identity: bytes, frames: list[Any]) -> None:
-        """Queue a reply for the I/O thread (thread-safe)."""
+    @property
+    def unread_bytes(self) -> int:
+        """Bytes of replies of 64 KiB or more that ZeroMQ holds because their peers have not read them yet."""
+        with self._push_lock:
+            self._sweep()
+            return self._unread_total
+
+    def send(self, identity: bytes, frames: list[Any], peer: str | None = None) -> None:
+        """Queue a reply for the I/O thread (thread-safe).
+
+        A reply of 64 KiB or more is tracked until ZeroMQ has written it out (to the kernel, or dropped it with its
+        connection); a peer whose unread replies pass `max_unread_bytes` (or all peers' `max_unread_total`) gets no
+        more until it reads: its replies are dropped, as ZeroMQ drops them past the high-water mark, and it times
+        out. A peer with none unread always gets its reply, so a reader that keeps up is never refused."""
         if self._stop.is_set():
             return
+        key = identity if peer is None else peer
+        size = sum(len(f.buffer) if hasattr(f, "buffer") else len(f) for f in frames)
+        config = self.config
         with self._push_lock:
-            self._push.send_multipart([identity, *frames], copy=False)
+            if size < 1 << 16:  # small: bounded by the high-water mark
+                self._push.send_multipart([identity, *frames], copy=False)
+                return
+            self._sweep(key)
+            mine = sum(n for _, n in self._unread.get(key, ()))
+            if mine and (mine + size > config.max_unread_bytes or self._unread_total + size > config.max_unread_total):
+                self.dropped_replies += 1
+                log.log(logging.WARNING if self.dropped_replies == 1 else logging.DEBUG,
+                        "a peer leaves %d MiB of replies unread: dropping its replies until it reads", mine >> 20)
+                return
+            tracked = [zmq.Frame(f, track=True, copy=False) for f in frames]
+            self._push.send_multipart([identity, *tracked], copy=False)
+            self._unread.setdefault(key, deque()).append((zmq.MessageTracker(*tracked), size))
+            self._unread_total += size
+
+    def _sweep(self, key: str | bytes | None = None) -> None:
+        """Forget the replies ZeroMQ is done with: of `key`, or of every peer (call with `_push_lock` held)."""
+        for k in [key] if key is not None else list(self._unread):
+            queue = self._unread.get(k)
+            while queue and queue[0][0].done:
+                self._unread_total -= queue.popleft()[1]
+            if queue is not None and not queue:
+                del self._unread[k]
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
@@ -242,6 +291,9 @@ class RpcServer:
                     self._receive()
                 if self._tick is not None:
                     self._tick()
+                if self._unread:
+                    with self._push_lock:
+                        self._sweep()
             except zmq.ContextTerminated:
                 return
             except Exception:  # the loop must outlive any single bad message or handler bug

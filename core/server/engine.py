@@ -1,10 +1,11 @@
 """The compute engine: one thread that runs queued work items in passes through the blocks, several at a time.
 
 The server's I/O thread turns each compute request into a typed, validated work item (`StepJob`, `ForwardJob`,
-`BackwardJob`) and `submit`s it; the queue is bounded in items and bytes (per client too), and a request past the
-bound is refused `busy` at once instead of growing memory. The engine thread loops: it takes a snapshot of the queue,
-asks the scheduler (`scheduler.plan_pass`, a pure policy) which items the next pass runs and how many of their
-tokens, and runs them:
+`BackwardJob`) and `submit`s it; the queue is bounded in items and bytes, and so is each peer's part of it (a job's
+`client` is its `Request.peer`: a remote address or key, or one loopback connection); a request past a bound is
+refused `busy` at once instead of growing memory, and the scheduler's fairness is between peers. The engine thread
+loops: it takes a snapshot of the queue, asks the scheduler (`scheduler.plan_pass`, a pure policy) which items the
+next pass runs and how many of their tokens, and runs them:
 
 - sessions' steps and plain forwards share one pass (`BlockSpan.run`): their new tokens are packed together for the
   linear layers, attention runs per request over its own cache. A long step runs in column chunks over several
@@ -57,7 +58,7 @@ class Refused(RemoteError):
 class QueueLimits:
     max_items: int = 1024  # requests waiting at once
     max_bytes: int = 256 << 20  # bytes of their tensors
-    client_share: float = 0.5  # what one client may hold of either bound while others could come
+    client_share: float = 0.5  # what one peer (Request.peer) may hold of either bound, so that others find room
 
 
 @dataclass(eq=False)
@@ -65,7 +66,7 @@ class Job:
     """A validated compute request waiting for the engine."""
 
     request: Request
-    client: Hashable
+    client: Hashable  # who sent it (Request.peer): the queue's share and the scheduler's fairness are per peer
     hidden: torch.Tensor
     mask: torch.Tensor | None
     prompts: torch.Tensor | None
@@ -185,7 +186,7 @@ class Engine:
                           "max_tokens": self.limits.max_tokens, "max_requests": self.limits.max_requests}}
 
     def submit(self, job: Job) -> None:
-        """Queue `job`; raises Refused(busy) when the queue is full (for everyone, or for this client)."""
+        """Queue `job`; raises Refused(busy) when the queue is full (for everyone, or for this peer)."""
         limits = self.queue_limits
         with self._cond:
             if self._stopping:
@@ -196,8 +197,10 @@ class Engine:
             mine = [j for j in self._jobs.values() if j.client == job.client]
             if len(mine) + 1 > limits.max_items * limits.client_share \
                     or sum(j.nbytes for j in mine) + job.nbytes > limits.max_bytes * limits.client_share:
-                raise Refused("busy", f"this client has {len(mine)} requests waiting on this server already; "
-                                          "wait for their answers first")
+                items, nbytes = int(limits.max_items * limits.client_share), int(limits.max_bytes * limits.client_share)
+                raise Refused("busy", f"this peer has {len(mine)} requests ({sum(j.nbytes for j in mine) >> 20} MiB) "
+                                      f"waiting on this server already, and one peer may have {items} "
+                                      f"({nbytes >> 20} MiB); wait for their answers first")
             job.id = next(self._ids)
             job.mix = self.limits.mix_tasks
             if isinstance(job, ForwardJob) and not job.keep and job.hidden.shape[1] > self.limits.max_tokens \

@@ -13,6 +13,13 @@ steps run with the adapter it opened with, which stays loaded while the session 
 comes with forward/backward (its gradients go back with the backward) or with `open` (kept with the session).
 Nothing a peer sends can stop the server or touch another client's session. A step that is refused or fails does not
 count as activity of its session (only answered steps keep a session from expiring).
+
+Limits per peer (`Request.peer`: a CURVE key, a remote address, or one loopback connection) keep one peer from taking
+what others need: open sessions (`busy` past `max_peer_sessions`), cache tokens (`cache_full` past its share of the
+budget) and clients' LoRAs kept with sessions (`busy` past its share); the engine bounds each peer's queued requests
+and bytes (`busy`). A refusal names the limit and leaves everyone else's work as it was. Kept forward graphs are not
+refused but evicted: past the bounds (count or bytes) the oldest graph of the peer that keeps the most goes first,
+so a peer that keeps many graphs evicts its own, never a smaller holder's. `info` reports the limits (`peer_limits`).
 """
 
 from __future__ import annotations
@@ -76,11 +83,28 @@ class HandlerLimits:
     max_pass_bytes: int = 256 << 20  # memory one sequence's attention mask may take in a forward/backward pass
     max_lora_bytes: int = 64 << 20  # a client's own LoRA in one request (or kept with a session)
     max_session_lora_bytes: int = 256 << 20  # all clients' LoRAs kept with open sessions, together
+    max_peer_sessions: int = 128  # sessions one peer (Request.peer) may hold open at once
+    peer_share: float = 0.5  # what one peer may hold of the cache budget and of the sessions' LoRA bytes, so that
+    #                          others who come later find room
+    peer_cache_tokens: int = 4096  # a peer may always hold this many cache tokens whatever its share (one long
+    #                                session on a small server), within the budget
 
     @property
     def max_forward_length(self) -> int:
         """The longest sequence a forward or backward may hold: its dense mask (length^2 floats) fits the bound."""
         return max(1, math.isqrt(self.max_pass_bytes // 4))
+
+    def peer_cache_limit(self, total: int) -> int:
+        """The cache tokens one peer may hold of a budget of `total`: its share, and never less than
+        `peer_cache_tokens` (when the budget has them)."""
+        return max(int(total * self.peer_share), min(total, self.peer_cache_tokens))
+
+    @property
+    def peer_lora_limit(self) -> int:
+        """The bytes of one peer's LoRAs kept with its sessions: its share, and at least one LoRA of the largest
+        size a request may carry (within the bound of all of them)."""
+        total = self.max_session_lora_bytes
+        return max(int(total * self.peer_share), min(total, self.max_lora_bytes))
 
 
 @dataclass
@@ -95,6 +119,7 @@ class Session:
     tasks: tuple[Task, ...] = ()  # the adapter its steps run with
     adapter: str | None = None  # the named adapter it holds (released at close)
     lora_bytes: int = 0  # of the client's own LoRA it keeps
+    peer: str = ""  # who opened it (Request.peer), for the limits per peer
 
 
 class Handler:
@@ -104,8 +129,9 @@ class Handler:
                  limits: HandlerLimits | None = None, extra_info: dict[str, Any] | None = None,
                  on_gossip: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
                  relay: Relay | None = None, relay_allowed: Callable[[str], bool] = lambda peer: False,
-                 adapters: AdapterStore | None = None):
+                 adapters: AdapterStore | None = None, peer_limits: dict[str, int] | None = None):
         self.span, self.engine, self.budget = span, engine, budget
+        self._peer_limits = peer_limits or {}  # limits per peer kept elsewhere (the socket's), for `info`
         self.adapters = adapters
         self.model_name = model_name
         self.limits = limits or HandlerLimits()
@@ -196,8 +222,20 @@ class Handler:
             "max_batch": self.limits.max_batch,
             "max_request_tokens": self.limits.max_request_tokens,
             "max_forward_length": self.limits.max_forward_length,
+            "peer_limits": self.peer_limits(),
             **self.extra_info,
         }
+
+    def peer_limits(self) -> dict[str, int]:
+        """What one peer may hold here (what a refusal refers to): sessions, cache tokens, bytes of LoRAs kept with
+        sessions, requests and bytes waiting in the queue; and what all peers' kept graphs may take (evicted, the
+        biggest holder's first, past these)."""
+        limits, queue = self.limits, self.engine.queue_limits
+        return {"sessions": limits.max_peer_sessions, "cache_tokens": limits.peer_cache_limit(self.budget.total),
+                "session_lora_bytes": limits.peer_lora_limit,
+                "queued_requests": int(queue.max_items * queue.client_share),
+                "queued_bytes": int(queue.max_bytes * queue.client_share),
+                "kept_graphs": limits.max_kept, "kept_bytes": limits.max_kept_bytes, **self._peer_limits}
 
     def _open(self, request: Request, message: Open) -> None:
         self._check_accepting()
@@ -207,32 +245,47 @@ class Handler:
         tasks = self._lora_task(self._lora(message.lora, blocks), blocks)
 
         def opened(adapter: Task | None) -> None:
-            reply = self.open(message, (*([] if adapter is None else [adapter]), *tasks))
+            reply = self.open(message, (*([] if adapter is None else [adapter]), *tasks), request.peer)
             request.reply(*reply.to_wire())
 
         self._with_adapter(request, message.adapter, opened, hold=True)
 
-    def open(self, message: Open, tasks: tuple[Task, ...] = ()) -> OpenReply:
-        """A new session (its adapter, when it has one, already held for it)."""
+    def open(self, message: Open, tasks: tuple[Task, ...] = (), peer: str = "") -> OpenReply:
+        """A new session for `peer` (its adapter, when it has one, already held for it)."""
         self._check_accepting()
         batch = _int(message.batch_size, "batch_size", 1, self.limits.max_batch)
         max_length = _int(message.max_length, "max_length", 1, self.limits.max_session_length)
         blocks = self._blocks(message.blocks)
         tokens = batch * max_length
-        if not self.budget.reserve(tokens):
-            raise Refused("cache_full", f"cache full: the session needs {tokens} cache tokens (batch {batch} x "
-                                        f"max_length {max_length}) and {self.budget.free} of "
-                                        f"{self.budget.total} are free; try a shorter max_length or another server")
         lora_bytes = sum(t.nbytes for t in tasks if t.name == CLIENT_LORA)
         session_id = secrets.token_hex(16)
-        with self._lock:
-            held = sum(s.lora_bytes for s in self.sessions.values())
-            if held + lora_bytes > self.limits.max_session_lora_bytes:
-                self.budget.release(tokens)
-                raise Refused("busy", f"sessions keep {held >> 20} MiB of clients' LoRAs here already; open this one "
-                                      "elsewhere, or later")
+        limits = self.limits
+        with self._lock:  # the checks and the reservation at once: concurrent opens of one peer cannot pass together
+            mine = [s for s in self.sessions.values() if s.peer == peer]
+            if len(mine) >= limits.max_peer_sessions:
+                raise Refused("busy", f"this peer holds {len(mine)} open sessions here, the most one peer may "
+                                      f"(max_peer_sessions); close one first, or use another server")
+            held, cap = sum(s.tokens for s in mine), limits.peer_cache_limit(self.budget.total)
+            if held + tokens > cap and tokens <= self.budget.free:  # (when it does not fit at all, say that below)
+                raise Refused("cache_full", f"cache full for this peer: its sessions hold {held} cache tokens and "
+                                            f"this one needs {tokens} (batch {batch} x max_length {max_length}); one "
+                                            f"peer may hold {cap} of this server's {self.budget.total}, so that "
+                                            "others find room; close a session, or try another server")
+            mine_lora, all_lora = sum(s.lora_bytes for s in mine), sum(s.lora_bytes for s in self.sessions.values())
+            if all_lora + lora_bytes > limits.max_session_lora_bytes:
+                raise Refused("busy", f"sessions keep {all_lora >> 20} MiB of clients' LoRAs here already; open this "
+                                      "one elsewhere, or later")
+            if lora_bytes and mine_lora + lora_bytes > limits.peer_lora_limit:
+                raise Refused("busy", f"this peer's sessions keep {mine_lora >> 20} MiB of its LoRAs here, and one "
+                                      f"peer may keep {limits.peer_lora_limit >> 20} MiB; close one of its "
+                                      "sessions first, or use another server")
+            if not self.budget.reserve(tokens):
+                raise Refused("cache_full", f"cache full: the session needs {tokens} cache tokens (batch {batch} x "
+                                            f"max_length {max_length}) and {self.budget.free} of "
+                                            f"{self.budget.total} are free; try a shorter max_length or another "
+                                            "server")
             self.sessions[session_id] = Session(batch, max_length, blocks, tokens, tasks=tasks,
-                                                adapter=message.adapter, lora_bytes=lora_bytes)
+                                                adapter=message.adapter, lora_bytes=lora_bytes, peer=peer)
         return OpenReply(session_id, self.budget.free)
 
     def _with_adapter(self, request: Request, name: str | None, then: Callable[[Task | None], None],
@@ -311,7 +364,7 @@ class Handler:
         prompts = self._prompts(message.prompts, hidden, session.blocks)
         if prompts is not None and message.start not in (None, 0):
             raise Refused("bad_request", "prompts may only come with the first step of a session (position 0)")
-        self._submit(StepJob(request, request.client, hidden, mask, prompts, session.blocks, tasks=session.tasks,
+        self._submit(StepJob(request, request.peer, hidden, mask, prompts, session.blocks, tasks=session.tasks,
                              adapter=session.adapter, session=session, session_id=message.session,
                              start=message.start,
                              finish=lambda job, out: self._finish_step(job, message, out)))
@@ -336,7 +389,7 @@ class Handler:
         def submit(adapter: Task | None) -> None:
             served = () if adapter is None else (adapter,)
             tasks = served if keep else (*served, *self._lora_task(lora, blocks))
-            self._submit(ForwardJob(request, request.client, hidden, mask, prompts, blocks, tasks=tasks,
+            self._submit(ForwardJob(request, request.peer, hidden, mask, prompts, blocks, tasks=tasks,
                                     lora=lora if keep else None, adapter=message.adapter, keep=keep,
                                     on_done=self._releaser(message.adapter),
                                     finish=lambda job, out: job.request.reply(*ForwardReply(out).to_wire())))
@@ -353,7 +406,7 @@ class Handler:
         lora = self._lora(message.lora, blocks)
 
         def submit(adapter: Task | None) -> None:
-            self._submit(BackwardJob(request, request.client, hidden, mask, prompts, blocks,
+            self._submit(BackwardJob(request, request.peer, hidden, mask, prompts, blocks,
                                      tasks=() if adapter is None else (adapter,), lora=lora, adapter=message.adapter,
                                      on_done=self._releaser(message.adapter), grad_output=message.grad_output,
                                      kept=message.kept, run_alone=self._backward_run))
@@ -488,11 +541,23 @@ class Handler:
         kid = secrets.token_hex(12)
         with self._lock:
             self._kept[kid] = _Kept(graph, job.mask, job.blocks, time.monotonic() + limits.kept_ttl, job.adapter,
-                                    saved)
-            while len(self._kept) > limits.max_kept or sum(k.nbytes for k in self._kept.values()) > \
-                    limits.max_kept_bytes:
-                del self._kept[next(iter(self._kept))]  # the oldest first
+                                    saved, str(job.client))
+            self._evict_kept()
         return ForwardReply(out, kid).to_wire()
+
+    def _evict_kept(self) -> None:
+        """Drop kept graphs until they fit the bounds (count, then bytes): each time the oldest graph of the peer
+        that keeps the most (graphs, then bytes), so a peer's graphs go to make room for its own, never for a bigger
+        holder's (call with `_lock` held)."""
+        limits, kept = self.limits, self._kept
+        for over, size in ((lambda: len(kept) > limits.max_kept, lambda k: 1),
+                           (lambda: sum(k.nbytes for k in kept.values()) > limits.max_kept_bytes, lambda k: k.nbytes)):
+            while kept and over():
+                held: dict[str, int] = {}
+                for k in kept.values():
+                    held[k.peer] = held.get(k.peer, 0) + size(k)
+                biggest = max(held, key=held.__getitem__)  # ties: the first to keep a graph among them
+                del kept[next(kid for kid, k in kept.items() if k.peer == biggest)]  # its oldest
 
     def _backward_run(self, job: BackwardJob) -> tuple[dict[str, Any], list[torch.Tensor]]:
         graph = self._kept_graph(job.kept, job.hidden, job.mask, job.blocks, job.prompts, job.adapter, job.lora)
@@ -529,6 +594,7 @@ class _Kept:
     deadline: float
     adapter: str | None = None
     nbytes: int = 0  # of the tensors it saved for the backward
+    peer: str = ""  # whose forward kept it (Request.peer)
 
 
 def _finite(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:

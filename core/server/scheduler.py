@@ -36,7 +36,7 @@ class Queued:
 
     id: int  # arrival order: lower came first
     kind: str  # step | forward | backward
-    client: Hashable  # who sent it (fairness is between clients)
+    client: Hashable  # who sent it, its Request.peer (fairness is between peers)
     tokens: int  # new tokens it still has to run
     unit: int = 1  # the smallest piece it can run in (tokens): a step's rows, a forward's sequence length
     session: str | None = None  # a session's steps run one per pass, in order

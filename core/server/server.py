@@ -70,6 +70,7 @@ class ServerConfig:
     identity: str | None = None  # file of the server's key pair (made on first start); None: a new one each start
     swarm_key: str | None = None  # a private swarm's key file (swarm keygen): every connection CurveZMQ, members only
     allowed_keys: str | None = None  # directory of member keys admitted besides the swarm key (re-read on change)
+    unread_bytes: int = 64 << 20  # reply bytes one peer may leave unread before its further replies are dropped
 
 
 class Server:
@@ -121,7 +122,8 @@ class Server:
         key = self.swarm_key
         curve = None if key is None else CurveServer(key.public, key.secret, self._admission)
         self._rpc = RpcServer(self._dispatch, RpcServerConfig(host=config.host, port=config.port,
-                                                              poll_ms=config.poll_ms, curve=curve), tick=self._tick)
+                                                              poll_ms=config.poll_ms, curve=curve,
+                                                              max_unread_bytes=config.unread_bytes), tick=self._tick)
         dtype = self.source.config(config.dtype).dtype
         for adapter in config.adapters.preload:  # a wrong file or option fails now, not after loading the blocks
             check_peft(adapter)
@@ -142,7 +144,7 @@ class Server:
                                                           "cache_bytes_per_token": per_token,
                                                           "throughput": self.throughput},
                                on_gossip=self._on_gossip, relay=self._relay, relay_allowed=self._known_peer,
-                               adapters=self.adapters)
+                               adapters=self.adapters, peer_limits={"unread_reply_bytes": config.unread_bytes})
         self._rpc.start()
         self.addresses = local_endpoints(config.host, self._rpc.port)
         discovery = config.discovery if key is None else replace(config.discovery, swarm_key=key)
