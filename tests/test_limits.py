@@ -22,8 +22,9 @@ from swarm.core.server.handler import Handler, HandlerLimits
 from swarm.core.weights import ModelSource
 from swarm.transport.codec import Message, decode, encode
 from swarm.transport.errors import CacheFull, ServerBusy, SwarmError
+from swarm.transport.keys import SwarmKey
 from swarm.transport.messages import LoraWeights, Open
-from swarm.transport.rpc import Request, RpcClient, RpcClientConfig
+from swarm.transport.rpc import CurveClient, Request, RpcClient, RpcClientConfig, RpcServerConfig
 
 SPAN = (0, 3)  # a server of the first blocks only: its output is a hidden state of the reference, before the norm
 ATOL = 1e-5
@@ -130,6 +131,8 @@ class _Frame:
 class _Socket:
     """What a Request answers through: keeps the replies."""
 
+    config = RpcServerConfig()
+
     def __init__(self) -> None:
         self.replies: list[tuple[bytes, Message]] = []
 
@@ -233,6 +236,41 @@ def _drain(client: RpcClient, count: int, timeout: float = 30.0) -> list[Message
             break
         replies.append(decode(frames))
     return replies
+
+
+def test_in_a_private_swarm_a_member_key_is_one_peer_and_the_swarm_key_is_no_one(tiny_llama, start_server, tmp_path):
+    """Two connections with one member key share its limits; the swarm key itself, which many members may hold,
+    names no one (each loopback connection is then a peer of its own, as in an open swarm)."""
+    key = SwarmKey.generate()
+    key.write(tmp_path / "swarm.key")
+    alice = key.member()
+    (tmp_path / "allowed").mkdir()
+    (tmp_path / "allowed" / "alice.key.pub").write_bytes(alice.write(tmp_path / "alice.key").read_bytes())
+    server = start_server(tiny_llama, SPAN, swarm_key=str(tmp_path / "swarm.key"),
+                          allowed_keys=str(tmp_path / "allowed"), limits=HandlerLimits(max_peer_sessions=2))
+
+    def connect(k: SwarmKey) -> RpcClient:
+        return RpcClient(server.endpoint, RpcClientConfig(timeout=20.0, curve=CurveClient.of(k)))
+
+    with connect(alice) as a1, connect(alice) as a2, connect(key) as s1, connect(key) as s2:
+        open_session(a1)
+        open_session(a2)
+        refused(ServerBusy, "busy", lambda: open_session(a1))
+        refused(ServerBusy, "busy", lambda: open_session(a2))  # another connection, the same member
+        for client in (s1, s2):
+            open_session(client)
+            open_session(client)
+        refused(ServerBusy, "busy", lambda: open_session(s1))
+        assert {s.peer for s in server.handler.sessions.values()} == {f"key:{alice.public.decode()}",
+                                                                      *(f"conn:{c}" for c in _conns(server, 2))}
+
+
+def _conns(server, count: int) -> list[str]:
+    """The connection ids (hex) of the sessions not opened by a key."""
+    sessions = server.handler.sessions.values()
+    conns = sorted({s.peer.removeprefix("conn:") for s in sessions if s.peer.startswith("conn:")})
+    assert len(conns) == count
+    return conns
 
 
 # --- connection floods and slow readers -----------------------------------------------------------------------

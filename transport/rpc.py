@@ -133,8 +133,16 @@ class Request:
         private swarm), else `ip:<address>` of a remote connection, else `conn:<hex>`: the connection itself
         (loopback, where every local client shares one address, and anything ZeroMQ cannot name)."""
         if self._peer is None:
-            self._peer = _peer_of(self._frame, self._identity)
+            curve = getattr(getattr(self._server, "config", None), "curve", None)
+            self._peer = _peer_of(self._frame, self._identity, None if curve is None else curve.public.decode())
         return self._peer
+
+    @property
+    def key(self) -> str | None:
+        """The CURVE key (z85) the request came with (a private swarm), else None. Unlike `peer`, also the swarm key
+        itself, which many members may share."""
+        peer = _peer_of(self._frame, self._identity)
+        return peer[4:] if peer.startswith("key:") else None
 
     def _claim(self) -> bool:
         with self._lock:
@@ -336,8 +344,8 @@ class RpcServer:
 
     def _admitted(self, request: Request) -> bool:
         """Whether the key that sent `request` is still admitted (an allow-list may have shrunk since its handshake)."""
-        peer = request.peer
-        return peer.startswith("key:") and self.config.curve.admit(peer[4:].encode())
+        key = request.key
+        return key is not None and self.config.curve.admit(key.encode())
 
     def _reject(self, identity: bytes, body: list[Any], error: ProtocolError) -> None:
         request_id = 0
@@ -748,14 +756,15 @@ def _start_authenticator(context: zmq.Context, admit: Callable[[bytes], bool]) -
     return auth
 
 
-def _peer_of(frame: Any, identity: bytes) -> str:
-    """See `Request.peer`: the properties ZeroMQ keeps on a received frame of the connection."""
+def _peer_of(frame: Any, identity: bytes, shared: str | None = None) -> str:
+    """See `Request.peer`: the properties ZeroMQ keeps on a received frame of the connection. The `shared` key (the
+    swarm key itself, which every member that holds it presents) names no one: the address does."""
     for prop, prefix in (("User-Id", "key:"), ("Peer-Address", "ip:")):
         try:
             value = frame.get(prop) if frame is not None else None
         except (zmq.ZMQError, AttributeError, UnicodeDecodeError):
             value = None
-        if value and value != "anonymous" and not (prefix == "ip:" and _loopback(value)):
+        if value and value not in ("anonymous", shared) and not (prefix == "ip:" and _loopback(value)):
             return prefix + value
     return "conn:" + identity.hex()
 
