@@ -129,9 +129,10 @@ class Request:
 
     @property
     def peer(self) -> str:
-        """Who sent the request, for limits per peer: `key:<z85>` for a peer authenticated by its CURVE key (a
-        private swarm), else `ip:<address>` of a remote connection, else `conn:<hex>`: the connection itself
-        (loopback, where every local client shares one address, and anything ZeroMQ cannot name)."""
+        """Who sent the request, for limits per peer: `key:<z85>` for a peer authenticated by a member key of its
+        own (a private swarm; the swarm key itself, which every member may hold, names no one), else `ip:<address>`
+        of a remote connection, else `conn:<hex>`: the connection itself (loopback, where every local client shares
+        one address, and anything ZeroMQ cannot name)."""
         if self._peer is None:
             curve = getattr(getattr(self._server, "config", None), "curve", None)
             self._peer = _peer_of(self._frame, self._identity, None if curve is None else curve.public.decode())
