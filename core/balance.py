@@ -55,6 +55,7 @@ class ServerLoad:
     start: int  # first block held
     end: int  # one past the last block held; end == start: not placed yet
     throughput: float  # announced tokens/s, comparable between servers
+    online: bool = True  # serving now; False while joining (loading): it counts for throughput, not as a holder
 
     @property
     def length(self) -> int:
@@ -100,7 +101,7 @@ def servers_from_records(records: Iterable[ServerRecord], model: str) -> list[Se
         if r.model != model or r.state not in SERVING_STATES or not _verified(r):
             continue
         throughput = r.throughput if r.throughput > 0 and math.isfinite(r.throughput) else 0.0
-        chosen[r.peer_id] = ServerLoad(r.peer_id, r.start, r.end, throughput)
+        chosen[r.peer_id] = ServerLoad(r.peer_id, r.start, r.end, throughput, r.state == "online")
     return [chosen[k] for k in sorted(chosen)]
 
 
@@ -123,10 +124,10 @@ def _profile(servers: Iterable[ServerLoad], num_blocks: int, skip: str | None = 
 
 
 def _counts(servers: Iterable[ServerLoad], num_blocks: int, skip: str | None = None) -> np.ndarray:
-    """Number of servers holding each block, without the server `skip`."""
+    """Number of online servers holding each block, without the server `skip`."""
     diff = np.zeros(num_blocks + 1, dtype=np.int64)
     for s in servers:
-        if s.peer_id == skip:
+        if s.peer_id == skip or not s.online:
             continue
         a, b = max(s.start, 0), min(s.end, num_blocks)
         if a < b:
@@ -159,25 +160,27 @@ def _windows(num_blocks: int, length: int) -> np.ndarray:
     return mask
 
 
-def _keys(rows: np.ndarray) -> np.ndarray:
-    """Each row sorted and quantized, so that rows equal up to rounding compare equal."""
-    ordered = np.sort(rows, axis=1)
-    scale = float(np.abs(ordered).max()) if ordered.size else 0.0
+def _quantize(rows: np.ndarray) -> np.ndarray:
+    """Throughputs as integers in units of _TIE times the largest, so that values equal up to rounding are equal."""
+    scale = float(np.abs(rows).max()) if rows.size else 0.0
     if scale <= 0:
-        return np.zeros(ordered.shape, dtype=np.int64)
-    return np.rint(ordered * (1.0 / (scale * _TIE))).astype(np.int64)
+        return np.zeros(rows.shape, dtype=np.int64)
+    return np.rint(rows * (1.0 / (scale * _TIE))).astype(np.int64)
 
 
 def _best_starts(base: np.ndarray, length: int, throughput: float) -> list[int]:
     """The starts whose window, with `throughput` added to `base`, leaves the best sorted per-block vector (leximin),
     all of them when several tie."""
-    num_blocks = base.size
     if throughput <= 0:  # an unmeasured server still goes where it is needed most
         throughput = _TIE * 1e3 * (float(base.max()) or 1.0)
-    keys = _keys(base[None, :] + throughput * _windows(num_blocks, length))
-    order = np.lexsort(keys.T[::-1])
-    best = keys[order[-1]]
-    return [int(s) for s in np.flatnonzero((keys == best).all(axis=1))]
+    rows = _quantize(base[None, :] + throughput * _windows(base.size, length))
+    lows = rows.min(axis=1)
+    best = np.flatnonzero(lows == lows.max())  # the highest bottleneck first, then the next lowest blocks...
+    if best.size > 1:  # big-endian bytes of non-negative integers compare as the sorted vectors do
+        ordered = [row.tobytes() for row in np.sort(np.maximum(rows[best], 0), axis=1).astype(">i8")]
+        top = max(ordered)
+        best = [int(x) for x, key in zip(best, ordered, strict=True) if key == top]
+    return [int(x) for x in best]
 
 
 def _pick(peer_id: str, choices: Sequence[int]) -> int:
@@ -286,17 +289,68 @@ def optimum(throughputs: Sequence[float], lengths: Sequence[int], num_blocks: in
     return _upper_bound(pairs, num_blocks)
 
 
+def _sweep(servers: list[ServerLoad], num_blocks: int, target: float, longest: bool) -> list[ServerLoad] | None:
+    """Servers placed left to right so that every block gets at least `target`, or None when they run out: at each
+    block still short of it, the next server starts there (or ends at the model's end). Which one: with `longest`, the
+    one bringing the most throughput over the blocks ahead (t * span); else the least throughput that closes the gap
+    alone (the most when none does). Servers left over are placed by `choose_span`."""
+    speed = np.array([_speed(s.throughput) for s in servers])
+    length = np.array([min(s.length, num_blocks) for s in servers])
+    free = speed > 0
+    profile = np.zeros(num_blocks)
+    placed: list[ServerLoad] = []
+    for b in range(num_blocks):
+        while profile[b] < target * (1 - _TIE):
+            if not free.any():
+                return None
+            deficit = target - profile[b]
+            if longest:
+                score = np.where(free, speed * np.minimum(length, num_blocks - b), -1.0)
+            else:
+                closes = free & (speed >= deficit)
+                score = np.where(closes, -speed, -np.inf) if closes.any() else np.where(free, speed, -np.inf)
+            i = int(np.argmax(score))
+            free[i] = False
+            start = min(b, num_blocks - int(length[i]))
+            profile[start:start + length[i]] += speed[i]
+            placed.append(ServerLoad(servers[i].peer_id, start, start + int(length[i]), servers[i].throughput))
+    for i in np.flatnonzero(free):
+        start, end = choose_span(placed, num_blocks, int(length[i]), float(speed[i]), servers[i].peer_id)
+        placed.append(ServerLoad(servers[i].peer_id, start, end, servers[i].throughput))
+    return placed
+
+
 def best_arrangement(servers: Sequence[ServerLoad], num_blocks: int, rounds: int = 3) -> list[ServerLoad]:
-    """A good placement of the same servers (lengths and throughputs kept), found without moving anyone: the
-    servers join one by one, fastest first, each taking `choose_span`, then take turns at their best span given the
-    rest for up to `rounds` rounds. Its bottleneck is a lower bound of the optimum."""
+    """A good placement of the same servers (lengths and throughputs kept), found centrally, without the rules that
+    bind moves: the best of (1) joins one by one, fastest first, each taking `choose_span`, and (2) left-to-right
+    sweeps that give every block a target throughput, the target found by bisection; each then improved by `rounds`
+    rounds of best responses. Its bottleneck is a lower bound of the optimum."""
+    servers = [s for s in servers if s.length > 0]
+    if num_blocks <= 0 or not servers:
+        return list(servers)
+    candidates = []
     placed: list[ServerLoad] = []
     for s in sorted(servers, key=lambda s: (-_speed(s.throughput), s.peer_id)):
-        if s.length == 0:
-            continue
         start, end = choose_span(placed, num_blocks, s.length, s.throughput, s.peer_id)
         placed.append(ServerLoad(s.peer_id, start, end, s.throughput))
-    return _respond(placed, num_blocks, rounds, keep_coverage=False)
+    candidates.append(placed)
+    bound = optimum([s.throughput for s in servers], [s.length for s in servers], num_blocks)
+    for longest in (True, False):
+        low, high = 0.0, bound
+        found = _sweep(servers, num_blocks, high, longest)
+        for _ in range(16 if found is None else 0):
+            target = (low + high) / 2
+            arrangement = _sweep(servers, num_blocks, target, longest)
+            if arrangement is None:
+                high = target
+            else:
+                low, found = target, arrangement
+            if high - low <= 1e-3 * high:
+                break
+        if found is not None:
+            candidates.append(found)
+    improved = [_respond(c, num_blocks, rounds, keep_coverage=False) for c in candidates]
+    return max(improved, key=lambda c: bottleneck(c, num_blocks))
 
 
 def balance_quality(servers: Sequence[ServerLoad], num_blocks: int) -> float:
@@ -327,25 +381,34 @@ def _respond(servers: list[ServerLoad], num_blocks: int, rounds: int, keep_cover
     """Rounds of best responses: each server in turn (peer id order, `frozen` excepted) takes its best span given
     the rest when that does not lower the bottleneck, and, with `keep_coverage`, when it is not the last holder of a
     block (the rules `plan_move` follows). Stops early when a round moves no one."""
-    current = {s.peer_id: s for s in servers}
+    current = {s.peer_id: s for s in servers if s.length > 0}
     order = sorted(current)
+    profile = _profile(current.values(), num_blocks)
+    counts = _counts(current.values(), num_blocks)
     for _ in range(rounds):
         moved = False
         for peer in order:
             s = current[peer]
-            if peer == frozen or s.length == 0:
+            if peer == frozen:
                 continue
-            rest = [x for x in current.values() if x.peer_id != peer]
-            if keep_coverage and (_counts(rest, num_blocks)[s.start:s.end] == 0).any():
+            a, b, t = max(s.start, 0), min(s.end, num_blocks), _speed(s.throughput)
+            if keep_coverage and (counts[a:b] <= 1).any():
                 continue
-            start, end = choose_span(current.values(), num_blocks, s.length, s.throughput, peer)
-            if start == s.start:
-                continue
-            candidate = ServerLoad(peer, start, end, s.throughput)
-            if _below(bottleneck([*rest, candidate], num_blocks), bottleneck(current.values(), num_blocks)):
-                continue
-            current[peer] = candidate
-            moved = True
+            low = profile.min()
+            profile[a:b] -= t
+            length = min(s.length, num_blocks)
+            starts = _best_starts(profile, length, t)
+            start = s.start if s.start in starts and s.end - s.start == length else _pick(peer, starts)
+            if start != s.start:
+                profile[start:start + length] += t
+                if not _below(profile.min(), low):
+                    if s.online:
+                        counts[a:b] -= 1  # and it holds its new span only once loaded
+                    current[peer] = ServerLoad(peer, start, start + length, s.throughput, not keep_coverage)
+                    moved = True
+                    continue
+                profile[start:start + length] -= t
+            profile[a:b] += t
         if not moved:
             break
     return [current[p] for p in order]

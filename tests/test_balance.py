@@ -64,7 +64,7 @@ def test_servers_from_records_counts_only_signed_serving_records_of_the_model():
     # a record signed by another key than its peer id's
     stolen = replace(record(ids[6]), peer_id=ids[0].peer_id[:-1] + "0")
     got = servers_from_records([online, joining, draining, offline, other_model, legacy, forged, stolen], "m")
-    assert got == sorted([ServerLoad(ids[0].peer_id, 0, 4, 10.0), ServerLoad(ids[1].peer_id, 4, 8, 5.0)],
+    assert got == sorted([ServerLoad(ids[0].peer_id, 0, 4, 10.0), ServerLoad(ids[1].peer_id, 4, 8, 5.0, online=False)],
                          key=lambda x: x.peer_id)
 
 
