@@ -76,7 +76,7 @@ class Move:
 
 @dataclass(frozen=True)
 class BalanceConfig:
-    balance_quality: float = 0.75  # move when bottleneck_now < balance_quality * bottleneck_after (Petals' knob)
+    balance_quality: float = 0.9  # move when bottleneck_now < balance_quality * bottleneck_after (Petals: 0.75)
     min_interval: float = 60.0  # seconds between two moves of one server (and from its start to its first move)
     confirmations: int = 2  # the same move must come out of this many checks in a row (hysteresis)
 
