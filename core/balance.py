@@ -377,10 +377,11 @@ def _below(a: float, b: float) -> bool:
 
 
 def _respond(servers: list[ServerLoad], num_blocks: int, rounds: int, keep_coverage: bool = True,
-             frozen: str = "") -> list[ServerLoad]:
+             frozen: str = "", goal: float = math.inf) -> list[ServerLoad]:
     """Rounds of best responses: each server in turn (peer id order, `frozen` excepted) takes its best span given
     the rest when that does not lower the bottleneck, and, with `keep_coverage`, when it is not the last holder of a
-    block (the rules `plan_move` follows). Stops early when a round moves no one."""
+    block (the rules `plan_move` follows). Stops early when a round moves no one, or once the bottleneck reaches
+    `goal`."""
     current = {s.peer_id: s for s in servers if s.length > 0}
     order = sorted(current)
     profile = _profile(current.values(), num_blocks)
@@ -406,6 +407,8 @@ def _respond(servers: list[ServerLoad], num_blocks: int, rounds: int, keep_cover
                         counts[a:b] -= 1  # and it holds its new span only once loaded
                     current[peer] = ServerLoad(peer, start, start + length, s.throughput, not keep_coverage)
                     moved = True
+                    if profile.min() >= goal:
+                        return [current[p] for p in order]
                     continue
                 profile[start:start + length] -= t
             profile[a:b] += t
@@ -441,7 +444,11 @@ def plan_move(servers: Sequence[ServerLoad], num_blocks: int, me: str, config: B
     alone = bottleneck([*others, moved], num_blocks)
     if _below(alone, before):
         return None
-    after = max(alone, bottleneck(_respond([*others, moved], num_blocks, RESPONSE_ROUNDS, frozen=me), num_blocks))
+    after = alone
+    if not before < config.balance_quality * alone:  # not enough by itself: would the others' responses make it?
+        goal = before / config.balance_quality * (1 + _TIE) if config.balance_quality > 0 else math.inf
+        responded = _respond([*others, moved], num_blocks, RESPONSE_ROUNDS, frozen=me, goal=goal)
+        after = max(alone, bottleneck(responded, num_blocks))
     if not before < config.balance_quality * after:
         return None
     gain = (after - before) / after
