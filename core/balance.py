@@ -45,6 +45,7 @@ from .coverage import SERVING_STATES
 EXACT_PLACEMENTS = 4096  # `optimum` tries every placement when there are at most this many
 RESPONSE_ROUNDS = 2  # rounds of the others' best responses that `plan_move` simulates
 _TIE = 1e-9  # throughputs closer than this, relative to the largest, count as equal
+UNMEASURED = 1e-6  # a server announcing no throughput counts as this share of the largest, for choices only
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,16 @@ def _speed(throughput: float) -> float:
     return throughput if throughput > 0 and math.isfinite(throughput) else 0.0
 
 
+def _floored(servers: Iterable[ServerLoad], throughput: float = 0.0) -> tuple[list[ServerLoad], float]:
+    """`servers`, and `throughput`, with a server that announces no throughput (not measured yet) counted as a
+    tiny one (UNMEASURED times the largest, or UNMEASURED), so that the choices still see which blocks it holds: a
+    swarm of unmeasured servers still covers its gaps first."""
+    servers = list(servers)
+    floor = UNMEASURED * max([_speed(s.throughput) for s in servers] + [_speed(throughput), 1.0])
+    return ([s if _speed(s.throughput) > 0 else ServerLoad(s.peer_id, s.start, s.end, floor, s.online)
+             for s in servers], max(_speed(throughput), floor))
+
+
 def _profile(servers: Iterable[ServerLoad], num_blocks: int, skip: str | None = None) -> np.ndarray:
     """Summed throughput per block (spans clipped to the model), without the server `skip`."""
     diff = np.zeros(num_blocks + 1)
@@ -171,8 +182,8 @@ def _quantize(rows: np.ndarray) -> np.ndarray:
 def _best_starts(base: np.ndarray, length: int, throughput: float) -> list[int]:
     """The starts whose window, with `throughput` added to `base`, leaves the best sorted per-block vector (leximin),
     all of them when several tie."""
-    if throughput <= 0:  # an unmeasured server still goes where it is needed most
-        throughput = _TIE * 1e3 * (float(base.max()) or 1.0)
+    if throughput <= 0:  # a server without throughput still goes where it is needed most
+        throughput = UNMEASURED * (float(base.max()) or 1.0)
     rows = _quantize(base[None, :] + throughput * _windows(base.size, length))
     lows = rows.min(axis=1)
     best = np.flatnonzero(lows == lows.max())  # the highest bottleneck first, then the next lowest blocks...
@@ -196,9 +207,9 @@ def choose_span(servers: Iterable[ServerLoad], num_blocks: int, length: int, thr
     throughputs. Among equally good windows, `me`'s current span when it is one, else one picked by `me`'s id."""
     if num_blocks <= 0:
         raise ValueError("a model has at least one block")
-    servers = list(servers)
+    servers, throughput = _floored(servers, throughput)
     length = min(max(length, 1), num_blocks)
-    starts = _best_starts(_profile(servers, num_blocks, skip=me), length, _speed(throughput))
+    starts = _best_starts(_profile(servers, num_blocks, skip=me), length, throughput)
     for s in servers:
         if me and s.peer_id == me and s.length == length and s.start in starts:
             return s.start, s.end
@@ -296,7 +307,8 @@ def _sweep(servers: list[ServerLoad], num_blocks: int, target: float, longest: b
     alone (the most when none does). Servers left over are placed by `choose_span`."""
     speed = np.array([_speed(s.throughput) for s in servers])
     length = np.array([min(s.length, num_blocks) for s in servers])
-    free = speed > 0
+    free = speed > 0  # not placed yet, and of some use to the sweep
+    taken = np.zeros(len(servers), dtype=bool)
     profile = np.zeros(num_blocks)
     placed: list[ServerLoad] = []
     for b in range(num_blocks):
@@ -310,11 +322,11 @@ def _sweep(servers: list[ServerLoad], num_blocks: int, target: float, longest: b
                 closes = free & (speed >= deficit)
                 score = np.where(closes, -speed, -np.inf) if closes.any() else np.where(free, speed, -np.inf)
             i = int(np.argmax(score))
-            free[i] = False
+            free[i], taken[i] = False, True
             start = min(b, num_blocks - int(length[i]))
             profile[start:start + length[i]] += speed[i]
             placed.append(ServerLoad(servers[i].peer_id, start, start + int(length[i]), servers[i].throughput))
-    for i in np.flatnonzero(free):
+    for i in np.flatnonzero(~taken):
         start, end = choose_span(placed, num_blocks, int(length[i]), float(speed[i]), servers[i].peer_id)
         placed.append(ServerLoad(servers[i].peer_id, start, end, servers[i].throughput))
     return placed
@@ -427,7 +439,7 @@ def plan_move(servers: Sequence[ServerLoad], num_blocks: int, me: str, config: B
     after the move and the others' simulated best responses exceeds the bottleneck now by the configured quality
     (now < balance_quality * after). None when staying is as good, when `me` is not placed (or not in `servers`),
     when it is the last server of some block it holds, or when the move by itself would lower the bottleneck."""
-    servers = [s for s in servers if s.length > 0]
+    servers = _floored(s for s in servers if s.length > 0)[0]
     mine = next((s for s in servers if s.peer_id == me), None)
     if mine is None or num_blocks <= 0:
         return None

@@ -214,6 +214,17 @@ def test_plan_move_counts_the_others_best_responses():
     assert plan_move([s("p", 2, 6), s("r", 0, 8)], 8, "p", NOW) is None
 
 
+def test_unmeasured_servers_still_cover_gaps():
+    # servers that announce no throughput yet: choices still see which blocks they hold
+    unmeasured = [s("a", 0, 4, 0.0), s("b", 0, 4, 0.0)]
+    assert choose_span(unmeasured, 8, 4, 0.0, me="c") == (4, 8)
+    move = plan_move(unmeasured, 8, "a", NOW)
+    assert (move.start, move.end) == (4, 8)
+    assert plan_move([s("a", 0, 4, 0.0), s("b", 4, 8, 0.0)], 8, "a", NOW) is None
+    # a measured server next to unmeasured ones: the gap 4:8 still comes first
+    assert choose_span([s("a", 0, 4, 50.0), s("b", 0, 2, 0.0)], 8, 4, 1.0, me="c") == (4, 8)
+
+
 def test_a_move_never_lowers_the_bottleneck_by_itself():
     # a holds 0:4 with b; moving a to 4:8 (weak) would leave 0:4 weaker than 4:8 is now
     servers = [s("a", 0, 4, 5), s("b", 0, 4, 1), s("c", 4, 8, 4)]
