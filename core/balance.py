@@ -326,9 +326,10 @@ def _sweep(servers: list[ServerLoad], num_blocks: int, target: float, longest: b
             start = min(b, num_blocks - int(length[i]))
             profile[start:start + length[i]] += speed[i]
             placed.append(ServerLoad(servers[i].peer_id, start, start + int(length[i]), servers[i].throughput))
-    for i in np.flatnonzero(~taken):
-        start, end = choose_span(placed, num_blocks, int(length[i]), float(speed[i]), servers[i].peer_id)
-        placed.append(ServerLoad(servers[i].peer_id, start, end, servers[i].throughput))
+    for i in np.flatnonzero(~taken):  # choose_span, incrementally
+        start = _pick(servers[i].peer_id, _best_starts(profile, int(length[i]), float(speed[i])))
+        profile[start:start + length[i]] += speed[i]
+        placed.append(ServerLoad(servers[i].peer_id, start, start + int(length[i]), servers[i].throughput))
     return placed
 
 
@@ -342,9 +343,12 @@ def best_arrangement(servers: Sequence[ServerLoad], num_blocks: int, rounds: int
         return list(servers)
     candidates = []
     placed: list[ServerLoad] = []
-    for s in sorted(servers, key=lambda s: (-_speed(s.throughput), s.peer_id)):
-        start, end = choose_span(placed, num_blocks, s.length, s.throughput, s.peer_id)
-        placed.append(ServerLoad(s.peer_id, start, end, s.throughput))
+    profile = np.zeros(num_blocks)
+    for s in sorted(servers, key=lambda s: (-_speed(s.throughput), s.peer_id)):  # choose_span, incrementally
+        length = min(s.length, num_blocks)
+        start = _pick(s.peer_id, _best_starts(profile, length, _speed(s.throughput)))
+        profile[start:start + length] += _speed(s.throughput)
+        placed.append(ServerLoad(s.peer_id, start, start + length, s.throughput))
     candidates.append(placed)
     bound = optimum([s.throughput for s in servers], [s.length for s in servers], num_blocks)
     for longest in (True, False):
