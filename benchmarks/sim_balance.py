@@ -452,9 +452,7 @@ class Sim:
 def _ratio(a: float, b: float | None) -> float | None:
     if b is None:
         return None
-    if b <= 0:
-        return 1.0 if a <= 0 else None
-    return a / b
+    return a / b if b > 0 else None  # no reference: nothing to compare with (e.g. before anyone has joined)
 
 
 def summarize(run: Run, p: Params) -> dict:
