@@ -560,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="Petals' balance_quality (its default: 0.75)")
     parser.add_argument("--policies", default="swarm,petals", help="comma-separated: swarm, petals")
     parser.add_argument("--json", dest="json_", type=Path, help="also write every figure to this JSON file")
-    parser.add_argument("--plot", type=Path, default=Path("sim_balance.png"), help="PNG to write ('' for none)")
+    parser.add_argument("--plot", default="sim_balance.png", help="PNG to write ('' for none)")
     args = parser.parse_args(argv)
     policies = [x.strip() for x in args.policies.split(",") if x.strip()]
     if args.servers < 1 or args.blocks < 1 or args.duration <= 0 or args.period <= 0 or args.sample <= 0:
@@ -597,8 +597,8 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"{r['policy']}: {r['joins']} joins, {r['leaves']} leaves, {r['crashes']} crashes; "
                       f"simulated in {r['wall_s']:.1f} s")
     console.print(f"took {time.perf_counter() - started:.1f} s (python {platform.python_version()})")
-    if str(args.plot):
-        plot(results, p, args.plot)
+    if args.plot:
+        plot(results, p, Path(args.plot))
         console.print(f"plot: {args.plot}")
     if args.json_:
         args.json_.write_text(json.dumps({"params": p.__dict__, "results": results}, indent=1))
