@@ -121,8 +121,10 @@ def _floored(servers: Iterable[ServerLoad], throughput: float = 0.0) -> tuple[li
 
 
 def _profile(servers: Iterable[ServerLoad], num_blocks: int, skip: str | None = None) -> np.ndarray:
-    """Summed throughput per block (spans clipped to the model), without the server `skip`."""
+    """Summed throughput per block (spans clipped to the model), without the server `skip`. A block that no server
+    holds is exactly 0 and none is negative (running sums of differences leave rounding crumbs such as 1e-13)."""
     diff = np.zeros(num_blocks + 1)
+    held = np.zeros(num_blocks + 1, dtype=np.int64)
     for s in servers:
         if s.peer_id == skip:
             continue
@@ -131,7 +133,11 @@ def _profile(servers: Iterable[ServerLoad], num_blocks: int, skip: str | None = 
             t = _speed(s.throughput)
             diff[a] += t
             diff[b] -= t
-    return np.cumsum(diff[:num_blocks])
+            held[a] += 1
+            held[b] -= 1
+    profile = np.maximum(np.cumsum(diff[:num_blocks]), 0.0)
+    profile[np.cumsum(held[:num_blocks]) == 0] = 0.0
+    return profile
 
 
 def _counts(servers: Iterable[ServerLoad], num_blocks: int, skip: str | None = None) -> np.ndarray:

@@ -39,9 +39,13 @@ def s(peer, start, end, throughput=1.0):
     ([s("a", 2, 9, 5)], 4, [0, 0, 5, 5], 0),  # a span past the model's end is clipped
     ([s("a", 0, 4, -3), s("b", 0, 4, 2)], 4, [2, 2, 2, 2], 2),  # a negative throughput counts as 0
     ([s("a", 1, 1, 9)], 2, [0, 0], 0),  # not placed yet
+    # running sums of 0.1 + 0.2 - 0.1 - 0.2 leave ~3e-17 on a block nobody holds: exactly 0 here
+    ([s("a", 0, 1, 0.1), s("b", 0, 2, 0.2), s("c", 3, 4, 0.3)], 4, [0.1 + 0.2, 0.2, 0, 0.3], 0),
 ])
 def test_block_throughputs_and_bottleneck(servers, num_blocks, per_block, low):
-    assert block_throughputs(servers, num_blocks) == per_block
+    got = block_throughputs(servers, num_blocks)
+    assert got == pytest.approx(per_block)
+    assert [x for x, want in zip(got, per_block, strict=True) if want == 0] == [0.0] * per_block.count(0)  # exactly
     assert bottleneck(servers, num_blocks) == low
 
 
