@@ -11,6 +11,10 @@ to, in the form `normalize_endpoint` writes (defined here, free of ZeroMQ and to
 and others use it when they know the name and ignore it otherwise, so no feature needs every peer to upgrade at once.
 Unknown names are kept, never refused.
 
+`moves` (how many times the server moved to other blocks, for `swarm status`) is optional and on the wire only when
+it is not 0: an older peer checks a signature over the fields it knows, so it reads the records of servers that never
+moved, and drops (as unverifiable) those of servers that did, until it upgrades.
+
 A server's record is signed (`sign_record`) by its identity (keys.py), whose public key is its peer id: a record whose
 peer id is a key (64 hex digits) is believed only with that key's signature over all its fields (`record_from_wire`
 refuses it otherwise), so no one but the server can change its address, span, throughput, ttl or sequence number.
@@ -99,7 +103,7 @@ class ServerRecord:
     hidden_size: int
     addresses: tuple[str, ...]  # tcp://HOST:PORT endpoints it can be reached at
     state: str = "online"  # joining | online | draining | offline
-    throughput: float = 0.0  # tokens/s the server can process per block (a cheap measurement for now)
+    throughput: float = 0.0  # tokens/s a request gets through the server's span (core/server/throughput.py)
     cache_tokens_free: int = 0
     cache_tokens_total: int = 0
     queue: int = 0  # requests waiting for the server's engine when it published
@@ -112,6 +116,7 @@ class ServerRecord:
     protocol: int = PROTOCOL_VERSION  # wire protocol version the server speaks
     version: str = ""  # swarm package version
     path: str = ""  # for a model served from a local directory: its absolute path on the server's machine
+    moves: int = 0  # times the server moved to other blocks since it started (optional; on the wire only when > 0)
     seq: int = 0  # grows with every republish by the owner
     updated_at: float = field(default_factory=time.time)  # owner's wall-clock time of publishing (informative)
     ttl: float = 15.0  # seconds a receiver believes this record without hearing a newer one
@@ -151,6 +156,10 @@ def record_to_wire(record: ServerRecord) -> dict[str, Any]:
     data["addresses"] = list(record.addresses)
     data["adapters"] = list(record.adapters)
     data["capabilities"] = list(record.capabilities)
+    if not record.moves:
+        # optional and left out when 0: a record without it is the record an older server signs and an older peer
+        # checks, so servers that never moved stay readable by peers that do not know the field
+        del data["moves"]
     return data
 
 
@@ -238,7 +247,7 @@ def record_from_wire(data: Any, check_signature: bool = True) -> ServerRecord:
         dtype=_str(data, "dtype", 32, "float32"),
         quant=_str(data, "quant", 32, "none"), adapters=_strs(data, "adapters", 64, 200),
         capabilities=_capabilities(data), protocol=_int(data, "protocol", 0, 1 << 16, PROTOCOL_VERSION),
-        version=_str(data, "version", 64, ""), path=path,
+        version=_str(data, "version", 64, ""), path=path, moves=_int(data, "moves", 0, 1 << 31, default=0),
         seq=_int(data, "seq"), updated_at=_float(data, "updated_at"), ttl=_positive(data, "ttl"),
         record_version=_int(data, "record_version", 0, 1 << 16, RECORD_VERSION), signature=signature,
     )

@@ -4,20 +4,41 @@
 loading), loads the blocks, starts the compute worker and the I/O loop, and returns; `endpoint` is the address
 clients use. `stop()` stops taking new sessions and work, finishes what is queued (bounded), and closes
 the socket. The CLI's `swarm serve` wraps this with signal handling.
+
+Placement. With `blocks` given, the server serves that span and never moves. Without it, the server
+1. resolves its throughput (throughput.py: cached, measured, or given) and how many blocks it holds (`num_blocks`, or
+   as many as fit in `max_memory`: placement.py);
+2. listens to the swarm for a few gossip periods (jittered, so servers that start together do not decide at the same
+   instant), then chooses its span with core/balance.py's `choose_span` over the signed records of its model, and
+   announces it at once as `joining` (others that choose after see it), loads it, and goes `online`;
+3. every `balance.period` (jittered) asks its `Rebalancer` whether moving would raise the swarm's bottleneck enough
+   (the policy, its hysteresis, its minimum interval and its rule never to leave a block uncovered live there) and
+   moves when told to (`move`).
+
+A move: the record says `draining` and the handler takes no new sessions or forwards (refused as `busy`, which a
+client routes around); the running sessions get up to `balance.drain` seconds to finish; the new span is loaded
+meanwhile when memory holds both (`fits_both`), else after the old one is freed (the record then says `joining` with
+the new span); then the new span's engine and handler take over in one assignment, the old sessions are closed (a
+client whose session was closed replays its history elsewhere, as after a failure) and the record says `online`.
+Moves are counted in the record (`moves`) and listed in `info` with their reasons.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from ... import __version__
 from ...transport.discovery import Announcement, Discovery, DiscoveryConfig, local_endpoints
 from ...transport.errors import ConfigError
 from ...transport.keys import Admission, Identity, SwarmKey
+from ...transport.messages import CAPABILITIES
 from ...transport.records import MAX_PATH_CHARS, ServerRecord, sign_record
 from ...transport.rpc import CurveClient, CurveServer, Request, RpcServer, RpcServerConfig
 from ..adapters import check_peft
@@ -26,15 +47,18 @@ from ..weights import ModelSource
 from .adapters import AdapterConfig, AdapterStore
 from .backend import BlockSpan
 from .cache import CacheBudget, SessionCache
-from .engine import Engine, QueueLimits
+from .engine import Engine, QueueLimits, Refused
 from .handler import Handler, HandlerLimits
+from .placement import BalanceSettings, available_memory, block_cost, blocks_for_memory, fits_both
 from .relay import Relay
 from .scheduler import PassLimits
+from .throughput import DEFAULT_BANDWIDTH, Throughput, resolve
 
 log = logging.getLogger(__name__)
 
 MAX_ADAPTERS = 48  # adapter names in a record
 MAX_ADAPTER_CHARS = 1600  # their characters together (a record stays under its 4 KiB bound)
+MOVES_KEPT = 8  # recent moves listed in `info`
 
 
 def parse_blocks(text: str) -> tuple[int, int]:
@@ -51,7 +75,7 @@ def parse_blocks(text: str) -> tuple[int, int]:
 @dataclass
 class ServerConfig:
     model: str  # hub model id or local directory
-    blocks: tuple[int, int]  # [start, end) of the blocks to serve
+    blocks: tuple[int, int] | None  # [start, end) of the blocks to serve (never moves); None: chosen and moved
     host: str = "0.0.0.0"  # interface to bind
     port: int = 0  # 0 = any free port
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
@@ -71,6 +95,13 @@ class ServerConfig:
     swarm_key: str | None = None  # a private swarm's key file (swarm keygen): every connection CurveZMQ, members only
     allowed_keys: str | None = None  # directory of member keys admitted besides the swarm key (re-read on change)
     unread_bytes: int = 64 << 20  # reply bytes one peer may leave unread before its further replies are dropped
+    num_blocks: int | None = None  # without `blocks`: how many to hold (None: as many as fit in max_memory)
+    max_memory: int | None = None  # bytes the blocks and their cache may take (None: a share of what is free)
+    throughput: str | float = "auto"  # auto (cached, else measured) | eval (measured anew) | tokens/s as given
+    throughput_cache: str | None = None  # file of cached measurements (the CLI's is under $SWARM_CACHE_DIR); None:
+    #                                     measured at every start, nothing written
+    bandwidth: float = DEFAULT_BANDWIDTH  # Mbit/s of the link to other servers (bounds the announced throughput)
+    balance: BalanceSettings = field(default_factory=BalanceSettings)  # listening, rebalancing, moves
 
 
 class Server:
@@ -86,7 +117,18 @@ class Server:
         self.identity = Identity() if config.identity is None else Identity.load_or_create(config.identity)
         self.peer_id = self.identity.peer_id  # its public key: no one else can sign records for it
         self.model_id = config.model_id or announced_id(config.model)
-        self.throughput = 0.0
+        self.throughput = 0.0  # the announced figure (throughput.py)
+        self.measured: Throughput | None = None
+        self.blocks: tuple[int, int] | None = None  # the span announced (chosen before it is loaded)
+        self.state = "joining"  # joining | online | draining (offline only in the last record)
+        self.moves = 0
+        self.recent_moves: deque[dict[str, Any]] = deque(maxlen=MOVES_KEPT)
+        self.memory: int | None = None  # bytes the server may use (automatic placement only)
+        self._engine_args: tuple[PassLimits, int] | None = None
+        self._info: dict[str, Any] = {}  # extra `info` fields, one dict shared by every handler the server has
+        self._swap_lock = threading.Lock()  # a move's swap of span, engine and handler against stop()
+        self._balancer: threading.Thread | None = None
+        self._meta: tuple[int, int, str] | None = None  # the model's blocks, hidden size, dtype (read at start)
         self._record: ServerRecord | None = None
         self._record_lock = threading.Lock()
         self.swarm_key: SwarmKey | None = None
@@ -118,44 +160,135 @@ class Server:
         config = self.config
         if config.cache_tokens < 0:
             raise ConfigError("--cache-tokens must be 0 or more")
-        # bind before anything slow; the I/O loop starts (and requests reach the handler) only once it exists
+        # bind before anything slow; until the blocks are loaded, the I/O loop answers gossip only (`_dispatch`)
         key = self.swarm_key
         curve = None if key is None else CurveServer(key.public, key.secret, self._admission)
         self._rpc = RpcServer(self._dispatch, RpcServerConfig(host=config.host, port=config.port,
                                                               poll_ms=config.poll_ms, curve=curve,
                                                               max_unread_bytes=config.unread_bytes), tick=self._tick)
-        dtype = self.source.config(config.dtype).dtype
+        model_config = self.source.config(config.dtype)
+        dtype, family = model_config.dtype, self.source.family()
+        total = family.num_blocks(model_config)
         for adapter in config.adapters.preload:  # a wrong file or option fails now, not after loading the blocks
             check_peft(adapter)
-        started = time.perf_counter()
-        self.span = BlockSpan.load(self.source, *config.blocks, dtype=dtype)  # checks the span before reading weights
-        log.info("loaded blocks %d:%d of %s (%s) in %.1f s", *config.blocks, config.model,
-                 str(dtype).removeprefix("torch."), time.perf_counter() - started)
-        self.adapters = AdapterStore(self.span, config.adapters)
-        self.adapters.load_preloaded()  # a bad adapter stops the start with a clear error
-        per_token = SessionCache.bytes_per_token(len(self.span.blocks), self.span.kv_heads, self.span.head_dim, dtype)
-        passes = config.passes if config.batching else PassLimits(max_tokens=1 << 62, max_requests=1,
-                                                                  starve_after=config.passes.starve_after)
-        budget = CacheBudget(config.cache_tokens)
-        self._engine = Engine(self.span, passes, config.queue, budget).start()
-        self.throughput = measure_throughput(self.span)
-        self.handler = Handler(self.span, self._engine, budget, self.model_id,
-                               config.limits, extra_info={"version": __version__, "peer_id": self.peer_id,
-                                                          "cache_bytes_per_token": per_token,
-                                                          "throughput": self.throughput},
-                               on_gossip=self._on_gossip, relay=self._relay, relay_allowed=self._known_peer,
-                               adapters=self.adapters, peer_limits={"unread_reply_bytes": config.unread_bytes})
+        length = self._span_length(family, model_config, total)
+        self.measured = resolve(config.throughput, self.model_id, family, model_config, dtype, config.bandwidth,
+                                None if config.throughput_cache is None else Path(config.throughput_cache))
+        self.throughput = self.measured.announced(length)
+        self._info.update(version=__version__, peer_id=self.peer_id, throughput=self.throughput,
+                          throughput_detail=self.measured.info(length),
+                          placement="manual" if config.blocks is not None else "automatic",
+                          moves=[], moves_total=0)
+        self._engine_args = (config.passes if config.batching else
+                             PassLimits(max_tokens=1 << 62, max_requests=1, starve_after=config.passes.starve_after),
+                             config.cache_tokens)
+        self._meta = (total, int(model_config.hidden_size), str(dtype).removeprefix("torch."))
         self._rpc.start()
         self.addresses = local_endpoints(config.host, self._rpc.port)
         discovery = config.discovery if key is None else replace(config.discovery, swarm_key=key)
-        self.discovery = Discovery(config.initial_peers, discovery, own_record=self.record,
+        self.discovery = Discovery(config.initial_peers, discovery, own_record=self._own_record,
                                    announce=Announcement(self.peer_id, self._rpc.port, self.model_id, config.host))
         self.discovery.start()
+        if config.blocks is not None:
+            self.blocks = config.blocks
+        else:
+            self.blocks = self._choose(total, length)
+            self._publish()  # `joining` with the chosen span: servers that choose after us count us in
+        self._install(*self._load(*self.blocks))
+        self.state = "online"
+        self._publish()
+        if config.blocks is None and config.balance.rebalance:
+            self._balancer = threading.Thread(target=self._balance_loop, name="swarm-balance", daemon=True)
+            self._balancer.start()
         return self
 
+    def _span_length(self, family: Any, model_config: Any, total: int) -> int:
+        """How many blocks the server holds: its `blocks`, its `num_blocks`, or as many as fit in its memory."""
+        config = self.config
+        if config.blocks is not None:
+            start, end = config.blocks
+            if not 0 <= start < end <= total:
+                raise ConfigError(f"blocks {start}:{end} are outside the model's {total} blocks (0:{total})")
+            return end - start
+        cost = block_cost(family, model_config, model_config.dtype)
+        self.memory = config.max_memory if config.max_memory is not None else available_memory()
+        if config.num_blocks is not None:
+            if not 1 <= config.num_blocks <= total:
+                raise ConfigError(f"--num-blocks must be in 1..{total} (the model's blocks), got {config.num_blocks}")
+            if config.max_memory is not None:  # told both: they must agree
+                fit = blocks_for_memory(config.max_memory, cost, config.cache_tokens, total)
+                if fit < config.num_blocks:
+                    raise ConfigError(f"--num-blocks {config.num_blocks} does not fit in --max-memory: it holds "
+                                      f"{fit} blocks with a cache of {config.cache_tokens} tokens")
+            return config.num_blocks
+        count = blocks_for_memory(self.memory, cost, config.cache_tokens, total)
+        log.info("holding %d of %d blocks: %.1f GiB of memory, %.0f MiB per block (weights and cache)", count, total,
+                 self.memory / (1 << 30), cost.per_block(config.cache_tokens) / (1 << 20))
+        return count
+
+    def _choose(self, total: int, length: int) -> tuple[int, int]:
+        """Listen to the swarm a few gossip periods (jittered), then choose the span it needs most."""
+        from ..balance import choose_span, servers_from_records
+
+        balance, discovery = self.config.balance, self.discovery
+        listen = balance.listen if balance.listen is not None else 3 * self.config.discovery.gossip.period
+        if discovery is not None and listen > 0:
+            discovery.listen(listen * random.uniform(1.0, 1.5))
+        records = [] if discovery is None else discovery.records(lambda r: r.model == self.model_id)
+        servers = servers_from_records([r for r in records if r.peer_id != self.peer_id], self.model_id)
+        start, end = choose_span(servers, total, length, self.throughput, me=self.peer_id)
+        log.info("chose blocks %d:%d of %d (%d servers known)", start, end, total, len(servers))
+        return start, end
+
+    def _load(self, start: int, end: int) -> tuple[BlockSpan, AdapterStore, Engine, Handler]:
+        """Blocks [start, end) loaded, with their adapters, a started engine and a handler (not serving yet)."""
+        config = self.config
+        if self._engine_args is None:
+            raise RuntimeError("server is not started")
+        passes, cache_tokens = self._engine_args
+        dtype = self.source.config(config.dtype).dtype
+        started = time.perf_counter()
+        span = BlockSpan.load(self.source, start, end, dtype=dtype)  # checks the span before reading weights
+        log.info("loaded blocks %d:%d of %s (%s) in %.1f s", start, end, config.model,
+                 str(dtype).removeprefix("torch."), time.perf_counter() - started)
+        adapters = engine = None
+        try:
+            adapters = AdapterStore(span, config.adapters)
+            adapters.load_preloaded()  # a bad adapter stops the start with a clear error
+            budget = CacheBudget(cache_tokens)
+            engine = Engine(span, passes, config.queue, budget).start()
+            self._info["cache_bytes_per_token"] = SessionCache.bytes_per_token(len(span.blocks), span.kv_heads,
+                                                                               span.head_dim, dtype)
+            handler = Handler(span, engine, budget, self.model_id, config.limits, extra_info=self._info,
+                              on_gossip=self._on_gossip, relay=self._relay, relay_allowed=self._known_peer,
+                              adapters=adapters, peer_limits={"unread_reply_bytes": config.unread_bytes})
+        except BaseException:
+            if engine is not None:
+                engine.stop(0)
+            if adapters is not None:
+                adapters.close()
+            raise
+        return span, adapters, engine, handler
+
+    def _install(self, span: BlockSpan, adapters: AdapterStore, engine: Engine, handler: Handler) -> None:
+        """Serve with these (the I/O thread reads `handler` once per request: the swap is one assignment)."""
+        with self._swap_lock:
+            stopped = self._stopped.is_set()
+            if not stopped:
+                self.span, self.adapters, self._engine = span, adapters, engine
+                self.blocks = (span.start, span.end)
+                self.handler = handler
+        if stopped:  # stop() came while loading: these were never served
+            _close(None, engine, adapters, 0)
+
     def _dispatch(self, request: Request) -> None:
-        if self.handler is not None:  # always set: the I/O loop starts after the handler is built
-            self.handler(request)
+        handler = self.handler
+        if handler is not None:
+            handler(request)
+        elif request.message.type == "gossip":  # still choosing or loading: the swarm may already hear from us
+            request.reply(self._on_gossip(dict(request.message.fields)))
+        else:
+            raise Refused("busy", "this server is loading its blocks; try another, or again in a while")
 
     @property
     def admission(self) -> Admission | None:
@@ -168,31 +301,119 @@ class Server:
         if self.handler is not None:
             self.handler.tick()
 
+    def _own_record(self) -> ServerRecord | None:
+        """The record gossip refreshes every round: none until the server knows which blocks it serves."""
+        return None if self.blocks is None or self._stopped.is_set() else self.record()
+
+    def _publish(self) -> None:
+        """Tell the swarm now (one gossip round) rather than at the next period: a new state or span."""
+        if self.discovery is not None and self.blocks is not None:
+            self.discovery.refresh()
+
     def record(self, state: str | None = None) -> ServerRecord:
         """This server's record, republished (seq + 1) with fresh load figures."""
-        span, handler = self.span, self.handler
-        if span is None or handler is None:
+        blocks, handler = self.blocks, self.handler
+        if blocks is None:
             raise RuntimeError("server is not started")
         with self._record_lock:
-            load = handler.engine.stats()
-            changes = dict(state=state or ("online" if handler.accepting else "draining"),
-                           cache_tokens_free=handler.budget.free, queue=load["queue"],
-                           batch_sessions=load["batch"]["sessions"], batch_tokens=load["batch"]["tokens"],
-                           adapters=self._announced_adapters())
+            if handler is not None and blocks == (handler.span.start, handler.span.end):
+                load = handler.engine.stats()
+                figures = dict(cache_tokens_free=handler.budget.free, queue=load["queue"],
+                               batch_sessions=load["batch"]["sessions"], batch_tokens=load["batch"]["tokens"],
+                               capabilities=handler.capabilities)
+                if state is None and not handler.accepting and self.state == "online":
+                    state = "draining"  # stopping
+            else:  # the span is chosen and not loaded yet: no room to offer
+                figures = dict(cache_tokens_free=0, queue=0, batch_sessions=0.0, batch_tokens=0.0,
+                               capabilities=CAPABILITIES)
+            if self._meta is None:
+                raise RuntimeError("server is not started")
+            total, hidden_size, dtype = self._meta
+            changes = dict(state=state or self.state, start=blocks[0], end=blocks[1],
+                           adapters=self._announced_adapters(), moves=self.moves, **figures)
             if self._record is None:
                 # seq starts from the wall clock, so a restart with the same identity is newer than what peers hold
                 changes["seq"] = int(time.time() * 1000)
                 self._record = ServerRecord(
-                    peer_id=self.peer_id, model=self.model_id, start=span.start, end=span.end,
-                    num_blocks=span.family.num_blocks(span.config), hidden_size=span.hidden_size,
-                    addresses=self.addresses, throughput=self.throughput, cache_tokens_total=handler.budget.total,
-                    dtype=str(span.dtype).removeprefix("torch."), version=__version__, path=self._local_path(),
-                    capabilities=handler.capabilities,
-                    ttl=self.config.discovery.record_ttl, **changes)
+                    peer_id=self.peer_id, model=self.model_id, num_blocks=total, hidden_size=hidden_size,
+                    addresses=self.addresses, throughput=self.throughput,
+                    cache_tokens_total=self.config.cache_tokens, dtype=dtype, version=__version__, path=self._local_path(), ttl=self.config.discovery.record_ttl, **changes)
             else:
                 self._record = self._record.bump(**changes)
             self._record = sign_record(self._record, self.identity)
             return self._record
+
+    # --- rebalancing -----------------------------------------------------------------------------------------------
+
+    def _balance_loop(self) -> None:
+        from ..balance import BalanceConfig, Rebalancer
+
+        settings = self.config.balance
+        rebalancer = Rebalancer(BalanceConfig(balance_quality=settings.quality, min_interval=settings.min_interval,
+                                              confirmations=settings.confirmations), time.monotonic)
+        while not self._stopped.wait(settings.period * random.uniform(0.8, 1.2)):
+            try:
+                self.check_balance(rebalancer)
+            except Exception:  # the loop must outlive one bad check; the server goes on serving where it is
+                log.exception("rebalancing failed")
+
+    def check_balance(self, rebalancer: Any) -> bool:
+        """One check of the balance (and the move it asks for); returns whether the server moved."""
+        from ..balance import servers_from_records
+
+        if self.discovery is None or self._stopped.is_set() or self.state != "online":
+            return False
+        records = self.discovery.records(lambda r: r.model == self.model_id)
+        total = 0 if self._meta is None else self._meta[0]
+        move = rebalancer.check(servers_from_records(records, self.model_id), total, self.peer_id)
+        if move is None:
+            return False
+        self.move(move.start, move.end, move.reason)
+        rebalancer.moved()
+        return True
+
+    def move(self, start: int, end: int, reason: str = "") -> None:
+        """Serve blocks [start, end) instead of the current span: drain, load, swap, announce (see the docstring)."""
+        old_blocks, old, old_adapters = self.blocks, self.handler, self.adapters
+        if old is None or old_blocks is None or self._stopped.is_set() or (start, end) == old_blocks:
+            return
+        total = 0 if self._meta is None else self._meta[0]
+        if not 0 <= start < end <= total:
+            raise ConfigError(f"cannot move to blocks {start}:{end}: the model has {total} blocks")
+        log.info("moving from blocks %d:%d to %d:%d: %s", *old_blocks, start, end, reason or "asked to")
+        began = time.monotonic()
+        self.state = "draining"
+        old.accepting = False  # new sessions and forwards are refused (busy): clients go elsewhere
+        self._publish()
+        cost = block_cost(old.span.family, old.span.config, old.span.dtype)
+        memory = self.memory if self.memory is not None else available_memory()
+        early = fits_both(memory, cost, self.config.cache_tokens, old_blocks[1] - old_blocks[0], end - start)
+        loaded = self._load(start, end) if early else None  # while the running sessions finish
+        deadline = time.monotonic() + self.config.balance.drain
+        while (old.sessions or old.engine.pending()) and time.monotonic() < deadline and not self._stopped.is_set():
+            time.sleep(0.02)
+        left = len(old.sessions)
+        if loaded is None:  # memory holds one span only: free the old one first
+            with self._swap_lock:
+                self.handler = None  # until the new span is loaded, requests are refused (busy)
+            _close(old, old.engine, old_adapters, self.config.drain_timeout)
+            self.blocks, self.state = (start, end), "joining"
+            self._publish()
+            loaded = self._load(start, end)
+        self._install(*loaded)
+        if self._stopped.is_set():
+            return
+        if early:  # the old span served while the new one loaded: now it goes
+            _close(old, old.engine, old_adapters, self.config.drain_timeout)
+        self.moves += 1
+        entry = {"at": round(time.time(), 3), "from": list(old_blocks), "to": [start, end], "reason": reason,
+                 "seconds": round(time.monotonic() - began, 3), "sessions_closed": left}
+        self.recent_moves.append(entry)
+        self._info.update(moves=list(self.recent_moves), moves_total=self.moves)
+        self.state = "online"
+        self._publish()
+        log.info("moved to blocks %d:%d in %.1f s (%d sessions closed, to be replayed by their clients)", start, end,
+                 entry["seconds"], left)
 
     def _announced_adapters(self) -> tuple[str, ...]:
         """The adapters this server holds or can load, as many as fit in a record (the ones given at start first)."""
@@ -230,24 +451,28 @@ class Server:
 
     def stop(self) -> None:
         """Stop taking work, finish what is queued (bounded by drain_timeout), close the socket."""
-        if self._stopped.is_set():
-            return
-        self._stopped.set()
-        if self.handler is not None:
-            self.handler.accepting = False
+        with self._swap_lock:  # a move that loads meanwhile finds the server stopped and frees what it loaded
+            if self._stopped.is_set():
+                return
+            self._stopped.set()
+            handler, engine, adapters = self.handler, self._engine, self.adapters
+        if handler is not None:
+            handler.accepting = False
         if self.discovery is not None:  # tell the swarm first, so clients stop routing here
-            offline = self.record("offline") if self.span is not None and self.handler is not None else None
+            offline = self.record("offline") if self.blocks is not None and self._meta is not None else None
             self.discovery.stop(offline=offline)
-        if self._engine is not None:
-            self._engine.stop(self.config.drain_timeout)
+        if self._balancer is not None and self._balancer is not threading.current_thread():
+            self._balancer.join(1.0)  # a move in progress sees the stop at its next step
+        if engine is not None:
+            engine.stop(self.config.drain_timeout)
         if self._rpc is not None:
             time.sleep(0.05)  # let the I/O thread flush replies of the last tasks
             self._rpc.stop()
         self._relay.close()
-        if self.adapters is not None:
-            self.adapters.close()
-        if self.handler is not None:
-            self.handler.close_all()
+        if adapters is not None:
+            adapters.close()
+        if handler is not None:
+            handler.close_all()
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._stopped.wait(timeout)
@@ -259,18 +484,16 @@ class Server:
         self.stop()
 
 
-def measure_throughput(span: BlockSpan, tokens: int = 32, repeats: int = 3) -> float:
-    """Tokens/s of a forward pass through the whole span (best of a few short runs): a cheap speed figure."""
-    import torch
-
-    hidden = torch.randn(1, tokens, span.hidden_size, generator=torch.Generator().manual_seed(0)).to(span.dtype)
-    best = float("inf")
-    with torch.inference_mode():
-        for _ in range(repeats):
-            started = time.perf_counter()
-            span(hidden)
-            best = min(best, time.perf_counter() - started)
-    return round(tokens / max(best, 1e-9), 1)
+def _close(handler: Handler | None, engine: Engine | None, adapters: AdapterStore | None, timeout: float) -> None:
+    """Free a span that no longer serves: its engine (what it still runs is answered), sessions and adapters."""
+    if handler is not None:
+        handler.accepting = False
+    if engine is not None:
+        engine.stop(timeout)
+    if handler is not None:
+        handler.close_all()
+    if adapters is not None:
+        adapters.close()
 
 
-__all__ = ["Server", "ServerConfig", "measure_throughput", "parse_blocks"]
+__all__ = ["Server", "ServerConfig", "parse_blocks"]
