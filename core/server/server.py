@@ -337,7 +337,8 @@ class Server:
                 self._record = ServerRecord(
                     peer_id=self.peer_id, model=self.model_id, num_blocks=total, hidden_size=hidden_size,
                     addresses=self.addresses, throughput=self.throughput,
-                    cache_tokens_total=self.config.cache_tokens, dtype=dtype, version=__version__, path=self._local_path(), ttl=self.config.discovery.record_ttl, **changes)
+                    cache_tokens_total=self.config.cache_tokens, dtype=dtype, version=__version__,
+                    path=self._local_path(), ttl=self.config.discovery.record_ttl, **changes)
             else:
                 self._record = self._record.bump(**changes)
             self._record = sign_record(self._record, self.identity)
