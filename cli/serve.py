@@ -1,4 +1,6 @@
-"""`swarm serve MODEL --blocks START:END`: serve a span of transformer blocks until SIGTERM or Ctrl-C."""
+"""`swarm serve MODEL [--blocks START:END | --num-blocks N]`: serve a span of transformer blocks until SIGTERM or
+Ctrl-C. Without --blocks the server chooses its span (as many blocks as fit in --max-memory, or N) where the swarm
+needs it most and moves when the swarm changes (core/server/server.py); --blocks places it by hand, for good."""
 
 from __future__ import annotations
 
@@ -30,7 +32,31 @@ log = logging.getLogger("swarm.cli.serve")
 def serve(
     ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="Hugging Face model id or local model directory.")],
-    blocks: Annotated[str, typer.Option("--blocks", help="Blocks to serve, START:END (half-open, 0-based).")],
+    blocks: Annotated[str | None, typer.Option(
+        "--blocks", help="Blocks to serve, START:END (half-open, 0-based); the server never moves. Default: it "
+                         "chooses the blocks the swarm needs most, and moves when the swarm changes.")] = None,
+    num_blocks: Annotated[int | None, typer.Option(
+        help="Without --blocks: how many blocks to hold (default: as many as fit in --max-memory).")] = None,
+    max_memory: Annotated[str | None, typer.Option(
+        help="Memory the blocks and their attention cache may take, e.g. 4GiB or 512MiB (default: half the "
+             "available RAM).")] = None,
+    throughput: Annotated[str, typer.Option(
+        help="Throughput to announce: auto (measured once per model, dtype and device, then cached), eval (measure "
+             "again), or a number of tokens/s.")] = "auto",
+    bandwidth: Annotated[float, typer.Option(
+        help="Mbit/s of this server's link to the others (the announced throughput is at most what it carries).")
+    ] = 100.0,
+    rebalance: Annotated[bool, typer.Option(
+        help="Without --blocks: move to other blocks when the swarm needs it (--no-rebalance: stay where chosen).")
+    ] = True,
+    balance_period: Annotated[float, typer.Option(help="Seconds between balance checks (jittered).")] = 60.0,
+    balance_quality: Annotated[float, typer.Option(
+        help="Move only when the swarm's bottleneck throughput is below this share of what the move reaches, "
+             "in (0, 1].")] = 0.75,
+    min_move_interval: Annotated[float, typer.Option(help="Seconds at least between two moves.")] = 300.0,
+    move_drain: Annotated[float, typer.Option(
+        help="Seconds running sessions get to finish when the server moves (then they are closed and their clients "
+             "replay them elsewhere).")] = 30.0,
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "0.0.0.0",
     port: Annotated[int, typer.Option(help="Port to listen on; 0 picks a free one (printed on stdout).")] = 0,
     dtype: Annotated[str, typer.Option(help="Weights and compute dtype: auto, float32, bfloat16, float16.")] = "auto",
@@ -83,16 +109,29 @@ def serve(
     from ..core.server import Server, ServerConfig, parse_blocks
     from ..core.server.engine import QueueLimits
     from ..core.server.handler import HandlerLimits
+    from ..core.server.placement import BalanceSettings, parse_memory, parse_throughput
     from ..core.server.scheduler import PassLimits
+    from ..core.server.throughput import cache_path
     from ..transport.discovery import DiscoveryConfig
     from ..transport.gossip import GossipConfig
     from ..transport.mdns import MdnsSettings
     from ..transport.rpc import normalize_endpoint
 
     try:
-        span = parse_blocks(blocks)
+        span = None if blocks is None else parse_blocks(blocks)
+        memory = None if max_memory is None else parse_memory(max_memory)
+        throughput_mode = parse_throughput(throughput)
+        balance = BalanceSettings(rebalance=rebalance, period=balance_period, quality=balance_quality,
+                                  min_interval=min_move_interval, drain=move_drain)
     except ConfigError as e:
         raise UsageError(str(e)) from None
+    if span is not None and num_blocks is not None:
+        raise UsageError("--blocks and --num-blocks do not go together: --blocks says which blocks, --num-blocks "
+                         "how many to choose")
+    if num_blocks is not None and num_blocks < 1:
+        raise UsageError(f"--num-blocks must be at least 1, got {num_blocks}")
+    if not bandwidth > 0:
+        raise UsageError(f"--bandwidth must be a positive number of Mbit/s, got {bandwidth}")
     if not 0 <= port < 65536:
         raise UsageError(f"--port must be in 0..65535, got {port}")
     if cache_tokens < 0:
@@ -122,11 +161,15 @@ def serve(
                           discovery=discovery, model_id=model_id, link_delay=max(0.0, simulate_rtt_ms) / 2000,
                           passes=PassLimits(max_tokens=pass_tokens, mix_tasks=mix_adapters), batching=batching,
                           adapters=adapter_config, identity=identity, swarm_key=swarm_key,
-                          allowed_keys=allowed_keys)
+                          allowed_keys=allowed_keys, num_blocks=num_blocks, max_memory=memory,
+                          throughput=throughput_mode, throughput_cache=str(cache_path()), bandwidth=bandwidth,
+                          balance=balance)
     server = Server(config)
     total = server.num_blocks()  # reads the model's config only
-    if span[1] > total:
+    if span is not None and span[1] > total:
         raise UsageError(f"--blocks {span[0]}:{span[1]} is outside the model's {total} blocks (0:{total})")
+    if num_blocks is not None and num_blocks > total:
+        raise UsageError(f"--num-blocks {num_blocks} is more than the model's {total} blocks")
     stop = threading.Event()
     received: list[int] = []
     starting = True
@@ -151,7 +194,9 @@ def serve(
             sys.exit(EXIT_INTERRUPTED)
         return
     try:
-        span_text = f"{span[0]}:{span[1]}"
+        chosen = server.blocks or (0, 0)
+        span_text = f"{chosen[0]}:{chosen[1]}" + ("" if span is not None else " (chosen; moves when the swarm needs)"
+                                                  if rebalance else " (chosen)")
         dtype_text = str(server.span.dtype).removeprefix("torch.") if server.span else dtype
         print(server.endpoint, flush=True)  # data on stdout: the address clients use
         held = server.adapters.preloaded if server.adapters is not None else []
@@ -163,7 +208,8 @@ def serve(
             members = f", {len(server.admission.keys)} member keys" if allowed_keys is not None else ""
             private = f", private swarm{members}"
         err_console.print(f"[green]serving[/] blocks {span_text} of {server.model_id} at [bold]{server.endpoint}[/] "
-                          f"({dtype_text}, cache {cache_tokens} tokens{adapters_text}{private}); "
+                          f"({dtype_text}, cache {cache_tokens} tokens, {server.throughput:,.0f} tokens/s"
+                          f"{adapters_text}{private}); "
                           "Ctrl-C to stop", highlight=False)
         while not stop.wait(0.5):
             pass
