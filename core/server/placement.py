@@ -50,10 +50,14 @@ class BalanceSettings:
     drain: float = 30.0  # seconds a move waits for running sessions before closing them (clients replay)
 
     def __post_init__(self) -> None:
-        if not (self.period > 0 and 0 < self.quality <= 1 and self.min_interval >= 0 and self.confirmations >= 1
-                and (self.listen is None or self.listen >= 0) and self.drain >= 0):
-            raise ConfigError("balance settings: period > 0, quality in (0, 1], min_interval >= 0, confirmations >= 1, "
-                              "listen and drain >= 0")
+        for ok, message in ((self.period > 0, f"--balance-period must be more than 0, got {self.period}"),
+                            (0 < self.quality <= 1, f"--balance-quality must be in (0, 1], got {self.quality}"),
+                            (self.min_interval >= 0, f"--min-move-interval must be 0 or more, got {self.min_interval}"),
+                            (self.confirmations >= 1, f"confirmations must be 1 or more, got {self.confirmations}"),
+                            (self.listen is None or self.listen >= 0, f"listen must be 0 or more, got {self.listen}"),
+                            (self.drain >= 0, f"--move-drain must be 0 or more, got {self.drain}")):
+            if not ok:
+                raise ConfigError(message)
 
 
 def parse_memory(text: str) -> int:

@@ -387,7 +387,7 @@ class Server:
         old.accepting = False  # new sessions and forwards are refused (busy): clients go elsewhere
         self._publish()
         cost = block_cost(old.span.family, old.span.config, old.span.dtype)
-        memory = self.memory if self.memory is not None else available_memory()
+        memory = next((m for m in (self.memory, self.config.max_memory) if m is not None), None) or available_memory()
         early = fits_both(memory, cost, self.config.cache_tokens, old_blocks[1] - old_blocks[0], end - start)
         loaded = self._load(start, end) if early else None  # while the running sessions finish
         deadline = time.monotonic() + self.config.balance.drain

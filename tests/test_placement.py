@@ -1,0 +1,269 @@
+"""Servers that choose their blocks and move: throughput (measured, cached, given), how many blocks fit in memory,
+the chosen spans of servers started together, gaps filled after a death, a joiner taking the weakest blocks, exact
+generations through a server that moves, the `moves` record field, and clear errors for bad options."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from dataclasses import replace
+
+import msgpack
+import pytest
+import torch
+from conftest import fork_swarm, load_reference, make_tiny_model, swarm_env
+
+from swarm import AutoDistributedModelForCausalLM
+from swarm.core.client.config import ClientConfig
+from swarm.core.server import throughput as tp
+from swarm.core.server.placement import (
+    RESERVE_BYTES,
+    BalanceSettings,
+    BlockCost,
+    block_cost,
+    blocks_for_memory,
+    fits_both,
+    parse_memory,
+    parse_throughput,
+)
+from swarm.core.weights import ModelSource
+from swarm.transport.discovery import DiscoveryConfig
+from swarm.transport.errors import ConfigError, ProtocolError
+from swarm.transport.gossip import GossipConfig
+from swarm.transport.keys import Identity
+from swarm.transport.mdns import MdnsSettings
+from swarm.transport.records import ServerRecord, record_from_wire, record_to_wire, sign_record
+
+PROMPT = torch.tensor([[7, 3, 9, 1, 4, 4, 2]])
+
+
+@pytest.fixture(scope="module")
+def model8(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("placement") / "llama8", layers=8, seed=13)
+
+
+@pytest.fixture(scope="module")
+def ref8(model8):
+    return load_reference(model8)
+
+
+def fast_discovery(period: float = 0.1, ttl: float = 1.5) -> DiscoveryConfig:
+    return DiscoveryConfig(mdns=MdnsSettings(enabled=False), gossip=GossipConfig(period=period,
+                                                                                  suspect_after=3 * period),
+                           record_ttl=ttl)
+
+
+# --- throughput -----------------------------------------------------------------------------------------------------
+
+def test_throughput_auto_is_cached_eval_measures_again_a_number_is_used_as_given(model8, tmp_path, monkeypatch):
+    source = ModelSource(str(model8))
+    config, family = source.config("float32"), source.family()
+    path = tmp_path / "cache" / "throughput.json"
+    first = tp.resolve("auto", "m8", family, config, torch.float32, 100.0, path)
+    assert first.source == "measured" and first.forward_tps > 0 and first.inference_sps > 0
+    key = tp.cache_key("m8", torch.float32)
+    assert json.loads(path.read_text())[key]["forward_tps"] == first.forward_tps
+
+    measured = []
+    real_measure = tp.measure
+    monkeypatch.setattr(tp, "measure", lambda *a, **k: measured.append(1) or real_measure(*a, **k))
+    second = tp.resolve("auto", "m8", family, config, torch.float32, 100.0, path)  # a second start: the cache
+    assert second.source == "cache" and measured == []
+    assert (second.forward_tps, second.inference_sps) == (first.forward_tps, first.inference_sps)
+    other = tp.resolve("auto", "m8", family, config, torch.bfloat16, 100.0, path)  # another dtype: another key
+    assert other.source == "measured" and len(measured) == 1
+    again = tp.resolve("eval", "m8", family, config, torch.float32, 100.0, path)
+    assert again.source == "measured" and len(measured) == 2
+    given = tp.resolve(123.5, "m8", family, config, torch.float32, 100.0, path)
+    assert given.source == "given" and given.announced(1) == given.announced(8) == 123.5 and len(measured) == 2
+
+    path.write_text("{not json")  # a broken cache is measured over, never trusted
+    assert tp.resolve("auto", "m8", family, config, torch.float32, 100.0, path).source == "measured"
+    assert tp.cached(key, path) is not None
+
+
+def test_announced_throughput_formula():
+    value = tp.Throughput(forward_tps=900.0, inference_sps=50.0, network_tps=math.inf)
+    assert value.announced(1) == 900.0 and value.announced(2) == 600.0 and value.announced(8) == 200.0
+    slow_link = replace(value, network_tps=tp.network_tps(1.0, 64, torch.float32))  # 1 Mbit/s, 256 B a token
+    assert slow_link.network_tps == pytest.approx(488.3, abs=0.1)
+    assert slow_link.announced(1) == pytest.approx(488.3, abs=0.1) and slow_link.announced(8) == 200.0
+
+
+def test_server_announces_the_given_throughput(model8, start_server, tmp_path):
+    server = start_server(model8, (0, 2), throughput=77.0, throughput_cache=str(tmp_path / "t.json"))
+    assert server.record().throughput == 77.0
+    assert server.handler.info()["throughput_detail"]["source"] == "given"
+    assert not (tmp_path / "t.json").exists()  # nothing measured, nothing cached
+
+
+# --- how many blocks --------------------------------------------------------------------------------------------------
+
+COST = BlockCost(weights=10_000_000, cache_per_token=1_000)  # 10 MB of weights, 1 kB of cache a token, per block
+
+
+@pytest.mark.parametrize("memory,cache_tokens,num_blocks,expected", [
+    (RESERVE_BYTES + 10_000_000 + 20_000_000, 10_000, 80, 1),  # reserve + one block of slack + one block (10+10 MB)
+    (RESERVE_BYTES + 10_000_000 + 100_000_000, 10_000, 80, 5),
+    (RESERVE_BYTES + 10_000_000 + 109_999_999, 10_000, 80, 5),  # floor
+    (RESERVE_BYTES + 10_000_000 + 100_000_000, 0, 80, 10),  # no cache budget: weights only
+    (RESERVE_BYTES + 10_000_000 + 100_000_000, 90_000, 80, 1),  # a big cache budget takes the room
+    (1 << 40, 8192, 32, 32),  # never more than the model's blocks
+])
+def test_blocks_for_memory(memory, cache_tokens, num_blocks, expected):
+    assert blocks_for_memory(memory, COST, cache_tokens, num_blocks) == expected
+
+
+@pytest.mark.parametrize("memory", [0, RESERVE_BYTES, RESERVE_BYTES + 10_000_000 + 19_999_999])
+def test_memory_that_holds_no_block_is_a_clear_error(memory):
+    with pytest.raises(ConfigError, match="holds no block of this model: one block needs"):
+        blocks_for_memory(memory, COST, 10_000, 80)
+
+
+def test_fits_both():
+    room = RESERVE_BYTES + 10_000_000 + 6 * 20_000_000
+    assert fits_both(room, COST, 10_000, 3, 3) and not fits_both(room - 1, COST, 10_000, 3, 3)
+
+
+def test_block_cost_counts_what_a_loaded_block_holds(model8):
+    from swarm.core.server.backend import BlockSpan
+
+    source = ModelSource(str(model8))
+    for dtype in (torch.float32, torch.bfloat16):
+        cost = block_cost(source.family(), source.config(dtype), dtype)
+        span = BlockSpan.load(source, 2, 5, dtype=dtype)
+        held = sum(t.numel() * t.element_size() for b in span.blocks for t in (*b.parameters(), *b.buffers()))
+        assert cost.weights * 3 == held
+        assert cost.cache_per_token * 3 * 100 == span.new_cache(1, 100).nbytes()
+
+
+@pytest.mark.parametrize("text,expected", [("4GiB", 4 << 30), ("512MiB", 512 << 20), ("8GB", 8 * 10**9),
+                                           ("1.5g", 1_500_000_000), ("1000", 1000), (" 2 kib ", 2048)])
+def test_parse_memory(text, expected):
+    assert parse_memory(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "lots", "4 GiBs", "-1GiB", "0", "1e9", "GiB"])
+def test_parse_memory_refuses(text):
+    with pytest.raises(ConfigError, match="--max-memory must be"):
+        parse_memory(text)
+
+
+@pytest.mark.parametrize("text,expected", [("auto", "auto"), ("EVAL", "eval"), ("250", 250.0), ("0.5", 0.5)])
+def test_parse_throughput(text, expected):
+    assert parse_throughput(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "fast", "0", "-3", "nan", "inf"])
+def test_parse_throughput_refuses(text):
+    with pytest.raises(ConfigError, match="--throughput must be auto, eval or a positive number"):
+        parse_throughput(text)
+
+
+@pytest.mark.parametrize("args,message,code", [
+    (["--blocks", "0:2", "--num-blocks", "2"], "--blocks and --num-blocks do not go together", 2),
+    (["--num-blocks", "0"], "--num-blocks must be at least 1", 2),
+    (["--num-blocks", "9"], "--num-blocks 9 is more than the model's 8 blocks", 2),
+    (["--max-memory", "lots"], "--max-memory must be a size like 4GiB", 2),
+    (["--throughput", "fast"], "--throughput must be auto, eval or a positive number", 2),
+    (["--balance-quality", "1.5"], "--balance-quality must be in (0, 1], got 1.5", 2),
+    (["--balance-period", "0"], "--balance-period must be more than 0", 2),
+    (["--move-drain", "-1"], "--move-drain must be 0 or more", 2),
+    (["--bandwidth", "0"], "--bandwidth must be a positive number", 2),
+    (["--max-memory", "1MiB"], "holds no block of this model", 1),
+    (["--num-blocks", "6", "--max-memory", "400MiB", "--cache-tokens", "200000"], "does not fit in --max-memory", 1),
+])
+def test_bad_placement_options_are_one_clear_line(model8, tmp_path, args, message, code):
+    result = fork_swarm("serve", str(model8), "--host", "127.0.0.1", "--no-mdns", *args, env=swarm_env(tmp_path),
+                        timeout=60)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == code, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+
+
+def test_balance_settings_refuse_bad_values():
+    for bad in (dict(period=0), dict(quality=0), dict(quality=1.01), dict(confirmations=0), dict(drain=-1)):
+        with pytest.raises(ConfigError):
+            BalanceSettings(**bad)
+
+
+# --- the moves field of records ---------------------------------------------------------------------------------------
+
+def _record(identity: Identity, **fields) -> ServerRecord:
+    return ServerRecord(peer_id=identity.peer_id, model="m", start=0, end=4, num_blocks=8, hidden_size=64,
+                        addresses=("tcp://127.0.0.1:5000",), seq=1, **fields)
+
+
+def test_moves_is_optional_signed_and_old_records_still_parse():
+    identity = Identity()
+    still = sign_record(_record(identity), identity)
+    wire = record_to_wire(still)
+    assert "moves" not in wire  # a server that never moved sends what an older server sends, signed the same way
+    assert record_from_wire(wire) == still and record_from_wire(msgpack.unpackb(msgpack.packb(wire))).moves == 0
+
+    moved = sign_record(_record(identity, moves=3), identity)
+    wire = msgpack.unpackb(msgpack.packb(record_to_wire(moved)))
+    assert wire["moves"] == 3 and record_from_wire(wire).moves == 3
+    with pytest.raises(ProtocolError, match="does not match its fields"):  # the count is signed like the rest
+        record_from_wire({**wire, "moves": 0})
+    for bad in (-1, "3", 1.5, True, 1 << 40):
+        with pytest.raises(ProtocolError, match="moves"):
+            record_from_wire({**record_to_wire(_record(Identity())), "peer_id": "ab" * 8, "moves": bad})
+
+
+# --- moving ---------------------------------------------------------------------------------------------------------
+
+def connect(model_dir, first, servers: int):
+    config = ClientConfig(gossip_period=0.1, wait_for_blocks=20.0, connect_timeout=2.0, request_timeout=20.0)
+    model = AutoDistributedModelForCausalLM.from_pretrained(str(model_dir), initial_peers=[first.endpoint],
+                                                            config=config)
+    assert model.blocks.discovery.wait(lambda _: len(model.blocks.servers()) == servers, 15)
+    return model
+
+
+@pytest.mark.parametrize("memory", [None, 280_000_000], ids=["load-then-free", "free-then-load"])
+def test_generation_through_a_server_that_moves_is_exact(model8, ref8, start_server, memory):
+    """A server of the session's route moves (drains, loads, swaps) mid-generation: the tokens are plain
+    transformers' greedy ones, the session recovers, and the move is counted, announced and explained."""
+    fast = dict(discovery=fast_discovery(), balance=BalanceSettings(drain=0.2), max_memory=memory)
+    first = start_server(model8, (0, 4), **fast)
+    movers = [start_server(model8, (4, 8), initial_peers=[first.endpoint], **fast) for _ in range(2)]
+    by_endpoint = {s.endpoint: s for s in movers}
+    states, moving = [], []
+    expected = ref8.generate(PROMPT, max_new_tokens=12, do_sample=False)
+    model = connect(model8, first, 3)
+    with model, model.inference_session(max_length=32) as session:
+        real_step, steps = session.step, [0]
+
+        def step(*args, **kwargs):
+            if steps[0] == 3:
+                hop = next(h.hop for h in session.hops if h.hop.start <= 4 < h.hop.end)
+                mover = by_endpoint[hop.peer]
+                real_publish = mover._publish
+                mover._publish = lambda: states.append(mover.state) or real_publish()
+                moving.append((mover, threading.Thread(target=mover.move, args=(0, 4, "test"))))
+                moving[0][1].start()
+            steps[0] += 1
+            time.sleep(0.1)  # slow steps: the move's drain ends mid-generation
+            return real_step(*args, **kwargs)
+
+        session.step = step
+        got = model.generate(PROMPT, max_new_tokens=12, do_sample=False)
+        assert session.recoveries >= 1
+    mover, thread = moving[0]
+    thread.join(20)
+    assert got.tolist() == expected.tolist()
+    assert states == (["draining", "online"] if memory is None else ["draining", "joining", "online"])
+    record = mover.record()
+    assert (record.start, record.end, record.state, record.moves) == (0, 4, "online", 1)
+    assert record_from_wire(record_to_wire(record)).moves == 1
+    info = mover.handler.info()
+    assert (info["start"], info["end"], info["moves_total"]) == (0, 4, 1)
+    assert info["moves"][0]["from"] == [4, 8] and info["moves"][0]["to"] == [0, 4]
+    assert info["moves"][0]["reason"] == "test" and info["moves"][0]["sessions_closed"] == 1
+    # it serves its new blocks: a forward through them equals the reference's
+    with AutoDistributedModelForCausalLM.from_pretrained(str(model8), initial_peers=[mover.endpoint],
+                                                         config=ClientConfig(gossip_period=0.1)) as again:
+        assert again.generate(PROMPT, max_new_tokens=4, do_sample=False).tolist() == expected[:, :11].tolist()
