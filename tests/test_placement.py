@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import msgpack
@@ -267,3 +269,75 @@ def test_generation_through_a_server_that_moves_is_exact(model8, ref8, start_ser
     with AutoDistributedModelForCausalLM.from_pretrained(str(model8), initial_peers=[mover.endpoint],
                                                          config=ClientConfig(gossip_period=0.1)) as again:
         assert again.generate(PROMPT, max_new_tokens=4, do_sample=False).tolist() == expected[:, :11].tolist()
+
+
+# --- choosing and rebalancing ---------------------------------------------------------------------------------------
+
+AUTO = dict(throughput=100.0, discovery=fast_discovery(),
+            balance=BalanceSettings(period=0.2, min_interval=0.0, drain=0.2))
+FAST_CLI = ["--host", "127.0.0.1", "--no-mdns", "--gossip-period", "0.1", "--record-ttl", "1.5", "--throughput", "100"]
+
+
+def spans(servers) -> list[tuple[int, int]]:
+    return sorted(s.blocks for s in servers)
+
+
+def covered(servers, num_blocks: int = 8) -> bool:
+    return all(any(a <= b < z for a, z in spans(servers)) for b in range(num_blocks))
+
+
+def wait_until(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_servers_started_without_blocks_cover_the_model(model8, ref8, start_server):
+    """Three servers that may hold 4 of the 8 blocks each (two of them started at the same instant) choose spans
+    that cover the model, and a generation through them is exact."""
+    first = start_server(model8, None, num_blocks=4, **AUTO)
+    with ThreadPoolExecutor(2) as pool:
+        others = list(pool.map(lambda _: start_server(model8, None, num_blocks=4, initial_peers=[first.endpoint],
+                                                      **AUTO), range(2)))
+    servers = [first, *others]
+    assert all(end - start == 4 for start, end in spans(servers))
+    assert wait_until(lambda: covered(servers), 10), spans(servers)
+    for server in servers:
+        record = server.record()
+        assert record.state == "online" and (record.start, record.end) == server.blocks
+        assert server.handler.info()["placement"] == "automatic"
+    model = connect(model8, first, 3)
+    with model:
+        got = model.generate(PROMPT, max_new_tokens=6, do_sample=False)
+    assert got.tolist() == ref8.generate(PROMPT, max_new_tokens=6, do_sample=False).tolist()
+
+
+def test_a_server_that_joins_takes_the_weakest_blocks(model8, start_server):
+    strong = start_server(model8, (0, 8), throughput=100.0, discovery=fast_discovery())
+    start_server(model8, (0, 4), throughput=300.0, discovery=fast_discovery(), initial_peers=[strong.endpoint])
+    assert strong.discovery.wait(lambda records: len(records) == 2, 10)
+    joiner = start_server(model8, None, num_blocks=4, initial_peers=[strong.endpoint], **AUTO)
+    assert joiner.blocks == (4, 8)  # 4:8 has 100 tokens/s, 0:4 has 400
+    time.sleep(1.0)  # five balance periods: the swarm is as good as it gets, the joiner stays
+    assert joiner.blocks == (4, 8) and joiner.moves == 0
+
+
+def test_a_server_that_dies_leaves_a_gap_that_another_fills(model8, start_server, fork_serve):
+    dying = fork_serve(str(model8), "--blocks", "0:4", *FAST_CLI)
+    mover = start_server(model8, None, num_blocks=4, initial_peers=[dying.endpoint], **AUTO)
+    assert mover.blocks == (4, 8)  # the gap when it started
+    keeper = start_server(model8, (4, 8), throughput=100.0, discovery=fast_discovery(),
+                          initial_peers=[mover.endpoint])
+    assert mover.discovery.wait(lambda records: len(records) == 3, 10)
+    time.sleep(1.0)  # five balance periods with 0:4 and 4:8 covered: no move
+    assert mover.moves == 0
+    dying.stop(signal.SIGKILL)  # no goodbye: its record expires after its ttl
+    assert wait_until(lambda: mover.blocks == (0, 4) and mover.state == "online", 15), mover.blocks
+    assert mover.moves == 1 and covered([mover, keeper])
+    move = mover.handler.info()["moves"][0]
+    assert move["from"] == [4, 8] and move["to"] == [0, 4] and "no server" in move["reason"]
+    assert keeper.discovery.wait(lambda records: any(r.peer_id == mover.peer_id and r.moves == 1
+                                                     and (r.start, r.end) == (0, 4) for r in records), 10)

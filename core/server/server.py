@@ -10,7 +10,9 @@ Placement. With `blocks` given, the server serves that span and never moves. Wit
    as many as fit in `max_memory`: placement.py);
 2. listens to the swarm for a few gossip periods (jittered, so servers that start together do not decide at the same
    instant), then chooses its span with core/balance.py's `choose_span` over the signed records of its model, and
-   announces it at once as `joining` (others that choose after see it), loads it, and goes `online`;
+   announces it at once as `joining` (others that choose after see it); listens two more periods and chooses again
+   with what others announced meanwhile (servers still joining count only when their peer id is smaller: they
+   settle in that order), until its choice holds (`_choose`); then loads it, and goes `online`;
 3. every `balance.period` (jittered) asks its `Rebalancer` whether moving would raise the swarm's bottleneck enough
    (the policy, its hysteresis, its minimum interval and its rule never to leave a block uncovered live there) and
    moves when told to (`move`).
@@ -59,6 +61,7 @@ log = logging.getLogger(__name__)
 MAX_ADAPTERS = 48  # adapter names in a record
 MAX_ADAPTER_CHARS = 1600  # their characters together (a record stays under its 4 KiB bound)
 MOVES_KEPT = 8  # recent moves listed in `info`
+SETTLE_ROUNDS = 4  # choices announced (as joining) and checked against what others chose meanwhile, at most
 
 
 def parse_blocks(text: str) -> tuple[int, int]:
@@ -193,7 +196,6 @@ class Server:
             self.blocks = config.blocks
         else:
             self.blocks = self._choose(total, length)
-            self._publish()  # `joining` with the chosen span: servers that choose after us count us in
         self._install(*self._load(*self.blocks))
         self.state = "online"
         self._publish()
@@ -227,18 +229,39 @@ class Server:
         return count
 
     def _choose(self, total: int, length: int) -> tuple[int, int]:
-        """Listen to the swarm a few gossip periods (jittered), then choose the span it needs most."""
+        """Listen to the swarm a few gossip periods (jittered), choose the span it needs most, and settle it: announce
+        it as `joining`, listen again, and choose again with what others announced meanwhile (servers that started
+        together saw none of each other's choices the first time); stop when the choice holds, or after
+        SETTLE_ROUNDS. Nothing is loaded yet, so changing one's mind costs nothing."""
         from ..balance import choose_span, servers_from_records
 
         balance, discovery = self.config.balance, self.discovery
-        listen = balance.listen if balance.listen is not None else 3 * self.config.discovery.gossip.period
-        if discovery is not None and listen > 0:
-            discovery.listen(listen * random.uniform(1.0, 1.5))
-        records = [] if discovery is None else discovery.records(lambda r: r.model == self.model_id)
-        servers = servers_from_records([r for r in records if r.peer_id != self.peer_id], self.model_id)
-        start, end = choose_span(servers, total, length, self.throughput, me=self.peer_id)
-        log.info("chose blocks %d:%d of %d (%d servers known)", start, end, total, len(servers))
-        return start, end
+        period = self.config.discovery.gossip.period
+        listen = balance.listen if balance.listen is not None else 3 * period
+        if discovery is None:
+            raise RuntimeError("server is not started")
+        discovery.listen(listen * random.uniform(1.0, 1.5))
+        chosen: tuple[int, int] | None = None
+        servers: list[Any] = []
+        for _ in range(SETTLE_ROUNDS):
+            # servers still choosing with a larger peer id adapt to us, not we to them: servers that start together
+            # settle in the order of their ids instead of all jumping to the same better span at once
+            records = discovery.records(lambda r: r.model == self.model_id
+                                        and not (r.state == "joining" and r.peer_id > self.peer_id))
+            servers = servers_from_records(records, self.model_id)
+            choice = choose_span(servers, total, length, self.throughput, me=self.peer_id)
+            if choice == chosen:
+                break
+            if chosen is not None:
+                log.info("blocks %d:%d are taken meanwhile; choosing %d:%d instead", *chosen, *choice)
+            chosen = self.blocks = choice
+            self._publish()  # `joining` with the chosen span: servers that choose after us count us in
+            discovery.listen(2 * period * random.uniform(1.0, 1.5))
+        if chosen is None:
+            raise RuntimeError("no span chosen")
+        others = sum(1 for s in servers if s.peer_id != self.peer_id)
+        log.info("chose blocks %d:%d of %d (%d other servers known)", *chosen, total, others)
+        return chosen
 
     def _load(self, start: int, end: int) -> tuple[BlockSpan, AdapterStore, Engine, Handler]:
         """Blocks [start, end) loaded, with their adapters, a started engine and a handler (not serving yet)."""
@@ -391,7 +414,7 @@ class Server:
         early = fits_both(memory, cost, self.config.cache_tokens, old_blocks[1] - old_blocks[0], end - start)
         loaded = self._load(start, end) if early else None  # while the running sessions finish
         deadline = time.monotonic() + self.config.balance.drain
-        while (old.sessions or old.engine.pending()) and time.monotonic() < deadline and not self._stopped.is_set():
+        while (old.sessions or old.engine.pending) and time.monotonic() < deadline and not self._stopped.is_set():
             time.sleep(0.02)
         left = len(old.sessions)
         if loaded is None:  # memory holds one span only: free the old one first
