@@ -18,6 +18,7 @@ import torch
 from conftest import fork_swarm, load_reference, make_tiny_model, swarm_env
 
 from swarm import AutoDistributedModelForCausalLM
+from swarm.core.balance import ServerLoad, choose_span
 from swarm.core.client.config import ClientConfig
 from swarm.core.server import throughput as tp
 from swarm.core.server.placement import (
@@ -341,3 +342,46 @@ def test_a_server_that_dies_leaves_a_gap_that_another_fills(model8, start_server
     assert move["from"] == [4, 8] and move["to"] == [0, 4] and "no server" in move["reason"]
     assert keeper.discovery.wait(lambda records: any(r.peer_id == mover.peer_id and r.moves == 1
                                                      and (r.start, r.end) == (0, 4) for r in records), 10)
+
+
+def test_a_move_whose_new_span_fails_to_load_stays_where_it_was(model8, start_server, monkeypatch):
+    for memory in (None, 280_000_000):  # loading first, then freeing first (the old span is loaded again)
+        server = start_server(model8, (4, 8), discovery=fast_discovery(), max_memory=memory,
+                              balance=BalanceSettings(drain=0.0))
+        def load(start, end, real_load=server._load):
+            if (start, end) == (0, 4):
+                raise OSError("disk on fire")
+            return real_load(start, end)
+
+        monkeypatch.setattr(server, "_load", load)
+        server.move(0, 4, "test")
+        record = server.record()
+        assert (record.start, record.end, record.state, record.moves) == (4, 8, "online", 0)
+        assert server.handler.accepting and (server.span.start, server.span.end) == (4, 8) and server.moves == 0
+
+
+def test_serve_without_blocks_from_the_command_line(model8, fork_serve, tmp_path):
+    """`swarm serve MODEL --num-blocks 4`: measures its throughput once (cached under $SWARM_CACHE_DIR, read by the
+    next server), chooses with the swarm's records in view, and says what it chose."""
+    cli = [arg for arg in FAST_CLI if arg not in ("--throughput", "100")]
+    first = fork_serve(str(model8), "--num-blocks", "4", "--balance-period", "0.2", *cli)
+    cache = json.loads((tmp_path / "cache" / "throughput.json").read_text())
+    [(key, entry)] = cache.items()
+    assert key.startswith(f"{model8.name}|float32|cpu")
+    second = fork_serve(str(model8), "--num-blocks", "4", *cli, "--initial-peers", first.endpoint)
+    assert json.loads((tmp_path / "cache" / "throughput.json").read_text()) == cache  # read, not measured again
+    from swarm.transport.discovery import Discovery
+
+    with Discovery([first.endpoint, second.endpoint], fast_discovery()) as discovery:
+        assert discovery.wait(lambda records: len(records) == 2 and all(r.state == "online" for r in records), 10)
+        records = discovery.records()
+    link = tp.network_tps(tp.DEFAULT_BANDWIDTH, 64, torch.float32)  # 100 Mbit/s carry 48828 tokens/s of 64 floats
+    announced = tp.Throughput(entry["forward_tps"], entry["inference_sps"], link).announced(4)
+    assert [r.throughput for r in records] == [announced, announced]
+    # the second chose with the first's record in view: what the policy answers for that swarm
+    [one] = [r for r in records if second.endpoint in r.addresses]
+    [other] = [r for r in records if r is not one]
+    expected = choose_span([ServerLoad(other.peer_id, other.start, other.end, other.throughput)], 8, 4, announced,
+                           me=one.peer_id)
+    assert (one.start, one.end) == expected and other.end - other.start == 4
+    assert "(chosen; moves when the swarm needs)" in first.log_path.read_text()

@@ -27,6 +27,7 @@ Moves are counted in the record (`moves`) and listed in `info` with their reason
 
 from __future__ import annotations
 
+import gc
 import logging
 import random
 import threading
@@ -46,7 +47,7 @@ from ...transport.rpc import CurveClient, CurveServer, Request, RpcServer, RpcSe
 from ..adapters import check_peft
 from ..aliases import announced_id
 from ..weights import ModelSource
-from .adapters import AdapterConfig, AdapterStore
+from .adapters import AdapterConfig, AdapterStore, trim_heap
 from .backend import BlockSpan
 from .cache import CacheBudget, SessionCache
 from .engine import Engine, QueueLimits, Refused
@@ -397,7 +398,10 @@ class Server:
         return True
 
     def move(self, start: int, end: int, reason: str = "") -> None:
-        """Serve blocks [start, end) instead of the current span: drain, load, swap, announce (see the docstring)."""
+        """Serve blocks [start, end) instead of the current span: drain, load, swap, announce (see the docstring).
+
+        When loading the new span fails, the server goes back to serving its old one (reloaded, if it was freed
+        first); when that fails too, it stops."""
         old_blocks, old, old_adapters = self.blocks, self.handler, self.adapters
         if old is None or old_blocks is None or self._stopped.is_set() or (start, end) == old_blocks:
             return
@@ -412,7 +416,13 @@ class Server:
         cost = block_cost(old.span.family, old.span.config, old.span.dtype)
         memory = next((m for m in (self.memory, self.config.max_memory) if m is not None), None) or available_memory()
         early = fits_both(memory, cost, self.config.cache_tokens, old_blocks[1] - old_blocks[0], end - start)
-        loaded = self._load(start, end) if early else None  # while the running sessions finish
+        try:
+            loaded = self._load(start, end) if early else None  # while the running sessions finish
+        except Exception:
+            log.exception("could not load blocks %d:%d; staying on %d:%d", start, end, *old_blocks)
+            old.accepting, self.state = True, "online"
+            self._publish()
+            return
         deadline = time.monotonic() + self.config.balance.drain
         while (old.sessions or old.engine.pending) and time.monotonic() < deadline and not self._stopped.is_set():
             time.sleep(0.02)
@@ -420,24 +430,44 @@ class Server:
         if loaded is None:  # memory holds one span only: free the old one first
             with self._swap_lock:
                 self.handler = None  # until the new span is loaded, requests are refused (busy)
+                self.span = self._engine = self.adapters = None
             _close(old, old.engine, old_adapters, self.config.drain_timeout)
+            old = old_adapters = None  # the last references to the old blocks: their memory goes now
+            gc.collect()
+            trim_heap()
             self.blocks, self.state = (start, end), "joining"
             self._publish()
-            loaded = self._load(start, end)
+            try:
+                loaded = self._load(start, end)
+            except Exception:
+                log.exception("could not load blocks %d:%d; loading %d:%d again", start, end, *old_blocks)
+                start, end = old_blocks
+                self.blocks = old_blocks
+                try:
+                    loaded = self._load(*old_blocks)
+                except Exception:
+                    log.exception("could not load blocks %d:%d again either; stopping", *old_blocks)
+                    self.stop()
+                    return
         self._install(*loaded)
         if self._stopped.is_set():
             return
-        if early:  # the old span served while the new one loaded: now it goes
+        if old is not None:  # the old span served while the new one loaded: now it goes
             _close(old, old.engine, old_adapters, self.config.drain_timeout)
-        self.moves += 1
-        entry = {"at": round(time.time(), 3), "from": list(old_blocks), "to": [start, end], "reason": reason,
-                 "seconds": round(time.monotonic() - began, 3), "sessions_closed": left}
-        self.recent_moves.append(entry)
-        self._info.update(moves=list(self.recent_moves), moves_total=self.moves)
+            old = old_adapters = None
+        loaded = None
+        gc.collect()
+        trim_heap()
+        if (start, end) != old_blocks:
+            self.moves += 1
+            entry = {"at": round(time.time(), 3), "from": list(old_blocks), "to": [start, end], "reason": reason,
+                     "seconds": round(time.monotonic() - began, 3), "sessions_closed": left}
+            self.recent_moves.append(entry)
+            self._info.update(moves=list(self.recent_moves), moves_total=self.moves)
+            log.info("moved to blocks %d:%d in %.1f s (%d sessions closed, to be replayed by their clients)", start,
+                     end, entry["seconds"], left)
         self.state = "online"
         self._publish()
-        log.info("moved to blocks %d:%d in %.1f s (%d sessions closed, to be replayed by their clients)", start, end,
-                 entry["seconds"], left)
 
     def _announced_adapters(self) -> tuple[str, ...]:
         """The adapters this server holds or can load, as many as fit in a record (the ones given at start first)."""

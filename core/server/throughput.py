@@ -130,7 +130,15 @@ def measure(family: Any, config: Any, dtype: torch.dtype, forward_tokens: int = 
     from .backend import BlockSpan
 
     torch.manual_seed(0)
-    block = family.build_block(config, 0).to(dtype)
+    with torch.device("meta"):  # built in `dtype` directly: no float32 copy of a big block on the way
+        block = family.build_block(config, 0).to(dtype)
+    block = block.to_empty(device="cpu")
+    with torch.no_grad():
+        for tensor in (*block.parameters(), *block.buffers()):
+            if tensor.is_floating_point():
+                tensor.normal_(0.0, 0.02)  # small finite values: the speed of real weights
+            else:
+                tensor.zero_()
     span = BlockSpan(family, config, 0, 1, [block], family.build_shared(config).to(dtype), dtype)
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(1, forward_tokens, span.hidden_size, generator=generator).to(dtype)
