@@ -193,11 +193,9 @@ class Server:
         self.discovery = Discovery(config.initial_peers, discovery, own_record=self._own_record,
                                    announce=Announcement(self.peer_id, self._rpc.port, self.model_id, config.host))
         self.discovery.start()
-        if config.blocks is not None:
-            self.blocks = config.blocks
-        else:
-            self.blocks = self._choose(total, length)
-        self._install(*self._load(*self.blocks))
+        # a server placed by hand says nothing until it serves; one that chooses announces its choice as `joining`
+        blocks = config.blocks if config.blocks is not None else self._choose(total, length)
+        self._install(*self._load(*blocks))
         self.state = "online"
         self._publish()
         if config.blocks is None and config.balance.rebalance:
