@@ -324,6 +324,10 @@ def test_a_server_that_joins_takes_the_weakest_blocks(model8, start_server):
     assert joiner.blocks == (4, 8)  # 4:8 has 100 tokens/s, 0:4 has 400
     time.sleep(1.0)  # five balance periods: the swarm is as good as it gets, the joiner stays
     assert joiner.blocks == (4, 8) and joiner.moves == 0
+    settled = start_server(model8, None, num_blocks=4, initial_peers=[strong.endpoint],
+                           **{**AUTO, "balance": BalanceSettings(rebalance=False)})
+    assert settled.blocks == (4, 8)  # still the weakest: 4:8 has 200 tokens/s now, 0:4 has 400
+    assert settled._balancer is None and settled.handler.info()["placement"] == "automatic"
 
 
 def test_a_server_that_dies_leaves_a_gap_that_another_fills(model8, start_server, fork_serve):
