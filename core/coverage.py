@@ -6,10 +6,15 @@ throughput of a model is limited by its least-served block.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..transport.records import ServerRecord
+
+if TYPE_CHECKING:  # the command line imports this module: no ZeroMQ at import time
+    from ..transport.gossip import Heard
 
 SERVING_STATES = ("online", "joining")
 
@@ -75,3 +80,103 @@ def model_coverage(model: str, records: Iterable[ServerRecord]) -> ModelCoverage
 
 def models_served(records: Sequence[ServerRecord]) -> list[str]:
     return sorted({r.model for r in records if r.state in SERVING_STATES})
+
+
+# -- what `swarm status` adds: a record's age, the weakest blocks, a strip that fits, moves seen ---------------------
+
+
+@dataclass(frozen=True)
+class Age:
+    """How old a record is: seconds since its owner published it, as well as we can tell."""
+
+    seconds: float
+    source: str  # "heard": since its newest seq reached us (we saw it advance); "clock": from its owner's clock
+
+
+def record_age(record: ServerRecord, heard: Heard | None, wall_now: float) -> Age:
+    """The age of `record` given what our membership table saw of it (`Membership.heard`) and our wall clock.
+
+    Once we have seen a record's seq advance, our own clock is the truth: the newest seq reached us `heard.age`
+    seconds ago, at most a gossip hop or two after its owner published it. Before that (a record we heard of only
+    once, e.g. a dead server's last record still travelling through the swarm), our clock only knows when *we* first
+    heard of it, so the owner's publishing time (`updated_at`, signed with the record) against our wall clock is the
+    better guess: skewed by the difference between the two clocks, and never taken as younger than our own count.
+    """
+    if heard is not None and heard.advanced > 0:
+        return Age(heard.age, "heard")
+    return Age(max(0.0, wall_now - record.updated_at, 0.0 if heard is None else heard.age), "clock")
+
+
+def is_suspected(record: ServerRecord, age: Age, suspect_after: float) -> bool:
+    """A record still believed (not expired) but silent for longer than `suspect_after`: its server probably died
+    without saying so. Offline records are not suspected: their server said it left."""
+    return record.state != "offline" and age.seconds > suspect_after
+
+
+def ranges(blocks: Iterable[int]) -> list[tuple[int, int]]:
+    """Sorted block indices as half-open ranges of consecutive blocks: [3, 4, 5, 9] -> [(3, 6), (9, 10)]."""
+    found: list[tuple[int, int]] = []
+    for b in sorted(set(blocks)):
+        if found and found[-1][1] == b:
+            found[-1] = (found[-1][0], b + 1)
+        else:
+            found.append((b, b + 1))
+    return found
+
+
+def weakest_blocks(throughputs: Sequence[float], tolerance: float = 1e-9) -> list[tuple[int, int]]:
+    """The ranges of blocks whose throughput is the minimum (within a relative `tolerance`): the bottleneck."""
+    if not throughputs:
+        return []
+    low = min(throughputs)
+    return ranges(i for i, t in enumerate(throughputs) if t <= low + tolerance * max(abs(low), 1.0))
+
+
+def strip_cells(values: Sequence[float], width: int) -> list[tuple[int, int, float]]:
+    """`values` (one per block) folded into at most `width` cells of consecutive blocks: (start, end, minimum).
+
+    One cell per block when they fit; otherwise each cell holds ceil(n / width) blocks and shows their minimum, since
+    the least-served block of a group is the one that limits the swarm.
+    """
+    n = len(values)
+    if n == 0 or width < 1:
+        return []
+    per = -(-n // width)
+    return [(s, min(s + per, n), min(values[s:s + per])) for s in range(0, n, per)]
+
+
+@dataclass(frozen=True)
+class Move:
+    """A server seen serving another span than the last time we looked."""
+
+    peer_id: str
+    model: str
+    before: tuple[int, int]
+    after: tuple[int, int]
+    at: float  # wall-clock time we noticed
+
+
+class MoveLog:
+    """Spans seen per server across snapshots, and the last `keep` moves (newest first). Pure: no clock of its own.
+
+    Only servers present in consecutive snapshots count: one that left and came back elsewhere is a new server, and a
+    server gone from the snapshot is forgotten, so the table stays as small as the swarm.
+    """
+
+    def __init__(self, keep: int = 8):
+        self._spans: dict[str, tuple[str, int, int]] = {}
+        self._moves: deque[Move] = deque(maxlen=keep)
+
+    def observe(self, records: Iterable[ServerRecord], now: float) -> list[Move]:
+        """Note the spans of `records` (one snapshot) and return the moves since the previous snapshot."""
+        spans = {r.peer_id: (r.model, r.start, r.end) for r in records if r.state != "offline"}
+        moves = [Move(peer, span[0], (old[1], old[2]), (span[1], span[2]), now)
+                 for peer, span in sorted(spans.items())
+                 if (old := self._spans.get(peer)) is not None and old != span]
+        self._spans = spans
+        self._moves.extendleft(moves)
+        return moves
+
+    @property
+    def moves(self) -> list[Move]:
+        return list(self._moves)

@@ -9,7 +9,9 @@ What this module does:
   raised), keeps the highest `seq` per peer, marks a record *suspected* when its seq has not advanced for a while,
   expires it after its `ttl` (measured on our own clock from the moment a newer seq arrived), keeps an offline record
   a little longer so the news spreads, and remembers what it dropped for a while so that a stale copy still
-  travelling through the swarm cannot bring a dead record back to life.
+  travelling through the swarm cannot bring a dead record back to life. `heard` tells a reader (`swarm status`) what
+  the table saw of one record: its age on our clock, and whether we ever saw its seq advance (if not, that age only
+  counts from when we first heard of it, not from when its owner published it).
 * `GossipNode` -- runs push-pull rounds in a daemon thread over ZeroMQ (`RpcClient`): every round it refreshes our
   own record (the owner bumps its seq: that is the heartbeat), expires old records, and exchanges the whole table with
   a few random peers or seeds. Failing addresses back off exponentially. `handle` is what a server answers to an
@@ -91,6 +93,18 @@ class _Entry:
     wire: dict[str, Any]  # record_to_wire(record), computed once
     heard: float  # local clock when this seq arrived
     size: int  # encoded bytes, to keep gossip messages under the header limit
+    first: float = 0.0  # local clock when the first record of this peer arrived (kept while it stays in the table)
+    advanced: int = 0  # newer seqs that arrived after the first
+
+
+@dataclass(frozen=True)
+class Heard:
+    """What a membership table has seen of one peer's record, on our own clock."""
+
+    age: float  # seconds since its newest seq arrived
+    known: float  # seconds since its first record arrived (how long we could have seen it advance)
+    advanced: int  # newer seqs seen after the first: 0 means `age` counts from our first hearing, not its publishing
+    suspected: bool  # age > suspect_after
 
 
 def _entry(record: ServerRecord, heard: float) -> _Entry:
@@ -180,6 +194,7 @@ class Membership:
                 return 0
         self._tombstones.pop(record.peer_id, None)
         entry.heard = now
+        entry.first, entry.advanced = (now, 0) if old is None else (old.first, old.advanced + 1)
         self._entries[record.peer_id] = entry
         return 1
 
@@ -255,6 +270,16 @@ class Membership:
         with self._lock:
             entry = self._entries.get(peer_id)
             return None if entry is None else max(0.0, self._clock() - entry.heard)
+
+    def heard(self, peer_id: str) -> Heard | None:
+        """What we saw of the record of `peer_id` (None for unknown or expired peers and for our own record)."""
+        with self._lock:
+            entry = self._entries.get(peer_id)
+            now = self._clock()
+            if entry is None or self._expired(entry, now):
+                return None
+            age = max(0.0, now - entry.heard)
+            return Heard(age, max(0.0, now - entry.first), entry.advanced, age > self.config.suspect_after)
 
     def to_wire(self, limit: int | None = None, max_bytes: int | None = None) -> list[dict[str, Any]]:
         """Own + known records as wire dicts, offline ones included so that the offline state spreads.
