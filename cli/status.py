@@ -32,9 +32,9 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from ..core import balance
 from ..core.aliases import matches
 from ..core.coverage import (
+    SERVING_STATES,
     Age,
     ModelCoverage,
     Move,
@@ -98,6 +98,7 @@ class ModelView:
     weakest: tuple[tuple[int, int], ...]  # the blocks at the bottleneck, as half-open ranges
     quality: float | None  # bottleneck now / what moving servers could reach; None when no server counts
     suspected: int  # suspected servers of this model, left out of the figures above
+    unsigned: int = 0  # serving records without a valid signature: they serve, but the balancer does not count them
 
     @property
     def reachable(self) -> float | None:
@@ -117,12 +118,16 @@ class Snapshot:
 
 def model_view(model: str, records: list[ServerRecord], suspected: list[ServerRecord]) -> ModelView:
     """The figures of one model over `records`; `suspected` records count for the model's size, nothing else."""
+    from ..core import balance  # numpy and signature checks: not at import time, --help stays fast
+
     coverage = model_coverage(model, [*records, *(replace(r, state="offline") for r in suspected)])
     loads = balance.servers_from_records(records, model)
     throughputs = tuple(balance.block_throughputs(loads, coverage.num_blocks))
     quality = balance.balance_quality(loads, coverage.num_blocks) if loads else None
+    counted = {s.peer_id for s in loads}
+    unsigned = sum(r.model == model and r.state in SERVING_STATES and r.peer_id not in counted for r in records)
     return ModelView(coverage, throughputs, min(throughputs, default=0.0), tuple(weakest_blocks(throughputs)),
-                     quality, sum(r.model == model for r in suspected))
+                     quality, sum(r.model == model for r in suspected), unsigned)
 
 
 def build_snapshot(records: list[ServerRecord], heard: Callable[[str], Heard | None], suspect_after: float,
@@ -183,7 +188,7 @@ def as_json(snap: Snapshot) -> dict[str, Any]:
             "throughput_per_block": [round(t, 3) for t in m.throughputs],
             "bottleneck_tokens_per_s": m.bottleneck, "bottleneck_blocks": [_span(w) for w in m.weakest],
             "balance_quality": m.quality, "reachable_bottleneck_tokens_per_s": m.reachable,
-            "suspected_servers": m.suspected,
+            "suspected_servers": m.suspected, "unsigned_servers": m.unsigned,
         })
     moves = [{"peer_id": mv.peer_id, "model": mv.model, "from": _span(mv.before), "to": _span(mv.after),
               "at": mv.at, "ago_s": round(max(0.0, snap.at - mv.at), 3)} for mv in snap.moves]
@@ -263,6 +268,8 @@ class ServersTable:
             hidden.append(column)
             table = servers_table(self.servers, frozenset(hidden))
         yield table
+        if any(s.age.source == "clock" and s.age.seconds >= 1 for s in self.servers):
+            yield Text("* age by the server's own clock: not seen advancing since we listen", style="dim")
         if hidden:
             yield Text(f"hidden at this width: {', '.join(hidden)} (--json has all)", style="dim")
 
@@ -290,10 +297,11 @@ class BlockStrip:
         weak = {b for start, end in view.weakest for b in range(start, end)}
         strip = Text(indent)
         for (start, end, value), (_, _, count) in zip(cells, counts, strict=True):
-            if count == 0 or value <= 0:
+            if count == 0:
                 strip.append("·", style="bold red")
                 continue
-            shade = SHADES[max(0, min(len(SHADES) - 1, round(value / top * len(SHADES)) - 1))]
+            level = round(value / top * len(SHADES)) - 1 if top > 0 else 0
+            shade = SHADES[max(0, min(len(SHADES) - 1, level))]
             low = any(b in weak for b in range(start, end))
             strip.append(shade, style="bold red" if low else ("yellow" if count == 1 else "green"))
         per = cells[1][0] - cells[0][0] if len(cells) > 1 else 1
@@ -335,6 +343,9 @@ def model_summary(view: ModelView) -> Group:
     if view.suspected:
         lines.append(Text(f"{INDENT}{view.suspected} suspected server{'s' if view.suspected > 1 else ''} not counted",
                           style="magenta"))
+    if view.unsigned:
+        lines.append(Text(f"{INDENT}{view.unsigned} unsigned server{'s' if view.unsigned > 1 else ''} (older "
+                          "versions) not counted", style="yellow"))
     lines.append(BlockStrip(view))
     return Group(*lines)
 

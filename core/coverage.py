@@ -1,7 +1,10 @@
 """Block coverage of a model by the servers in a snapshot of the swarm: pure functions over records.
 
 Used by `swarm status` (gaps and weak blocks at a glance) and by anything that needs the swarm's bottleneck: the
-throughput of a model is limited by its least-served block.
+throughput of a model is limited by its least-served block. What else `swarm status` needs, kept here because it is
+pure: a record's age (`record_age`: our clock once we saw the record's seq advance, its owner's clock before that)
+and whether it is suspected, block ranges and the weakest blocks, a strip of per-block values folded to a width, and
+`MoveLog`, which notes servers seen serving another span than at the previous snapshot.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import io
 import json
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 
 import pytest
 from conftest import make_tiny_model
@@ -33,9 +34,10 @@ def rec(peer: str, start: int, end: int, seq: int = 1, **changes) -> ServerRecor
     return ServerRecord(**fields)
 
 
-def signed(start: int, end: int, throughput: float, num_blocks: int = 80, **changes) -> ServerRecord:
+def signed(start: int, end: int, throughput: float, num_blocks: int = 80, model: str = "meta-llama/Llama-2-70b-hf",
+           **changes) -> ServerRecord:
     identity = Identity()
-    record = ServerRecord(identity.peer_id, "meta-llama/Llama-2-70b-hf", start, end, num_blocks, 8192,
+    record = ServerRecord(identity.peer_id, model, start, end, num_blocks, 8192,
                           (f"tcp://192.168.100.200:{40000 + start}",), throughput=throughput, version="0.13.0",
                           cache_tokens_free=4096, cache_tokens_total=8192, **changes)
     return sign_record(record, identity)
@@ -116,16 +118,17 @@ def test_move_log_notes_span_changes_between_snapshots_and_forgets_servers_that_
 
 def test_snapshot_figures_and_the_render_fit_80_columns_for_an_80_block_model():
     now = time.time()
-    records = [signed(0, 30, 900.0), signed(20, 60, 1500.0), signed(50, 80, 700.0),
+    # two fast servers on the same half, a slow one on the other: moving one fast server would quadruple the bottleneck
+    records = [signed(0, 40, 2000.0), signed(0, 40, 2000.0), signed(40, 80, 500.0),
                signed(0, 80, 5000.0, updated_at=now - 60)]  # silent for a minute: suspected, left out
     snap = build_snapshot(records, lambda peer: None, suspect_after=5.0, wall_now=now)
     data = as_json(snap)
     (model,) = data["models"]
-    expected = [900.0 * (b < 30) + 1500.0 * (20 <= b < 60) + 700.0 * (b >= 50) for b in range(80)]
-    assert model["throughput_per_block"] == pytest.approx(expected)
-    assert model["bottleneck_tokens_per_s"] == pytest.approx(700.0) and model["bottleneck_blocks"] == [[60, 80]]
-    assert 0 < model["balance_quality"] < 1 and model["suspected_servers"] == 1
-    assert model["reachable_bottleneck_tokens_per_s"] == pytest.approx(700.0 / model["balance_quality"])
+    assert model["throughput_per_block"] == pytest.approx([4000.0] * 40 + [500.0] * 40)
+    assert model["servers_per_block"] == [2] * 40 + [1] * 40 and model["complete"]
+    assert model["bottleneck_tokens_per_s"] == pytest.approx(500.0) and model["bottleneck_blocks"] == [[40, 80]]
+    assert model["balance_quality"] == pytest.approx(0.25) and model["suspected_servers"] == 1
+    assert model["reachable_bottleneck_tokens_per_s"] == pytest.approx(2000.0)
     silent = next(s for s in data["servers"] if s["throughput"] == 5000.0)
     assert silent["suspected"] and silent["shown_state"] == "suspected" and silent["state"] == "online"
     assert silent["age_s"] == pytest.approx(60.0, abs=0.01) and silent["age_source"] == "clock"
@@ -137,12 +140,37 @@ def test_snapshot_figures_and_the_render_fit_80_columns_for_an_80_block_model():
     strip = lines[next(i for i, line in enumerate(lines) if "not counted" in line) + 1]
     assert len(strip) == 80 and set(strip) <= set("▁▂▃▄▅▆▇█")  # one character per block
     text = out.getvalue()
-    assert "suspected" in text and "bottleneck 700 tokens/s at blocks 60:80" in text and "balance quality" in text
+    assert "suspected" in text and "bottleneck 500 tokens/s at blocks 40:80" in text and "balance quality" in text
     assert "1 suspected server not counted" in text and "60 s*" in text
 
     narrow = io.StringIO()  # 40 columns: blocks grouped, still within the width
     Console(file=narrow, width=40, force_terminal=True, color_system=None).print(render(snap))
     assert max(map(len, narrow.getvalue().splitlines())) <= 40 and "1 char = 2 blocks" in narrow.getvalue()
+
+
+@dataclass(frozen=True)
+class Counted(ServerRecord):
+    moves: int = 0  # the counter newer servers announce (a field of ServerRecord itself once they do)
+
+
+def test_move_counters_and_unsigned_servers_are_shown_but_unsigned_ones_not_counted():
+    now = time.time()
+    records = [Counted(**{**asdict(rec("aa" * 8, 0, 4, throughput=10.0, updated_at=now)), "moves": 3}),
+               rec("bb" * 8, 4, 8, throughput=10.0, updated_at=now), signed(4, 8, 7.0, num_blocks=8, model="m")]
+    snap = build_snapshot(records, lambda peer: None, suspect_after=5.0, wall_now=now)
+    data = as_json(snap)
+    counters = {s["peer_id"]: s["moves"] for s in data["servers"]}
+    assert counters.pop("aa" * 8) == 3 and set(counters.values()) <= {0, None}  # None: a record without the field
+    (model,) = data["models"]
+    # the two unsigned servers serve (coverage counts them) but cannot take part in balancing: a forged record could
+    assert model["servers_per_block"] == [1] * 4 + [2] * 4 and model["unsigned_servers"] == 2
+    assert model["throughput_per_block"] == [0.0] * 4 + [7.0] * 4 and model["bottleneck_blocks"] == [[0, 4]]
+    out = io.StringIO()
+    Console(file=out, width=120, force_terminal=True, color_system=None).print(render(snap))
+    text = out.getvalue()
+    assert "2 unsigned servers (older versions) not counted" in text
+    row = next(line for line in text.splitlines() if "aaaaaaaa" in line)
+    assert row.split("│")[-3].strip() == "3"  # the moves column, before age
 
 
 # -- in-process servers on 127.0.0.1 ----------------------------------------------------------------------------------
