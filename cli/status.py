@@ -122,8 +122,13 @@ def model_view(model: str, records: list[ServerRecord], suspected: list[ServerRe
 
     coverage = model_coverage(model, [*records, *(replace(r, state="offline") for r in suspected)])
     loads = balance.servers_from_records(records, model)
-    throughputs = tuple(balance.block_throughputs(loads, coverage.num_blocks))
+    raw = balance.block_throughputs(loads, coverage.num_blocks)
+    # sums of floats leave ~1e-12 where servers' throughputs cancel out (a block nobody holds): that is a 0
+    floor = 1e-9 * max(raw, default=0.0)
+    throughputs = tuple(t if t > floor else 0.0 for t in raw)
     quality = balance.balance_quality(loads, coverage.num_blocks) if loads else None
+    if quality is not None and quality < 1 and min(throughputs, default=0.0) == 0:
+        quality = 0.0  # the same rounding, seen through the quality: a block without a server is a bottleneck of 0
     counted = {s.peer_id for s in loads}
     unsigned = sum(r.model == model and r.state in SERVING_STATES and r.peer_id not in counted for r in records)
     return ModelView(coverage, throughputs, min(throughputs, default=0.0), tuple(weakest_blocks(throughputs)),
@@ -339,6 +344,8 @@ def model_summary(view: ModelView) -> Group:
             quality.append(f" (moving servers could reach {reachable:,.0f} tokens/s)", style="default")
         elif reachable is not None:
             quality.append(" (as good as moving servers can make it)", style="default")
+        elif view.quality == 0:
+            quality.append(" (some blocks have no server)", style="default")
         lines.append(quality)
     if view.suspected:
         lines.append(Text(f"{INDENT}{view.suspected} suspected server{'s' if view.suspected > 1 else ''} not counted",

@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import select
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import pytest
-from conftest import make_tiny_model
+from conftest import make_tiny_model, swarm_env
 from rich.console import Console
 
 from swarm.cli.app import run
@@ -146,6 +151,15 @@ def test_snapshot_figures_and_the_render_fit_80_columns_for_an_80_block_model():
     narrow = io.StringIO()  # 40 columns: blocks grouped, still within the width
     Console(file=narrow, width=40, force_terminal=True, color_system=None).print(render(snap))
     assert max(map(len, narrow.getvalue().splitlines())) <= 40 and "1 char = 2 blocks" in narrow.getvalue()
+
+
+def test_a_block_without_a_server_is_a_bottleneck_of_exactly_zero():
+    # throughputs that do not cancel exactly in floating point where both spans end
+    records = [signed(0, 3, 16026.3, num_blocks=8), signed(0, 6, 2030.7, num_blocks=8)]
+    (model,) = as_json(build_snapshot(records, lambda peer: None, suspect_after=5.0, wall_now=time.time()))["models"]
+    assert model["missing"] == [[6, 8]] and model["throughput_per_block"][6:] == [0.0, 0.0]
+    assert model["bottleneck_tokens_per_s"] == 0.0 and model["bottleneck_blocks"] == [[6, 8]]
+    assert model["balance_quality"] == 0.0 and model["reachable_bottleneck_tokens_per_s"] is None
 
 
 @dataclass(frozen=True)
@@ -292,3 +306,48 @@ def test_watch_renders_and_notes_a_server_that_moved(model8, start_server, tmp_p
     assert "recent moves" in text and f"{a.peer_id[:8]} {model8.name} 0:4 → 4:8" in text
     assert max(map(len, text.splitlines())) <= 80
     assert as_json(shown[-1])["moves"][0]["from"] == [0, 4]
+
+
+def read_lines(proc: subprocess.Popen, count: int, timeout: float) -> list[str]:
+    """Up to `count` lines of the process's stdout, waiting at most `timeout` seconds in all."""
+    lines: list[str] = []
+    buffer = b""
+    deadline = time.monotonic() + timeout
+    while len(lines) < count and (left := deadline - time.monotonic()) > 0:
+        if not select.select([proc.stdout], [], [], left)[0]:
+            break
+        chunk = os.read(proc.stdout.fileno(), 1 << 16)
+        if not chunk:
+            break
+        buffer += chunk
+        *done, buffer = buffer.split(b"\n")
+        lines += [line.decode() for line in done]
+    return lines
+
+
+@pytest.mark.parametrize("as_json_lines", [True, False])
+def test_the_watch_command_refreshes_until_ctrl_c(model8, start_server, tmp_path, as_json_lines):
+    server = serve(start_server, model8, (0, 8))
+    args = [sys.executable, "-m", "swarm", "status", "--watch", "--initial-peers", server.endpoint, "--no-mdns",
+            "--wait", "0.3", *(["--json"] if as_json_lines else [])]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=swarm_env(tmp_path))
+    try:
+        if as_json_lines:  # one JSON object per line per refresh, on stdout
+            lines = read_lines(proc, 2, timeout=30)
+            assert len(lines) == 2, proc.stderr.read1().decode() if proc.poll() is not None else "no output"
+            for line in lines:
+                data = json.loads(line)
+                assert [s["peer_id"] for s in data["servers"]] == [server.peer_id]
+                assert data["models"][0]["bottleneck_blocks"] == [[0, 8]]
+        else:
+            time.sleep(2.5)  # the live view refreshes on stderr
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    assert proc.returncode == 130
+    if not as_json_lines:
+        text = err.decode()
+        assert "Traceback" not in text and server.peer_id[:8] in text and "balance quality 1.00" in text
