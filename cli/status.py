@@ -24,9 +24,11 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.cells import cell_len
 from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.measure import Measurement
 from rich.table import Table
@@ -116,6 +118,15 @@ class Snapshot:
     at: float  # wall-clock time it was taken
 
 
+@lru_cache(maxsize=16)
+def _quality(loads: tuple[Any, ...], num_blocks: int) -> float:
+    """`balance_quality`, remembered: it searches placements (seconds for a thousand servers), and a watched swarm's
+    servers keep their spans and throughputs between most refreshes."""
+    from ..core import balance
+
+    return balance.balance_quality(loads, num_blocks)
+
+
 def model_view(model: str, records: list[ServerRecord], suspected: list[ServerRecord]) -> ModelView:
     """The figures of one model over `records`; `suspected` records count for the model's size, nothing else."""
     from ..core import balance  # numpy and signature checks: not at import time, --help stays fast
@@ -126,7 +137,7 @@ def model_view(model: str, records: list[ServerRecord], suspected: list[ServerRe
     # sums of floats leave ~1e-12 where servers' throughputs cancel out (a block nobody holds): that is a 0
     floor = 1e-9 * max(raw, default=0.0)
     throughputs = tuple(t if t > floor else 0.0 for t in raw)
-    quality = balance.balance_quality(loads, coverage.num_blocks) if loads else None
+    quality = _quality(tuple(loads), coverage.num_blocks) if loads else None
     if quality is not None and quality < 1 and min(throughputs, default=0.0) == 0:
         quality = 0.0  # the same rounding, seen through the quality: a block without a server is a bottleneck of 0
     counted = {s.peer_id for s in loads}
@@ -243,15 +254,15 @@ def _cells(s: ServerView) -> dict[str, str | Text]:
             "moves": "-" if s.moves is None else f"{s.moves:,}", "age": age}
 
 
-def servers_table(servers: tuple[ServerView, ...], hidden: frozenset[str] = frozenset()) -> Table:
+def servers_table(servers: tuple[ServerView, ...], hidden: frozenset[str] = frozenset(),
+                  rows: list[dict[str, str | Text]] | None = None) -> Table:
     table = Table(title="servers", title_justify="left", expand=False)
     shown = [c for c in COLUMNS if c not in hidden]
     for column in shown:
         # addresses and model names are never cut short: folded in a narrow terminal, whole elsewhere (print_wide)
         table.add_column(column, justify="right" if column in NUMBERS else "left",
                          overflow="fold" if column in ("address", "model") else "ellipsis")
-    for s in servers:
-        cells = _cells(s)
+    for cells in rows if rows is not None else map(_cells, servers):
         table.add_row(*(cells[c] for c in shown))
     return table
 
@@ -262,24 +273,31 @@ class ServersTable:
 
     def __init__(self, servers: tuple[ServerView, ...]):
         self.servers = servers
+        self.rows = [_cells(s) for s in servers]
+        # each column's natural width, measured once (a thousand rows are measured in milliseconds this way)
+        self.widths = {c: max([cell_len(c), *(cell_len(r[c].plain if isinstance(r[c], Text) else r[c])
+                                               for r in self.rows)]) for c in COLUMNS}
+
+    def width(self, hidden: list[str]) -> int:
+        """The table's natural width without the `hidden` columns: cells, one space of padding on each side of a
+        cell, and the box's vertical lines."""
+        shown = [self.widths[c] for c in COLUMNS if c not in hidden]
+        return sum(w + 2 for w in shown) + len(shown) + 1
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         hidden: list[str] = []
-        table = servers_table(self.servers)
-        natural = options.update(max_width=1 << 16)  # the width the table wants, not what it is given
         for column in DROPPED_FIRST:
-            if Measurement.get(console, natural, table).maximum <= options.max_width:
+            if self.width(hidden) <= options.max_width:
                 break
             hidden.append(column)
-            table = servers_table(self.servers, frozenset(hidden))
-        yield table
+        yield servers_table(self.servers, frozenset(hidden), self.rows)
         if any(s.age.source == "clock" and s.age.seconds >= 1 for s in self.servers):
             yield Text("* age by the server's own clock: not seen advancing since we listen", style="dim")
         if hidden:
             yield Text(f"hidden at this width: {', '.join(hidden)} (--json has all)", style="dim")
 
     def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
-        return Measurement.get(console, options, servers_table(self.servers))
+        return Measurement(min(self.width(list(DROPPED_FIRST)), options.max_width), self.width([]))
 
 
 class BlockStrip:
@@ -366,10 +384,18 @@ def moves_view(moves: tuple[Move, ...], now: float) -> Group:
     return Group(*lines)
 
 
-def render(snap: Snapshot) -> Group:
+def render(snap: Snapshot, max_rows: int | None = None) -> Group:
+    """The whole view; `max_rows` bounds the servers listed (the live view: suspected ones first, the rest in order)."""
     if not snap.servers:
         return Group(Text("no servers found yet (try --initial-peers tcp://HOST:PORT)", style="yellow"))
-    parts: list[RenderableType] = [ServersTable(snap.servers), *(model_summary(m) for m in snap.models)]
+    servers = snap.servers
+    if max_rows is not None and len(servers) > max_rows:
+        servers = tuple(sorted(servers, key=lambda s: not s.suspected)[:max_rows])
+    parts: list[RenderableType] = [ServersTable(servers)]
+    if len(servers) < len(snap.servers):
+        parts.append(Text(f"… and {len(snap.servers) - len(servers)} more servers (--json lists them all)",
+                          style="dim"))
+    parts += [model_summary(m) for m in snap.models]
     if snap.moves:
         parts.append(moves_view(snap.moves, snap.at))
     return Group(*parts)
@@ -439,10 +465,19 @@ def status(
             else:
                 print_wide(render(snap))
             return
+        if not err_console.is_terminal:  # a log or a pipe: one whole view per refresh, nothing redrawn in place
+            print_wide(render(snap))
+            watch(discovery, model, lambda s: print_wide(render(s)), moves=moves)
+            return
         from rich.live import Live
 
-        with Live(render(snap), console=err_console, refresh_per_second=2) as live:
-            watch(discovery, model, lambda s: live.update(render(s)), moves=moves)
+        def rows() -> int:  # as many servers as leave the rest of the view on the screen
+            return max(5, err_console.height - 16)
+
+        # redrawn when a snapshot is taken, not in between: a swarm of a thousand servers takes a while to draw
+        with Live(render(snap, rows()), console=err_console, auto_refresh=False) as live:
+            live.refresh()
+            watch(discovery, model, lambda s: live.update(render(s, rows()), refresh=True), moves=moves)
 
 
 __all__ = ["status"]
