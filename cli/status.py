@@ -165,18 +165,23 @@ def build_snapshot(records: list[ServerRecord], heard: Callable[[str], Heard | N
 
 def take_snapshot(discovery: Discovery, model: str | None, moves: MoveLog | None = None) -> Snapshot:
     """What discovery knows now (records of `model` only, when given); `moves` notes the spans seen."""
-    records = discovery.records(lambda r: model is None or matches(model, r.model), include_offline=True)
     membership = discovery.membership
-    return build_snapshot(records, membership.heard, membership.config.suspect_after, time.time(), moves)
+    return build_snapshot(_records(discovery, model), membership.heard, membership.config.suspect_after, time.time(),
+                          moves)
+
+
+def _records(discovery: Discovery, model: str | None) -> list[ServerRecord]:
+    return discovery.records(lambda r: model is None or matches(model, r.model), include_offline=True)
 
 
 def gather(discovery: Discovery, model: str | None, seconds: float, moves: MoveLog, step: float = 0.5) -> None:
-    """Listen for `seconds`, looking at the spans every `step` so that moves made meanwhile are noted."""
+    """Listen for `seconds`, looking at the spans every `step` so that moves made meanwhile are noted (only the
+    spans: the figures are computed once, by the snapshot that follows)."""
     deadline = time.monotonic() + seconds
-    take_snapshot(discovery, model, moves)
+    moves.observe(_records(discovery, model), time.time())
     while (left := deadline - time.monotonic()) > 0:
         discovery.listen(min(step, left))
-        take_snapshot(discovery, model, moves)
+        moves.observe(_records(discovery, model), time.time())
 
 
 # -- JSON -------------------------------------------------------------------------------------------------------------
