@@ -185,18 +185,25 @@ def _quantize(rows: np.ndarray) -> np.ndarray:
     return np.rint(rows * (1.0 / (scale * _TIE))).astype(np.int64)
 
 
-def _best_starts(base: np.ndarray, length: int, throughput: float) -> list[int]:
+def _best_starts(base: np.ndarray, length: int, throughput: float,
+                 covering: tuple[int, int] | None = None) -> list[int]:
     """The starts whose window, with `throughput` added to `base`, leaves the best sorted per-block vector (leximin),
-    all of them when several tie."""
+    all of them when several tie. With `covering` (a, b), only windows that hold all of blocks [a, b)."""
     if throughput <= 0:  # a server without throughput still goes where it is needed most
         throughput = UNMEASURED * (float(base.max()) or 1.0)
     rows = _quantize(base[None, :] + throughput * _windows(base.size, length))
-    lows = rows.min(axis=1)
-    best = np.flatnonzero(lows == lows.max())  # the highest bottleneck first, then the next lowest blocks...
+    allowed = np.arange(rows.shape[0])
+    if covering is not None:
+        a, b = covering
+        allowed = allowed[(allowed <= a) & (allowed + length >= b)]
+        if allowed.size == 0:
+            return []
+    lows = rows[allowed].min(axis=1)
+    best = allowed[lows == lows.max()]  # the highest bottleneck first, then the next lowest blocks...
     if best.size > 1:  # big-endian bytes of non-negative integers compare as the sorted vectors do
         ordered = [row.tobytes() for row in np.sort(np.maximum(rows[best], 0), axis=1).astype(">i8")]
         top = max(ordered)
-        best = [int(x) for x, key in zip(best, ordered, strict=True) if key == top]
+        best = np.array([int(x) for x, key in zip(best, ordered, strict=True) if key == top])
     return [int(x) for x in best]
 
 
@@ -415,12 +422,19 @@ def _respond(servers: list[ServerLoad], num_blocks: int, rounds: int, keep_cover
             if peer == frozen:
                 continue
             a, b, t = max(s.start, 0), min(s.end, num_blocks), _speed(s.throughput)
+            covering = None
             if keep_coverage and (counts[a:b] <= 1).any():
-                continue
+                if profile.min() > 0:
+                    continue  # the last holder of a block moves only to close a gap (see plan_move)
+                sole = a + np.flatnonzero(counts[a:b] <= 1)
+                covering = (int(sole.min()), int(sole.max()) + 1)
             low = profile.min()
             profile[a:b] -= t
             length = min(s.length, num_blocks)
-            starts = _best_starts(profile, length, t)
+            starts = _best_starts(profile, length, t, covering)
+            if not starts:
+                profile[a:b] += t
+                continue
             start = s.start if s.start in starts and s.end - s.start == length else _pick(peer, starts)
             if start != s.start:
                 profile[start:start + length] += t
@@ -447,32 +461,46 @@ def _capacity(servers: Sequence[ServerLoad], num_blocks: int) -> float:
 def plan_move(servers: Sequence[ServerLoad], num_blocks: int, me: str, config: BalanceConfig) -> Move | None:
     """Whether server `me` should move, and where: to its best span given the others, when the swarm's bottleneck
     after the move and the others' simulated best responses exceeds the bottleneck now by the configured quality
-    (now < balance_quality * after). None when staying is as good, when `me` is not placed (or not in `servers`),
-    when it is the last server of some block it holds, or when the move by itself would lower the bottleneck."""
+    (now < balance_quality * after). None when staying is as good, when `me` is not placed (or not in `servers`), or
+    when the move by itself would lower the bottleneck.
+
+    The last server of some block never moves while every block has a server: its move would leave that block
+    uncovered. When some block has none already (the model cannot run: nothing to lose), it may move to a span that
+    still holds all the blocks it alone holds, and when no single best span closes the gap, every such span is tried
+    with the others' responses simulated (a gap that takes two servers' moves, one making room for the other, is
+    closed instead of staying forever)."""
     servers = _floored(s for s in servers if s.length > 0)[0]
     mine = next((s for s in servers if s.peer_id == me), None)
     if mine is None or num_blocks <= 0:
         return None
     others = [s for s in servers if s.peer_id != me]
-    if (_counts(others, num_blocks)[max(mine.start, 0):mine.end] == 0).any():
-        return None  # the last holder of a block: its move would leave the block uncovered
     before = bottleneck(servers, num_blocks)
     if before >= config.balance_quality * _capacity(servers, num_blocks):
         return None  # no arrangement at all would beat now by the quality asked
-    start, end = choose_span(servers, num_blocks, mine.length, mine.throughput, me)
-    if start == mine.start:
+    length = min(mine.length, num_blocks)
+    sole = max(mine.start, 0) + np.flatnonzero(_counts(others, num_blocks)[max(mine.start, 0):mine.end] == 0)
+    covering = None
+    if sole.size:
+        if before > 0:
+            return None  # the last holder of a block: its move would leave the block uncovered
+        covering = (int(sole.min()), int(sole.max()) + 1)
+    profile = _profile(others, num_blocks)
+    starts = _best_starts(profile, length, _speed(mine.throughput), covering)
+    first = mine.start if mine.start in starts else (_pick(me, starts) if starts else mine.start)
+    best = None
+    if first != mine.start:
+        best = (_after(others, mine, first, length, num_blocks, before, config), first)
+    if before <= 0 and (best is None or best[0] is None or not before < config.balance_quality * best[0]):
+        for start in _allowed_starts(num_blocks, length, covering):  # a gap: try every span, responses simulated
+            if start in (mine.start, first):
+                continue
+            after = _after(others, mine, start, length, num_blocks, before, config)
+            if after is not None and (best is None or best[0] is None or _below(best[0], after)):
+                best = (after, start)
+    if best is None or best[0] is None or not before < config.balance_quality * best[0]:
         return None
-    moved = ServerLoad(me, start, end, mine.throughput)
-    alone = bottleneck([*others, moved], num_blocks)
-    if _below(alone, before):
-        return None
-    after = alone
-    if not before < config.balance_quality * alone:  # not enough by itself: would the others' responses make it?
-        goal = before / config.balance_quality * (1 + _TIE) if config.balance_quality > 0 else math.inf
-        responded = _respond([*others, moved], num_blocks, RESPONSE_ROUNDS, frozen=me, goal=goal)
-        after = max(alone, bottleneck(responded, num_blocks))
-    if not before < config.balance_quality * after:
-        return None
+    after, start = best
+    end = start + length
     gain = (after - before) / after
     if before <= 0:
         reason = f"blocks {_gaps(servers, num_blocks)} have no server; {start}:{end} covers some"
@@ -480,6 +508,28 @@ def plan_move(servers: Sequence[ServerLoad], num_blocks: int, me: str, config: B
         reason = (f"bottleneck {before:.3g} -> {after:.3g} tok/s (+{after / before - 1:.0%}) moving "
                   f"{mine.start}:{mine.end} -> {start}:{end}")
     return Move(start, end, gain, reason, before, after)
+
+
+def _allowed_starts(num_blocks: int, length: int, covering: tuple[int, int] | None) -> list[int]:
+    starts = range(num_blocks - length + 1)
+    if covering is None:
+        return list(starts)
+    return [s for s in starts if s <= covering[0] and s + length >= covering[1]]
+
+
+def _after(others: list[ServerLoad], mine: ServerLoad, start: int, length: int, num_blocks: int, before: float,
+           config: BalanceConfig) -> float | None:
+    """The bottleneck once `mine` moved to `start` (and, when that alone is not enough, once the others responded);
+    None when the move by itself lowers the bottleneck."""
+    moved = ServerLoad(mine.peer_id, start, start + length, mine.throughput)
+    alone = bottleneck([*others, moved], num_blocks)
+    if _below(alone, before):
+        return None
+    if before < config.balance_quality * alone:
+        return alone
+    goal = before / config.balance_quality * (1 + _TIE) if config.balance_quality > 0 else math.inf
+    responded = _respond([*others, moved], num_blocks, RESPONSE_ROUNDS, frozen=mine.peer_id, goal=goal)
+    return max(alone, bottleneck(responded, num_blocks))
 
 
 def _gaps(servers: Sequence[ServerLoad], num_blocks: int) -> str:
