@@ -219,7 +219,7 @@ class Peers:
             banned.update(peer for peer, until in self._distrusted.items() if until > now)
         usable = []
         for record in self.discovery.records(self._model_filter):
-            if record.state not in ("online", "joining") or record.addresses[0] in banned or record.peer_id in banned:
+            if record.state != "online" or record.addresses[0] in banned or record.peer_id in banned:
                 continue
             if adapter is not None and adapter not in record.adapters:
                 continue
