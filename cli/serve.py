@@ -52,7 +52,7 @@ def serve(
     balance_period: Annotated[float, typer.Option(help="Seconds between balance checks (jittered).")] = 60.0,
     balance_quality: Annotated[float, typer.Option(
         help="Move only when the swarm's bottleneck throughput is below this share of what the move reaches, "
-             "in (0, 1].")] = 0.75,
+             "in (0, 1].")] = 0.9,
     min_move_interval: Annotated[float, typer.Option(help="Seconds at least between two moves.")] = 300.0,
     move_drain: Annotated[float, typer.Option(
         help="Seconds running sessions get to finish when the server moves (then they are closed and their clients "

@@ -42,7 +42,7 @@ class BalanceSettings:
 
     rebalance: bool = True  # False (--no-rebalance): choose a span at start, never move
     period: float = 60.0  # seconds between balance checks (each jittered by +-20%)
-    quality: float = 0.75  # --balance-quality: move only when the swarm's bottleneck would be below this share of
+    quality: float = 0.9  # --balance-quality: move only when the swarm's bottleneck would be below this share of
     #                         what the move reaches (see core/balance.py)
     min_interval: float = 300.0  # seconds at least between two moves of this server
     confirmations: int = 2  # checks in a row that must ask for the same move (hysteresis)
