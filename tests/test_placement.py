@@ -348,6 +348,20 @@ def test_a_server_that_dies_leaves_a_gap_that_another_fills(model8, start_server
                                                      and (r.start, r.end) == (0, 4) for r in records), 10)
 
 
+def test_a_silent_server_stops_counting_for_placement_before_its_record_expires(model8, start_server):
+    """A server that crashed without a goodbye keeps its record until the record's ttl (here 10 minutes); placement
+    leaves it out as soon as gossip suspects it (no newer record for a few periods), so the blocks it held count as
+    the gap they are."""
+    server = start_server(model8, (4, 8), discovery=fast_discovery(period=0.5, ttl=5.0))  # suspected after 1.5 s
+    ghost_key = Identity()
+    ghost = sign_record(ServerRecord(ghost_key.peer_id, server.model_id, 0, 4, 8, 64, ("tcp://127.0.0.1:9",),
+                                     throughput=100.0, seq=1, ttl=600.0), ghost_key)
+    assert server.discovery.membership.merge([ghost]) == 1
+    assert ghost.peer_id in {s.peer_id for s in server.placement_view()}  # just heard: it counts
+    assert wait_until(lambda: ghost.peer_id not in {s.peer_id for s in server.placement_view()}, 10)
+    assert server.discovery.membership.get(ghost.peer_id) is not None  # still held, not expired
+
+
 def test_a_move_whose_new_span_fails_to_load_stays_where_it_was(model8, start_server, monkeypatch):
     for memory in (None, 280_000_000):  # loading first, then freeing first (the old span is loaded again)
         server = start_server(model8, (4, 8), discovery=fast_discovery(), max_memory=memory,

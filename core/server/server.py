@@ -245,7 +245,7 @@ class Server:
         for _ in range(SETTLE_ROUNDS):
             # servers still choosing with a larger peer id adapt to us, not we to them: servers that start together
             # settle in the order of their ids instead of all jumping to the same better span at once
-            records = discovery.records(lambda r: r.model == self.model_id
+            records = discovery.records(lambda r: r.model == self.model_id and not self._suspected(r)
                                         and not (r.state == "joining" and r.peer_id > self.peer_id))
             servers = servers_from_records(records, self.model_id)
             choice = choose_span(servers, total, length, self.throughput, me=self.peer_id)
@@ -380,15 +380,28 @@ class Server:
             except Exception:  # the loop must outlive one bad check; the server goes on serving where it is
                 log.exception("rebalancing failed")
 
-    def check_balance(self, rebalancer: Any) -> bool:
-        """One check of the balance (and the move it asks for); returns whether the server moved."""
+    def placement_view(self) -> list[Any]:
+        """The servers of this model the balance policies count (`ServerLoad`s): signed, online or joining, and not
+        suspected."""
         from ..balance import servers_from_records
 
+        if self.discovery is None:
+            return []
+        return servers_from_records(self.discovery.records(lambda r: r.model == self.model_id
+                                                           and not self._suspected(r)), self.model_id)
+
+    def _suspected(self, record: ServerRecord) -> bool:
+        """Whether gossip has not heard from `record`'s server for a while (it may have crashed without saying so):
+        placement leaves it out rather than count on blocks that may have no server any more."""
+        heard = None if self.discovery is None else self.discovery.membership.heard(record.peer_id)
+        return heard is not None and heard.suspected
+
+    def check_balance(self, rebalancer: Any) -> bool:
+        """One check of the balance (and the move it asks for); returns whether the server moved."""
         if self.discovery is None or self._stopped.is_set() or self.state != "online":
             return False
-        records = self.discovery.records(lambda r: r.model == self.model_id)
         total = 0 if self._meta is None else self._meta[0]
-        move = rebalancer.check(servers_from_records(records, self.model_id), total, self.peer_id)
+        move = rebalancer.check(self.placement_view(), total, self.peer_id)
         if move is None:
             return False
         self.move(move.start, move.end, move.reason)
