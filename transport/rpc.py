@@ -134,7 +134,7 @@ class Request:
         of a remote connection, else `conn:<hex>`: the connection itself (loopback, where every local client shares
         one address, and anything ZeroMQ cannot name)."""
         if self._peer is None:
-            curve = getattr(getattr(self._server, "config", None), "curve", None)
+            curve = self._server.config.curve
             self._peer = _peer_of(self._frame, self._identity, None if curve is None else curve.public.decode())
         return self._peer
 
@@ -142,8 +142,8 @@ class Request:
     def key(self) -> str | None:
         """The CURVE key (z85) the request came with (a private swarm), else None. Unlike `peer`, also the swarm key
         itself, which many members may share."""
-        peer = _peer_of(self._frame, self._identity)
-        return peer[4:] if peer.startswith("key:") else None
+        key = _frame_property(self._frame, "User-Id")
+        return key if key and key != "anonymous" else None
 
     def _claim(self) -> bool:
         with self._lock:
@@ -761,13 +761,18 @@ def _peer_of(frame: Any, identity: bytes, shared: str | None = None) -> str:
     """See `Request.peer`: the properties ZeroMQ keeps on a received frame of the connection. The `shared` key (the
     swarm key itself, which every member that holds it presents) names no one: the address does."""
     for prop, prefix in (("User-Id", "key:"), ("Peer-Address", "ip:")):
-        try:
-            value = frame.get(prop) if frame is not None else None
-        except (zmq.ZMQError, AttributeError, UnicodeDecodeError):
-            value = None
+        value = _frame_property(frame, prop)
         if value and value not in ("anonymous", shared) and not (prefix == "ip:" and _loopback(value)):
             return prefix + value
     return "conn:" + identity.hex()
+
+
+def _frame_property(frame: Any, name: str) -> str | None:
+    """A property ZeroMQ keeps on a received frame of the connection (None when it has none)."""
+    try:
+        return frame.get(name) if frame is not None else None
+    except (zmq.ZMQError, AttributeError, UnicodeDecodeError):
+        return None
 
 
 def _loopback(address: str) -> bool:
