@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_inference import build_checkpoint
 from model_choice import add_model_option, resolve_model
 from rich.console import Console
 from rich.table import Table
@@ -44,16 +45,6 @@ from swarm.core.local_swarm import ServeProcess  # noqa: E402
 
 QUESTION = "Explain why the sky is blue."
 ARGS = ["--host", "127.0.0.1", "--no-mdns", "--gossip-period", "0.2", "--log-level", "warning"]
-
-
-def build_model(path: Path) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-                         num_key_value_heads=4, vocab_size=1024, initializer_range=0.1)
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
 
 
 def generation(model, prompt: torch.Tensor, tokens: int) -> tuple[float, list[int]]:
@@ -111,7 +102,7 @@ def main() -> None:
     all_equal = True
     with tempfile.TemporaryDirectory(prefix="swarm-bench-verify-") as tmp:
         tmp_path = Path(tmp)
-        chosen = resolve_model(args.model, lambda: build_model(tmp_path / "model"), "tiny random Llama")
+        chosen = resolve_model(args.model, lambda: build_checkpoint(tmp_path / "tiny", "tiny"), "tiny random Llama")
         split = chosen.blocks // 2
         if split < 1:
             raise SystemExit(f"{chosen.label} has {chosen.blocks} block: two spans need 2 or more")
