@@ -20,6 +20,7 @@ from ..core.coverage import models_served
 from ..transport.errors import ConfigError
 from ..transport.mdns import MdnsSettings
 from .common import (
+    DeviceOption,
     InitialPeersOption,
     LogLevelOption,
     MdnsInterfaceOption,
@@ -113,6 +114,7 @@ def chat(
     demo: Annotated[str, typer.Option(help="The built-in demo run when there is no model and no server: smollm2 "
                                       "(a real chat model) or random (random weights, for tests).")] = "smollm2",
     verify: VerifyOption = 0.0,
+    device: DeviceOption = "auto",
     log_level: LogLevelOption = None,
 ) -> None:
     """Chat with a model served by the swarm."""
@@ -133,7 +135,7 @@ def chat(
     key = load_swarm_key(swarm_key)
     options = dict(system=system, max_length=max_length, max_new_tokens=max_new_tokens, temperature=temperature,
                    top_p=top_p, seed=seed, config=ClientConfig(relay=relay, swarm_key=key, verify=verify),
-                   prompts=prompts, adapter=adapter)
+                   prompts=prompts, adapter=adapter, device=device)
     settings = MdnsSettings.from_options(mdns, mdns_interface)
     discovery: Discovery | None = None
     try:

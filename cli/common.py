@@ -34,6 +34,9 @@ LogLevelOption = Annotated[str | None, typer.Option(help="debug, info, warning o
 SwarmKeyOption = Annotated[str | None, typer.Option(
     help="Join a private swarm with this key file (`swarm keygen`): every connection is encrypted and only holders "
          "of the swarm's keys get in.")]
+DeviceOption = Annotated[str, typer.Option(
+    help="Where the client's embeddings and head run: auto (a CUDA GPU when there is one, else the CPU), cpu, cuda, "
+         "cuda:N or mps.")]
 
 err_console = Console(stderr=True)
 

@@ -59,7 +59,12 @@ def serve(
              "replay them elsewhere).")] = 30.0,
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "0.0.0.0",
     port: Annotated[int, typer.Option(help="Port to listen on; 0 picks a free one (printed on stdout).")] = 0,
-    dtype: Annotated[str, typer.Option(help="Weights and compute dtype: auto, float32, bfloat16, float16.")] = "auto",
+    dtype: Annotated[str, typer.Option(
+        help="Weights and compute dtype: auto (the checkpoint's on a CPU, bfloat16 or float16 on a GPU), float32, "
+             "bfloat16, float16.")] = "auto",
+    device: Annotated[str, typer.Option(
+        help="Where the blocks, their caches and computations are: auto (the first CUDA GPU when there is one, else "
+             "the CPU), cpu, cuda, cuda:N or mps.")] = "auto",
     cache_tokens: Annotated[int, typer.Option(
         help="Attention-cache budget in tokens (batch x max length), shared by all sessions.")] = 8192,
     session_timeout: Annotated[float, typer.Option(help="Seconds before an idle session is closed.")] = 600.0,
@@ -154,7 +159,8 @@ def serve(
     discovery = DiscoveryConfig(mdns=MdnsSettings.from_options(mdns, mdns_interface),
                                 gossip=GossipConfig(period=gossip_period, suspect_after=3 * gossip_period),
                                 record_ttl=record_ttl)
-    config = ServerConfig(model=model, blocks=span, host=host, port=port, dtype=dtype, cache_tokens=cache_tokens,
+    config = ServerConfig(model=model, blocks=span, host=host, port=port, dtype=dtype, device=device,
+                          cache_tokens=cache_tokens,
                           limits=HandlerLimits(session_timeout=session_timeout, max_peer_sessions=peer_sessions,
                                                peer_share=peer_share),
                           queue=QueueLimits(client_share=peer_share), initial_peers=peers,
@@ -208,7 +214,8 @@ def serve(
             members = f", {len(server.admission.keys)} member keys" if allowed_keys is not None else ""
             private = f", private swarm{members}"
         err_console.print(f"[green]serving[/] blocks {span_text} of {server.model_id} at [bold]{server.endpoint}[/] "
-                          f"({dtype_text}, cache {cache_tokens} tokens, {server.throughput:,.0f} tokens/s"
+                          f"({dtype_text} on {server.device}, cache {cache_tokens} tokens, "
+                          f"{server.throughput:,.0f} tokens/s"
                           f"{adapters_text}{private}); "
                           "Ctrl-C to stop", highlight=False)
         while not stop.wait(0.5):

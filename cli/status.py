@@ -230,6 +230,11 @@ def _batch(record: ServerRecord) -> str:
     return f"{record.batch_sessions:g} sess, {record.batch_tokens:g} tok"
 
 
+def _dtype(record: ServerRecord) -> str:
+    """Its dtype, and its device when that is not the CPU."""
+    return record.dtype if record.device == "cpu" else f"{record.dtype} {record.device}"
+
+
 def _adapters(record: ServerRecord, shown: int = 4) -> str:
     """The adapters a server holds or can load: the first few names, and how many more."""
     names = list(record.adapters)
@@ -255,7 +260,7 @@ def _cells(s: ServerView) -> dict[str, str | Text]:
     return {"peer": r.peer_id[:8], "address": r.addresses[0], "model": r.model, "blocks": f"{r.start}:{r.end}",
             "state": Text(s.state, style=STATE_STYLE.get(s.state, "")), "tokens/s": f"{r.throughput:,.0f}",
             "free cache": f"{r.cache_tokens_free:,}/{r.cache_tokens_total:,}", "queue": f"{r.queue:,}",
-            "batch": _batch(r), "dtype": r.dtype, "adapters": _adapters(r), "version": r.version,
+            "batch": _batch(r), "dtype": _dtype(r), "adapters": _adapters(r), "version": r.version,
             "moves": "-" if s.moves is None else f"{s.moves:,}", "age": age}
 
 

@@ -23,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ..core.aliases import resolve_alias
 from ..transport.errors import ConfigError
 from .common import (
+    DeviceOption,
     InitialPeersOption,
     LogLevelOption,
     MdnsInterfaceOption,
@@ -81,6 +82,7 @@ def tune(
     mdns_interface: MdnsInterfaceOption = None,
     swarm_key: SwarmKeyOption = None,
     verify: VerifyOption = 0.0,
+    device: DeviceOption = "auto",
     log_level: LogLevelOption = None,
 ) -> None:
     """Prompt-tune a model through the swarm (the servers' weights never change)."""
@@ -111,7 +113,7 @@ def tune(
     with err_console.status("connecting to the swarm..."):
         lora = dict(lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets) if mode == "lora" else {}
         net = _connect(model, task, mode, prompt_length, data, prompts, peers, mdns, mdns_interface, seed, lora,
-                       key, verify)
+                       key, verify, device)
     stop = threading.Event()
     with net, _stop_on_ctrl_c(stop):
         trainer = Trainer(net, tokenizer, data, config, stop=stop)
@@ -132,7 +134,8 @@ def tune(
 
 def _connect(model: str, task: str, mode: str, prompt_length: int, data: Any, prompts: Path | None,
              peers: list[str], mdns: bool | None, mdns_interface: str | None, seed: int,
-             lora: dict[str, Any] | None = None, swarm_key: Any = None, verify: float = 0.0) -> Any:
+             lora: dict[str, Any] | None = None, swarm_key: Any = None, verify: float = 0.0,
+             device: str = "cpu") -> Any:
     import torch
 
     from ..core.client.config import ClientConfig
@@ -140,7 +143,7 @@ def _connect(model: str, task: str, mode: str, prompt_length: int, data: Any, pr
 
     torch.manual_seed(seed)  # the initial prompts (or LoRA) and head
     common: dict[str, Any] = dict(initial_peers=peers, mdns=mdns, mdns_interface=mdns_interface,
-                                  config=ClientConfig(swarm_key=swarm_key, verify=verify))
+                                  config=ClientConfig(swarm_key=swarm_key, verify=verify), device=device)
     if prompts is not None:
         common["prompts"] = str(prompts)
     elif mode == "lora":

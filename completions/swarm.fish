@@ -16,6 +16,7 @@ complete -c swarm -n '__fish_seen_subcommand_from bench' -l swarm-key
 complete -c swarm -n '__fish_seen_subcommand_from bench' -l wait
 complete -c swarm -n '__fish_seen_subcommand_from chat' -l adapter
 complete -c swarm -n '__fish_seen_subcommand_from chat' -l demo
+complete -c swarm -n '__fish_seen_subcommand_from chat' -l device
 complete -c swarm -n '__fish_seen_subcommand_from chat' -l help
 complete -c swarm -n '__fish_seen_subcommand_from chat' -l initial-peers
 complete -c swarm -n '__fish_seen_subcommand_from chat' -l log-level
@@ -49,6 +50,7 @@ complete -c swarm -n '__fish_seen_subcommand_from serve' -l bandwidth
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l batching
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l blocks
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l cache-tokens
+complete -c swarm -n '__fish_seen_subcommand_from serve' -l device
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l dtype
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l gossip-period
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l help
@@ -86,6 +88,7 @@ complete -c swarm -n '__fish_seen_subcommand_from status' -l wait
 complete -c swarm -n '__fish_seen_subcommand_from status' -l watch
 complete -c swarm -n '__fish_seen_subcommand_from tune' -l batch-size
 complete -c swarm -n '__fish_seen_subcommand_from tune' -l dataset
+complete -c swarm -n '__fish_seen_subcommand_from tune' -l device
 complete -c swarm -n '__fish_seen_subcommand_from tune' -l epochs
 complete -c swarm -n '__fish_seen_subcommand_from tune' -l eval-every
 complete -c swarm -n '__fish_seen_subcommand_from tune' -l help

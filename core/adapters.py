@@ -52,6 +52,12 @@ class TaskOp:
 
     nbytes = 0
 
+    def to(self, device: torch.device) -> None:
+        """Move its own tensors to `device` (a pooled LoRA's live in its pool, on the pool's device)."""
+        for name, value in list(vars(self).items()):
+            if isinstance(value, torch.Tensor) and value.device != device:
+                setattr(self, name, value.to(device))
+
     def before(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
@@ -78,9 +84,9 @@ class LoraPool:
     (`lora_stacked`) instead of two per LoRA. The pool grows by exactly what a LoRA needs (its memory is the LoRAs'
     own bytes), freed rows are zeroed and reused first, and a free tail is given back."""
 
-    def __init__(self, fan_in: int, fan_out: int, dtype: torch.dtype):
-        self.a = torch.zeros(0, fan_in, dtype=dtype)
-        self.bt = torch.zeros(0, fan_out, dtype=dtype)
+    def __init__(self, fan_in: int, fan_out: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
+        self.a = torch.zeros(0, fan_in, dtype=dtype, device=device)
+        self.bt = torch.zeros(0, fan_out, dtype=dtype, device=device)
         self.holes: list[tuple[int, int]] = []  # (start, rows) of freed rows, zeroed
         self._lock = threading.Lock()
 
@@ -100,8 +106,9 @@ class LoraPool:
                 start = hole[0]
             else:  # grow by exactly r rows (the old tensors stay valid for a pass that holds them)
                 start = self.rows
-                self.a = torch.cat([self.a, torch.zeros(rank, self.a.shape[1], dtype=self.a.dtype)])
-                self.bt = torch.cat([self.bt, torch.zeros(rank, self.bt.shape[1], dtype=self.bt.dtype)])
+                grow = {"dtype": self.a.dtype, "device": self.a.device}
+                self.a = torch.cat([self.a, torch.zeros(rank, self.a.shape[1], **grow)])
+                self.bt = torch.cat([self.bt, torch.zeros(rank, self.bt.shape[1], **grow)])
             self.a[start:start + rank] = a.to(self.a.dtype)
             self.bt[start:start + rank] = b.T.to(self.bt.dtype)
             return start
@@ -199,6 +206,12 @@ class Task:
         self.name, self.ops = name, ops
         self.nbytes = sum(op.nbytes for op in ops.values())
         self.modules = {module for _, module in ops}
+
+    def to(self, device: torch.device) -> Task:
+        """This task with its operators' tensors on `device` (where the blocks it runs on are)."""
+        for op in self.ops.values():
+            op.to(device)
+        return self
 
     def op(self, block: int, module: str) -> TaskOp | None:
         return self.ops.get((block, module))
@@ -301,7 +314,7 @@ def lora_stacked(x: torch.Tensor, y: torch.Tensor, groups: list[tuple[int, int, 
                                                       for a, b, op in groups))
     mask = None if masks is None else masks.get(key)
     if mask is None:
-        mask = torch.zeros(last - first, hi - lo, dtype=weights_a.dtype)
+        mask = torch.zeros(last - first, hi - lo, dtype=weights_a.dtype, device=weights_a.device)
         for a, b, op in groups:
             mask[a - first:b - first, op.start - lo:op.start + op.rank - lo] = op.scaling
         if masks is not None:

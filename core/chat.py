@@ -70,12 +70,12 @@ class ChatSession:
     @classmethod
     def connect(cls, model_name: str, peers: list[str], config: ClientConfig | None = None,
                 discovery: Discovery | None = None, mdns: bool | None = None, prompts: str | None = None,
-                adapter: str | None = None, **kwargs: Any) -> ChatSession:
+                adapter: str | None = None, device: str = "cpu", **kwargs: Any) -> ChatSession:
         """Connect to the swarm serving `model_name`; `prompts` is a tuning result (`swarm tune --task lm`), `adapter`
-        the name of an adapter the servers serve."""
+        the name of an adapter the servers serve, `device` where the client's embeddings and head run."""
         model = AutoDistributedModelForCausalLM.from_pretrained(model_name, initial_peers=peers, config=config,
                                                                 discovery=discovery, mdns=mdns, prompts=prompts,
-                                                                adapter=adapter)
+                                                                adapter=adapter, device=device)
         try:
             tokenizer = ModelSource(resolve_alias(model_name)).tokenizer()
         except ConfigError:
@@ -154,7 +154,7 @@ class ChatSession:
         stream = TextStream(self.tokenizer, on_text or (lambda _: None))
         sampling: dict[str, Any] = ({"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
                                     if self.temperature > 0 else {"do_sample": False})
-        input_ids = torch.tensor([ids])
+        input_ids = torch.tensor([ids], device=self.model.device)
         out = self.model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
                                   max_new_tokens=self.max_new_tokens, streamer=stream,
                                   pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,

@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 
 from ..transport.errors import ConfigError
+from .device import auto_dtype
 from .gguf import SUFFIX as GGUF_SUFFIX
 from .gguf import GGUFFile, is_gguf
 from .models import ModelFamily, family_for
@@ -133,10 +134,11 @@ class ModelSource:
                 raise self._offline_error(problem) from None
             raise ConfigError(f"cannot load the tokenizer of {self.name!r}: {_first_line(e)}") from None
 
-    def config(self, dtype: str | torch.dtype = "auto") -> Any:
-        """A copy of the transformers config, with sdpa attention, the resolved `dtype` and eval-time settings."""
+    def config(self, dtype: str | torch.dtype = "auto", device: torch.device | str = "cpu") -> Any:
+        """A copy of the transformers config, with sdpa attention, the `dtype` resolved for `device` and eval-time
+        settings."""
         config = copy.deepcopy(self._read_config())  # the config as read stays as it was: each caller gets its own
-        config.dtype = resolve_dtype(dtype, self._config)
+        config.dtype = resolve_dtype(dtype, self._config, device)
         return config
 
     def _read_config(self) -> Any:
@@ -238,8 +240,9 @@ def _first_line(error: BaseException) -> str:
     return line if len(line) <= 200 else line[:197] + "..."
 
 
-def resolve_dtype(dtype: str | torch.dtype, config: Any = None) -> torch.dtype:
-    """`auto` is the checkpoint's dtype (float32 when it says nothing, or float16 on a machine without CUDA)."""
+def resolve_dtype(dtype: str | torch.dtype, config: Any = None, device: torch.device | str = "cpu") -> torch.dtype:
+    """`auto` is what the checkpoint's dtype runs in on `device` (`core/device.py` `auto_dtype`: on the CPU the
+    checkpoint's dtype, float32 when it says nothing or says float16; on a GPU a 16-bit dtype)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in DTYPES:
@@ -249,11 +252,7 @@ def resolve_dtype(dtype: str | torch.dtype, config: Any = None) -> torch.dtype:
     stored = getattr(config, "dtype", None) if config is not None else None
     if isinstance(stored, str):
         stored = DTYPES.get(stored.replace("torch.", ""))
-    if stored not in DTYPES.values():
-        return torch.float32
-    if stored == torch.float16 and not torch.cuda.is_available():
-        return torch.float32
-    return stored
+    return auto_dtype(torch.device(device), stored if stored in DTYPES.values() else None)
 
 
 def strip_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -111,6 +111,7 @@ class ServerRecord:
     batch_tokens: float = 0.0  # new tokens per pass, mean over its recent passes
     dtype: str = "float32"
     quant: str = "none"  # weight quantization
+    device: str = "cpu"  # the kind of device its blocks run on: cpu, cuda, mps (optional; on the wire when not cpu)
     adapters: tuple[str, ...] = ()
     capabilities: tuple[str, ...] = ()  # optional features the server has; names others do not know are ignored
     protocol: int = PROTOCOL_VERSION  # wire protocol version the server speaks
@@ -160,6 +161,8 @@ def record_to_wire(record: ServerRecord) -> dict[str, Any]:
         # optional and left out when 0: a record without it is the record an older server signs and an older peer
         # checks, so servers that never moved stay readable by peers that do not know the field
         del data["moves"]
+    if record.device == "cpu":  # optional in the same way: a CPU server's record is what older peers know
+        del data["device"]
     return data
 
 
@@ -244,7 +247,7 @@ def record_from_wire(data: Any, check_signature: bool = True) -> ServerRecord:
         throughput=_float(data, "throughput", 0.0), cache_tokens_free=_int(data, "cache_tokens_free", default=0),
         cache_tokens_total=_int(data, "cache_tokens_total", default=0), queue=_int(data, "queue", default=0),
         batch_sessions=_load(data, "batch_sessions"), batch_tokens=_load(data, "batch_tokens"),
-        dtype=_str(data, "dtype", 32, "float32"),
+        dtype=_str(data, "dtype", 32, "float32"), device=_str(data, "device", 16, "cpu"),
         quant=_str(data, "quant", 32, "none"), adapters=_strs(data, "adapters", 64, 200),
         capabilities=_capabilities(data), protocol=_int(data, "protocol", 0, 1 << 16, PROTOCOL_VERSION),
         version=_str(data, "version", 64, ""), path=path, moves=_int(data, "moves", 0, 1 << 31, default=0),

@@ -37,6 +37,7 @@ from ...transport.mdns import MdnsSettings
 from ..adapters import NAME as ADAPTER_NAME
 from ..adapters import PEFT_WEIGHTS
 from ..aliases import announced_id, matches, resolve_alias
+from ..device import resolve_device
 from ..models import ModelFamily
 from ..weights import ModelSource, assign_weights, resolve_dtype, strip_prefix
 from .config import ClientConfig
@@ -335,12 +336,16 @@ class _Loaded:
 
     def __init__(self, name_or_path: str, initial_peers: list[str] | None, torch_dtype: Any,
                  config: ClientConfig | None, mdns: bool | None, mdns_interface: str | None,
-                 discovery: Discovery | None, gguf_file: str | None = None):
+                 discovery: Discovery | None, gguf_file: str | None = None, device: Any = "cpu"):
         config = config or ClientConfig()
+        self.device = resolve_device(device)  # where the embeddings, the head and any trained tensors run
         self.source = source = ModelSource(resolve_alias(name_or_path), gguf_file=gguf_file)
         self.config = model_config = source.config("auto")
         self.family = family = source.family()
-        self.dtype = dtype = resolve_dtype("float32" if torch_dtype == "auto" else torch_dtype, model_config)
+        # on the CPU, `auto` is float32 (the client's few modules cost little there); on a GPU, the 16-bit dtype
+        # `--dtype auto` takes there
+        auto = "float32" if self.device.type == "cpu" else "auto"
+        self.dtype = dtype = resolve_dtype(auto if torch_dtype == "auto" else torch_dtype, model_config, self.device)
         model_config.dtype = dtype
         owns = discovery is None
         if discovery is None:
@@ -449,7 +454,7 @@ def _finish(model: Any, loaded: _Loaded, tuning: PromptTuning | LoraTuning | Non
         tuning.requires_grad_(True)
         if head is not None:
             head.requires_grad_(True)
-    return model.eval()
+    return model.to(loaded.device).eval()
 
 
 def _saved(prompts: str | None, task: str) -> tuple[dict[str, Any] | None, dict[str, torch.Tensor]]:
@@ -473,7 +478,7 @@ class AutoDistributedModelForCausalLM:
                         tuning_mode: str | None = None, pre_seq_len: int | None = None, prompts: str | None = None,
                         gguf_file: str | None = None, adapter: str | None = None, lora_rank: int | None = None,
                         lora_alpha: float | None = None, lora_targets: list[str] | None = None,
-                        **kwargs: Any) -> DistributedModelForCausalLM:
+                        device: Any = "cpu", **kwargs: Any) -> DistributedModelForCausalLM:
         """Load the client's part of `name_or_path` (a hub id, alias, local directory, or GGUF file; or, with
         `gguf_file`, that GGUF file of the directory or hub repository) and find its servers.
 
@@ -482,13 +487,15 @@ class AutoDistributedModelForCausalLM:
         instead (it is then not stopped by the model). `tuning_mode` ("ptune" or "deep_ptune") and `pre_seq_len` add
         trainable soft prompts, `tuning_mode="lora"` (with `lora_rank`, `lora_alpha`, `lora_targets`) a trainable
         LoRA; `prompts` loads what a tuning run saved (`swarm tune --task lm --output DIR`). `adapter` names an
-        adapter the swarm's servers serve: the blocks run with it (see `set_adapter`).
+        adapter the swarm's servers serve: the blocks run with it (see `set_adapter`). `device` (cpu, auto, cuda,
+        cuda:N, mps) is where the client's modules run; hidden states cross to the CPU only at the wire.
         """
         if kwargs:
             raise ConfigError(f"unsupported arguments: {', '.join(kwargs)}")
         saved, tensors = _saved(prompts, "lm")
         lora_options = dict(lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets)
-        loaded = _Loaded(name_or_path, initial_peers, torch_dtype, config, mdns, mdns_interface, discovery, gguf_file)
+        loaded = _Loaded(name_or_path, initial_peers, torch_dtype, config, mdns, mdns_interface, discovery, gguf_file,
+                         device)
         try:
             embed, norm, lm_head, _ = loaded.client_modules(head=True)
             tuning = loaded.tuning(embed, tuning_mode, pre_seq_len, saved, lora_options, prompts)
@@ -512,7 +519,7 @@ class AutoDistributedModelForSequenceClassification:
                         tuning_mode: str | None = None, pre_seq_len: int | None = None, prompts: str | None = None,
                         gguf_file: str | None = None, adapter: str | None = None, lora_rank: int | None = None,
                         lora_alpha: float | None = None, lora_targets: list[str] | None = None,
-                        **kwargs: Any) -> DistributedModelForSequenceClassification:
+                        device: Any = "cpu", **kwargs: Any) -> DistributedModelForSequenceClassification:
         """Like `AutoDistributedModelForCausalLM.from_pretrained`, with a `num_labels`-way head instead of the LM head.
 
         The head comes from the checkpoint when it has one (`score.weight`), from `prompts` (a saved tuning result),
@@ -528,7 +535,8 @@ class AutoDistributedModelForSequenceClassification:
             num_labels = saved.get("num_labels")
         if not isinstance(num_labels, int) or isinstance(num_labels, bool) or num_labels < 2:
             raise ConfigError(f"num_labels must be an integer of at least 2, got {num_labels!r}")
-        loaded = _Loaded(name_or_path, initial_peers, torch_dtype, config, mdns, mdns_interface, discovery, gguf_file)
+        loaded = _Loaded(name_or_path, initial_peers, torch_dtype, config, mdns, mdns_interface, discovery, gguf_file,
+                         device)
         try:
             embed, norm, _, head = loaded.client_modules(head=False)
             tuning = loaded.tuning(embed, tuning_mode, pre_seq_len, saved, lora_options, prompts)

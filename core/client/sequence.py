@@ -25,6 +25,7 @@ from ...transport.discovery import Discovery
 from ...transport.errors import ConfigError, SwarmError
 from ...transport.messages import Backward, BackwardReply, Forward, ForwardReply, LoraWeights
 from ...transport.records import ServerRecord
+from ..device import CPU, to_device
 from .config import ClientConfig
 from .peers import RECOVERABLE, HopFailed, Peers, hop_prompts, read_reply, same_shape
 from .routing import Hop
@@ -112,7 +113,7 @@ class RemoteSequential(Peers, torch.nn.Module):
         """The blocks over `hidden`, differentiable w.r.t. `hidden`, the deep `prompts` [blocks, batch or 1,
         prompt_length, hidden] (one per block, added at the first positions before it) and the client's `lora`
         (stacks over all blocks); through servers holding `adapter`, when one is named."""
-        mask = None if attention_mask is None else attention_mask.to(torch.int8)
+        mask = None if attention_mask is None else to_device(attention_mask.to(torch.int8), CPU)
         if prompts is not None and (prompts.dim() != 4 or prompts.shape[0] != self.num_blocks
                                     or prompts.shape[1] not in (1, hidden.shape[0])
                                     or prompts.shape[3] != hidden.shape[2]):
@@ -123,7 +124,11 @@ class RemoteSequential(Peers, torch.nn.Module):
         keep = torch.is_grad_enabled() and (hidden.requires_grad or (prompts is not None and prompts.requires_grad)
                                             or any(t.requires_grad for t in tensors))
         scaling = None if lora is None else lora.scaling
-        return _RemoteBlocks.apply(hidden, mask, prompts, keep, self, adapter, scaling, names, *tensors)
+        # the wire is bytes on the CPU: the client's tensors go there (differentiably) and the output comes back to
+        # the client's device
+        out = _RemoteBlocks.apply(to_device(hidden, CPU), mask, to_device(prompts, CPU), keep, self, adapter, scaling,
+                                  names, *(to_device(t, CPU) for t in tensors))
+        return to_device(out, hidden.device)
 
     def inference_session(self, max_length: int, batch_size: int | None = None, adapter: str | None = None,
                           lora: LoraWeights | None = None) -> InferenceSession:

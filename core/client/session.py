@@ -38,6 +38,7 @@ from ...transport.messages import (
     Step,
     StepReply,
 )
+from ..device import CPU, to_device
 from .peers import RECOVERABLE, Peers, hop_prompts, read_reply, same_shape
 from .routing import Hop
 from .verify import Check, verifier_of
@@ -163,8 +164,10 @@ class InferenceSession:
             self.hops = self.peers.retry(lambda: self._open_chain(0, self.peers.num_blocks), "opening a session")
             log.info("inference session through %s",
                      " -> ".join(f"{h.peer} [{h.start}:{h.end})" for h in self.route))
-        mask = None if attention_mask is None else attention_mask.to(torch.int8)
-        out, i, failures = hidden.detach(), 0, 0
+        device = hidden.device  # the client's own device; the wire and the history are on the CPU
+        mask = None if attention_mask is None else to_device(attention_mask.to(torch.int8), CPU)
+        prompts = None if prompts is None else to_device(prompts.detach(), CPU)
+        out, i, failures = to_device(hidden.detach(), CPU), 0, 0
         while True:
             out, failures, checks = self._run(i, out, mask, prompts, failures)
             bad = self._first_wrong(checks)
@@ -189,7 +192,7 @@ class InferenceSession:
             self._close_sessions(self.hops[i:])
             self.hops[i:] = self._replacement(rest)
         self.position += new
-        return out
+        return to_device(out, device)
 
     def _run(self, i: int, out: torch.Tensor, mask: torch.Tensor | None, prompts: torch.Tensor | None,
              failures: int) -> tuple[torch.Tensor, int, list[_Checked]]:

@@ -83,7 +83,7 @@ class AdapterStore:
     def _read(self, source: str) -> Task:
         span = self.span
         return read_peft(source, span.family, span.config, span.start, span.end, span.linears, span.dtype,
-                         self.config.max_bytes, span.lora_pool)
+                         self.config.max_bytes, span.lora_pool).to(span.device)
 
     # --- what the record announces ------------------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ from ..adapters import (
     lora_from_stacked,
     model_linears,
 )
+from ..device import to_device
 from ..models import ModelFamily, PassContext
 from ..models import attention as _attention  # noqa: F401  (registers the "swarm" attention)
 from ..models.base import Segment
@@ -99,7 +100,7 @@ class BlockSpan(torch.nn.Module):
         pool = self._pools.get((index, module))
         if pool is None:
             fan_in, fan_out = self.linears(index)[module]
-            pool = self._pools[(index, module)] = LoraPool(fan_in, fan_out, self.dtype)
+            pool = self._pools[(index, module)] = LoraPool(fan_in, fan_out, self.dtype, self.device)
         return pool
 
     def linears(self, index: int) -> dict[str, tuple[int, int]]:
@@ -112,22 +113,31 @@ class BlockSpan(torch.nn.Module):
         return self._other_linears[index]
 
     @classmethod
-    def load(cls, source: ModelSource, start: int, end: int, dtype: torch.dtype) -> BlockSpan:
-        config = source.config(dtype)
+    def load(cls, source: ModelSource, start: int, end: int, dtype: torch.dtype,
+             device: torch.device | str = "cpu") -> BlockSpan:
+        """Blocks [start, end) of `source` in `dtype` on `device`: read on the CPU and moved one block at a time."""
+        device = torch.device(device)
+        config = source.config(dtype, device)
         family = source.family()
         total = family.num_blocks(config)
         if not 0 <= start < end <= total:
             raise ConfigError(f"blocks {start}:{end} are outside the model's {total} blocks (0:{total})")
-        prefixes = [family.block_prefix(config, i) for i in range(start, end)]
-        tensors = source.load_tensors(prefixes, dtype=dtype)
         blocks = []
-        for i, prefix in zip(range(start, end), prefixes, strict=True):
+        for i in range(start, end):  # one block's tensors at a time: read, assigned, moved to the device
+            prefix = family.block_prefix(config, i)
+            tensors = source.load_tensors([prefix], dtype=dtype)
             with torch.device("meta"):
                 block = family.build_block(config, i)
             assign_weights(block, strip_prefix(tensors, prefix), f"block {i}")
-            blocks.append(block.to(dtype))
-        shared = family.build_shared(config).to(dtype)
+            del tensors
+            blocks.append(block.to(device=device, dtype=dtype))
+        shared = family.build_shared(config).to(device=device, dtype=dtype)
         return cls(family, config, start, end, blocks, shared, dtype)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the blocks, their caches and their computations are (inputs are moved here, outputs stay here)."""
+        return next(self.parameters()).device
 
     @property
     def hidden_size(self) -> int:
@@ -147,7 +157,7 @@ class BlockSpan(torch.nn.Module):
 
     def new_cache(self, batch: int, max_length: int, blocks: tuple[int, int] | None = None) -> SessionCache:
         layers = [self.start + j for j in self._range(blocks)]
-        device = next(self.parameters()).device
+        device = self.device
         return SessionCache(layers, batch, max_length, self.kv_heads, self.head_dim, self.dtype, device)
 
     @torch.inference_mode()
@@ -166,6 +176,7 @@ class BlockSpan(torch.nn.Module):
         output [rows, new, hidden], in the order of `works`."""
         indices = list(self._range(blocks))
         first = self.start + indices[0]
+        works = [work.to(self.device) for work in works]
         order = sorted(range(len(works)), key=lambda i: tuple(id(t) for t in works[i].tasks))  # same tasks: adjacent
         packed = [works[i] for i in order]
         hidden, segments = self._pack(packed)
@@ -214,13 +225,15 @@ class BlockSpan(torch.nn.Module):
         """`forward`, recording what `backward` needs (kept between a forward and its backward to skip a recompute).
         The client's `lora` (for these blocks) is a leaf too: `backward` gives its gradients."""
         first = self.start if blocks is None else blocks[0]
+        device = self.device
         with torch.enable_grad():
-            inputs = hidden.detach().to(self.dtype).requires_grad_(True)
+            inputs = hidden.detach().to(device, self.dtype).requires_grad_(True)
             if prompts is not None:
-                prompts = prompts.detach().to(self.dtype).requires_grad_(True)
+                prompts = prompts.detach().to(device, self.dtype).requires_grad_(True)
             leaves: dict[str, torch.Tensor] = {}
             if lora is not None:
-                leaves = {name: t.detach().to(self.dtype).requires_grad_(True) for name, t in lora.tensors().items()}
+                leaves = {name: t.detach().to(device, self.dtype).requires_grad_(True)
+                          for name, t in lora.tensors().items()}
                 own = lora_from_stacked(first, lora.scaling, {m: leaves[f"lora_a.{m}"] for m in lora.a},
                                         {m: leaves[f"lora_b.{m}"] for m in lora.b})
                 tasks = (*tasks, own)
@@ -238,7 +251,8 @@ class BlockSpan(torch.nn.Module):
             graph = self.forward_graph(hidden, attention_mask, blocks, prompts, tasks, lora)
         names = list(graph.lora)
         wrt = [graph.inputs, *([] if graph.prompts is None else [graph.prompts]), *graph.lora.values()]
-        grads = list(torch.autograd.grad(graph.out, wrt, grad_output.to(graph.out.dtype), allow_unused=True))
+        grads = list(torch.autograd.grad(graph.out, wrt, grad_output.to(graph.out.device, graph.out.dtype),
+                                         allow_unused=True))
         grad_input = grads.pop(0)
         grad_prompts = grads.pop(0) if graph.prompts is not None else None
         grad_lora = {n: (g if g is not None else torch.zeros_like(graph.lora[n])) for n, g in zip(names, grads,
@@ -259,6 +273,13 @@ class Work:
         rows, new = hidden.shape[:2]
         self.hidden, self.cache, self.prompts, self.column, self.tasks = hidden, cache, prompts, column, tasks
         self.mask = torch.ones(rows, new, dtype=torch.long, device=hidden.device) if mask is None else mask
+
+    def to(self, device: torch.device) -> Work:
+        """This work with its tensors on `device` (itself when they are there already)."""
+        if self.hidden.device == device and self.mask.device == device:
+            return self
+        return Work(to_device(self.hidden, device), to_device(self.mask, device), self.cache,
+                    to_device(self.prompts, device), self.column, self.tasks)
 
 
 def _positions(work: Work) -> torch.Tensor:

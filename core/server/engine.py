@@ -379,7 +379,7 @@ class Engine:
 
     def _progress(self, job: Job, out: torch.Tensor, count: int) -> None:
         job.done += count
-        job.outputs.append(out.to(job.hidden.dtype))
+        job.outputs.append(out.to(job.hidden.device, job.hidden.dtype))  # back where it came from (the CPU)
         by_columns = isinstance(job, StepJob) or bool(getattr(job, "reserved", 0))
         if job.done < job.hidden.shape[1 if by_columns else 0]:
             return

@@ -208,6 +208,7 @@ class Handler:
             "num_blocks": span.family.num_blocks(span.config),
             "hidden_size": span.hidden_size,
             "dtype": str(span.dtype).removeprefix("torch."),
+            "device": span.device.type,
             "protocol": PROTOCOL_VERSION,
             "capabilities": list(self.capabilities),
             "cache_tokens_total": self.budget.total,
@@ -515,9 +516,9 @@ class Handler:
         """A checked LoRA of a client (`_lora`) as a task for shared passes."""
         if lora is None:
             return ()
-        dtype = self.span.dtype
-        return (lora_from_stacked(blocks[0], lora.scaling, {m: t.to(dtype) for m, t in lora.a.items()},
-                                  {m: t.to(dtype) for m, t in lora.b.items()}, CLIENT_LORA),)
+        dtype, device = self.span.dtype, self.span.device
+        return (lora_from_stacked(blocks[0], lora.scaling, {m: t.to(device, dtype) for m, t in lora.a.items()},
+                                  {m: t.to(device, dtype) for m, t in lora.b.items()}, CLIENT_LORA),)
 
     # --- training passes, run alone on the engine thread ---------------------------------------------------------
 
@@ -534,7 +535,7 @@ class Handler:
 
         with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
             graph = self.span.forward_graph(job.hidden, job.mask, job.blocks, job.prompts, job.tasks, job.lora)
-        out = graph.out.detach().to(job.hidden.dtype)
+        out = graph.out.detach().to(job.hidden.device, job.hidden.dtype)
         limits = self.limits
         if saved > limits.max_kept_bytes:  # too big to keep: its backward runs the blocks again
             return ForwardReply(out).to_wire()
@@ -563,10 +564,11 @@ class Handler:
         graph = self._kept_graph(job.kept, job.hidden, job.mask, job.blocks, job.prompts, job.adapter, job.lora)
         grad, grad_prompts, grad_lora = self.span.backward(job.hidden, job.grad_output, job.mask, job.blocks,
                                                            job.prompts, graph, job.tasks, job.lora)
-        dtype = job.hidden.dtype
+        dtype, cpu = job.hidden.dtype, job.hidden.device  # replies leave from where requests came (the CPU)
         lora = {} if job.lora is None else job.lora.tensors()
-        return BackwardReply(grad.to(dtype), None if grad_prompts is None else grad_prompts.to(job.prompts.dtype),
-                             {name: g.to(lora[name].dtype) for name, g in grad_lora.items()}).to_wire()
+        return BackwardReply(grad.to(cpu, dtype),
+                             None if grad_prompts is None else grad_prompts.to(cpu, job.prompts.dtype),
+                             {name: g.to(cpu, lora[name].dtype) for name, g in grad_lora.items()}).to_wire()
 
     def _kept_graph(self, kid: str | None, hidden: torch.Tensor, mask: torch.Tensor | None, blocks: tuple[int, int],
                     prompts: torch.Tensor | None, adapter: str | None = None, lora: LoraWeights | None = None
@@ -608,7 +610,7 @@ def _same(kept: torch.Tensor | None, given: torch.Tensor | None) -> bool:
     """Whether a kept tensor holds exactly the values given now (both absent counts as the same)."""
     if kept is None or given is None:
         return kept is None and given is None
-    return kept.shape == given.shape and torch.equal(kept.detach(), given.to(kept.dtype))
+    return kept.shape == given.shape and torch.equal(kept.detach(), given.to(kept.device, kept.dtype))
 
 
 def _int(value: Any, name: str, low: int, high: int) -> int:

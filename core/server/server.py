@@ -46,6 +46,7 @@ from ...transport.records import MAX_PATH_CHARS, ServerRecord, sign_record
 from ...transport.rpc import CurveClient, CurveServer, Request, RpcServer, RpcServerConfig
 from ..adapters import check_peft
 from ..aliases import announced_id
+from ..device import resolve_device
 from ..weights import ModelSource
 from .adapters import AdapterConfig, AdapterStore, trim_heap
 from .backend import BlockSpan
@@ -82,7 +83,8 @@ class ServerConfig:
     blocks: tuple[int, int] | None  # [start, end) of the blocks to serve (never moves); None: chosen and moved
     host: str = "0.0.0.0"  # interface to bind
     port: int = 0  # 0 = any free port
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: the checkpoint's on a CPU, 16-bit on a GPU)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (auto: the first CUDA GPU when there is one, else cpu)
     cache_tokens: int = 8192  # attention-cache budget (batch x max_length tokens) shared by all sessions
     limits: HandlerLimits = field(default_factory=HandlerLimits)
     initial_peers: list[str] = field(default_factory=list)  # servers to gossip with (besides those mDNS finds)
@@ -112,6 +114,7 @@ class Server:
     def __init__(self, config: ServerConfig):
         self.config = config
         self.source = ModelSource(config.model)
+        self.device = resolve_device(config.device)  # a device this machine lacks is refused here
         self.span: BlockSpan | None = None
         self._rpc: RpcServer | None = None
         self._engine: Engine | None = None
@@ -158,7 +161,7 @@ class Server:
 
     def num_blocks(self) -> int:
         """How many blocks the model has (reads its config only)."""
-        return self.source.family().num_blocks(self.source.config(self.config.dtype))
+        return self.source.family().num_blocks(self.source.config(self.config.dtype, self.device))
 
     def _start(self) -> Server:
         config = self.config
@@ -170,14 +173,15 @@ class Server:
         self._rpc = RpcServer(self._dispatch, RpcServerConfig(host=config.host, port=config.port,
                                                               poll_ms=config.poll_ms, curve=curve,
                                                               max_unread_bytes=config.unread_bytes), tick=self._tick)
-        model_config = self.source.config(config.dtype)
+        model_config = self.source.config(config.dtype, self.device)
         dtype, family = model_config.dtype, self.source.family()
         total = family.num_blocks(model_config)
         for adapter in config.adapters.preload:  # a wrong file or option fails now, not after loading the blocks
             check_peft(adapter)
         length = self._span_length(family, model_config, total)
         self.measured = resolve(config.throughput, self.model_id, family, model_config, dtype, config.bandwidth,
-                                None if config.throughput_cache is None else Path(config.throughput_cache))
+                                None if config.throughput_cache is None else Path(config.throughput_cache),
+                                self.device)
         self.throughput = self.measured.announced(length)
         self._info.update(version=__version__, peer_id=self.peer_id, throughput=self.throughput,
                           throughput_detail=self.measured.info(length),
@@ -212,7 +216,7 @@ class Server:
                 raise ConfigError(f"blocks {start}:{end} are outside the model's {total} blocks (0:{total})")
             return end - start
         cost = block_cost(family, model_config, model_config.dtype)
-        self.memory = config.max_memory if config.max_memory is not None else available_memory()
+        self.memory = config.max_memory if config.max_memory is not None else available_memory(str(self.device))
         if config.num_blocks is not None:
             if not 1 <= config.num_blocks <= total:
                 raise ConfigError(f"--num-blocks must be in 1..{total} (the model's blocks), got {config.num_blocks}")
@@ -268,11 +272,11 @@ class Server:
         if self._engine_args is None:
             raise RuntimeError("server is not started")
         passes, cache_tokens = self._engine_args
-        dtype = self.source.config(config.dtype).dtype
+        dtype = self.source.config(config.dtype, self.device).dtype
         started = time.perf_counter()
-        span = BlockSpan.load(self.source, start, end, dtype=dtype)  # checks the span before reading weights
-        log.info("loaded blocks %d:%d of %s (%s) in %.1f s", start, end, config.model,
-                 str(dtype).removeprefix("torch."), time.perf_counter() - started)
+        span = BlockSpan.load(self.source, start, end, dtype, self.device)  # checks the span before reading weights
+        log.info("loaded blocks %d:%d of %s (%s on %s) in %.1f s", start, end, config.model,
+                 str(dtype).removeprefix("torch."), self.device, time.perf_counter() - started)
         adapters = engine = None
         try:
             adapters = AdapterStore(span, config.adapters)
@@ -360,6 +364,7 @@ class Server:
                     peer_id=self.peer_id, model=self.model_id, num_blocks=total, hidden_size=hidden_size,
                     addresses=self.addresses, throughput=self.throughput,
                     cache_tokens_total=self.config.cache_tokens, dtype=dtype, version=__version__,
+                    device=self.device.type,
                     path=self._local_path(), ttl=self.config.discovery.record_ttl, **changes)
             else:
                 self._record = self._record.bump(**changes)
@@ -425,7 +430,8 @@ class Server:
         old.accepting = False  # new sessions and forwards are refused (busy): clients go elsewhere
         self._publish()
         cost = block_cost(old.span.family, old.span.config, old.span.dtype)
-        memory = next((m for m in (self.memory, self.config.max_memory) if m is not None), None) or available_memory()
+        memory = (next((m for m in (self.memory, self.config.max_memory) if m is not None), None)
+                  or available_memory(str(self.device)))
         early = fits_both(memory, cost, self.config.cache_tokens, old_blocks[1] - old_blocks[0], end - start)
         try:
             loaded = self._load(start, end) if early else None  # while the running sessions finish

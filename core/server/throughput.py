@@ -42,6 +42,7 @@ import torch
 
 from ... import __version__
 from ..demo import default_cache_dir
+from ..device import CPU, synchronize
 
 log = logging.getLogger(__name__)
 
@@ -125,21 +126,21 @@ def store(key: str, value: Throughput, path: Path | None = None) -> None:
 
 
 def measure(family: Any, config: Any, dtype: torch.dtype, forward_tokens: int = 128, repeats: int = 3,
-            steps: int = 8) -> Throughput:
-    """Measure one block of the model (random weights of the real shapes) on the CPU."""
+            steps: int = 8, device: torch.device = CPU) -> Throughput:
+    """Measure one block of the model (random weights of the real shapes) on `device`."""
     from .backend import BlockSpan
 
     torch.manual_seed(0)
     with torch.device("meta"):  # built in `dtype` directly: no float32 copy of a big block on the way
         block = family.build_block(config, 0).to(dtype)
-    block = block.to_empty(device="cpu")
+    block = block.to_empty(device=device)
     with torch.no_grad():
         for tensor in (*block.parameters(), *block.buffers()):
             if tensor.is_floating_point():
                 tensor.normal_(0.0, 0.02)  # small finite values: the speed of real weights
             else:
                 tensor.zero_()
-    span = BlockSpan(family, config, 0, 1, [block], family.build_shared(config).to(dtype), dtype)
+    span = BlockSpan(family, config, 0, 1, [block], family.build_shared(config).to(device=device, dtype=dtype), dtype)
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(1, forward_tokens, span.hidden_size, generator=generator).to(dtype)
     best = math.inf
@@ -147,33 +148,36 @@ def measure(family: Any, config: Any, dtype: torch.dtype, forward_tokens: int = 
         for _ in range(repeats):
             started = time.perf_counter()
             span(hidden)
+            synchronize(device)
             best = min(best, time.perf_counter() - started)
         cache = span.new_cache(1, 64 + steps + 1)
         span.step(torch.randn(1, 64, span.hidden_size, generator=generator).to(dtype), cache)
         token = torch.randn(1, 1, span.hidden_size, generator=generator).to(dtype)
         span.step(token, cache)  # warm-up
+        synchronize(device)
         started = time.perf_counter()
         for _ in range(steps):
             span.step(token, cache)
+        synchronize(device)
         step = (time.perf_counter() - started) / steps
     return Throughput(round(forward_tokens / max(best, 1e-9), 1), round(1 / max(step, 1e-9), 1))
 
 
 def resolve(mode: str | float, model: str, family: Any, config: Any, dtype: torch.dtype, bandwidth: float,
-            path: Path | None = None) -> Throughput:
+            path: Path | None = None, device: torch.device = CPU) -> Throughput:
     """The server's throughput for `--throughput MODE`: auto (cached, else measured and cached), eval (measured
     anew and cached) or a number (announced as given; nothing measured)."""
     net = network_tps(bandwidth, int(config.hidden_size), dtype)
     if not isinstance(mode, str):
         return Throughput(float(mode), float(mode), net, source="given", given=float(mode))
-    key = cache_key(model, dtype)
+    key = cache_key(model, dtype, str(device))
     found = cached(key, path) if mode == "auto" else None
     if found is not None:
         log.info("throughput from the cache: %.0f tokens/s (forward), %.1f steps/s (inference) per block",
                  found.forward_tps, found.inference_sps)
         return Throughput(found.forward_tps, found.inference_sps, net, source="cache")
     started = time.perf_counter()
-    value = measure(family, config, dtype)
+    value = measure(family, config, dtype, device=device)
     log.info("measured throughput in %.1f s: %.0f tokens/s (forward), %.1f steps/s (inference) per block",
              time.perf_counter() - started, value.forward_tps, value.inference_sps)
     store(key, value, path)

@@ -118,6 +118,7 @@ class Trainer:
         started = time.perf_counter()
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
+        batch = batch.to(self.model.device)  # the client's device (its embeddings, head and trained tensors)
         out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
         loss = out.loss
         if not torch.isfinite(loss):
@@ -141,6 +142,7 @@ class Trainer:
         config = self.config
         loss_sum, weight, correct = 0.0, 0, 0
         for batch in batches(self.val_items, config.batch_size, pad_id=self.pad_id, task=config.task):
+            batch = batch.to(self.model.device)
             out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
             if config.task == "classification":
                 n = batch.labels.shape[0]
@@ -166,5 +168,6 @@ def predict(model: Any, tokenizer: Any, texts: list[str], max_length: int = 256,
     items = prepare([Example(t, 0) for t in texts], tokenizer, max_length, "classification")
     out: list[int] = []
     for batch in batches(items, batch_size, pad_id=pad_token_id(tokenizer), task="classification"):
+        batch = batch.to(model.device)
         out.extend(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.argmax(-1).tolist())
     return out
