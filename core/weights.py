@@ -4,7 +4,9 @@
 a server fetches only the shards that hold its blocks), or as a GGUF file (`model.gguf`, or a directory or hub id
 with `gguf_file=`; see `gguf.py`). `load_tensors` reads only the tensors under the requested
 key prefixes from safetensors files, single or sharded through `model.safetensors.index.json`, so a server of blocks
-0:2 never has the other blocks, the embeddings or the LM head in memory.
+0:2 never has the other blocks, the embeddings or the LM head in memory. Tensors are named as the model family names
+them (the causal LM's names); a checkpoint saved from the base model alone, whose names lack the family's
+`base_model_prefix` (the hub's BLOOM checkpoints: `h.0...` for `transformer.h.0...`), is read under those names too.
 """
 
 from __future__ import annotations
@@ -162,7 +164,21 @@ class ModelSource:
         return family_for(self._read_config())
 
     def weight_map(self) -> dict[str, str]:
-        """Tensor name -> safetensors file name (or, for a GGUF file, the GGUF tensor name)."""
+        """Tensor name (the family's) -> safetensors file name (or, for a GGUF file, the GGUF tensor name)."""
+        return {name: filename for name, (_, filename) in self._stored_names().items()}
+
+    def _stored_names(self) -> dict[str, tuple[str, str]]:
+        """Tensor name (the family's) -> (its name in the checkpoint, the file or GGUF tensor name)."""
+        stored = self._file_map()
+        if self.gguf_file is not None:
+            return {name: (name, where) for name, where in stored.items()}
+        base = self.family().base_model_prefix
+        if base and stored and not any(key.startswith(base) for key in stored):  # saved from the base model alone
+            return {base + key: (key, where) for key, where in stored.items()}
+        return {key: (key, where) for key, where in stored.items()}
+
+    def _file_map(self) -> dict[str, str]:
+        """Tensor name as stored -> safetensors file name (or, for a GGUF file, the GGUF tensor name)."""
         if self.gguf_file is not None:
             if self._gguf_names is None:
                 config, family = self._read_config(), self.family()
@@ -191,19 +207,19 @@ class ModelSource:
             config, gguf = self._read_config(), self.gguf()
             return {key: gguf.tensor(name, config, dtype) for key, name in self.weight_map().items()
                     if key.startswith(prefixes)}
-        by_file: dict[str, list[str]] = {}
-        for key, filename in self.weight_map().items():
-            if key.startswith(prefixes):
-                by_file.setdefault(filename, []).append(key)
+        by_file: dict[str, list[tuple[str, str]]] = {}
+        for name, (key, filename) in self._stored_names().items():
+            if name.startswith(prefixes):
+                by_file.setdefault(filename, []).append((name, key))
         tensors: dict[str, torch.Tensor] = {}
-        for filename, keys in sorted(by_file.items()):
+        for filename, names in sorted(by_file.items()):
             path = self.file(filename)
             with safe_open(path, framework="pt") as f:
-                for key in keys:
+                for name, key in names:
                     tensor = f.get_tensor(key)
                     if dtype is not None and tensor.is_floating_point():
                         tensor = tensor.to(dtype)
-                    tensors[key] = tensor
+                    tensors[name] = tensor
         log.debug("loaded %d tensors of %s under %s", len(tensors), self.name, prefixes)
         return tensors
 

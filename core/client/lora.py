@@ -24,7 +24,7 @@ from ...transport.messages import LoraWeights
 from ..adapters import PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS, model_linears, peft_lora_files
 from ..models import ModelFamily
 
-DEFAULT_TARGETS = ("q_proj", "v_proj")  # PEFT's default for Llama-like models
+DEFAULT_TARGETS = ("q_proj", "v_proj")  # PEFT's default for Llama-like models (each family names its own)
 HEAD_KEY = PEFT_PREFIX + "score.weight"  # a classifier's head, in the PEFT adapter (modules_to_save)
 
 
@@ -108,7 +108,7 @@ def _key(module: str) -> str:
 def new_lora(family: ModelFamily, config: Any, num_blocks: int, rank: int | None, alpha: float | None,
              targets: list[str] | tuple[str, ...] | None, dtype: torch.dtype) -> LoraTuning:
     return LoraTuning(model_linears(family, config, 0), num_blocks, 8 if rank is None else rank,
-                      16.0 if alpha is None else alpha, DEFAULT_TARGETS if not targets else targets, dtype)
+                      16.0 if alpha is None else alpha, family.lora_targets if not targets else targets, dtype)
 
 
 def save_lora(directory: str | Path, lora: LoraTuning, head: dict[str, torch.Tensor], info: dict[str, Any],

@@ -55,6 +55,7 @@ class _Tunable:
     task = "lm"
     tuning: PromptTuning | LoraTuning | None
     blocks: RemoteSequential
+    input_norm: torch.nn.Module  # the family's norm of the input embeddings (identity for most families)
     active_adapter: str | None = None
 
     def _head(self) -> dict[str, torch.Tensor]:
@@ -76,9 +77,12 @@ class _Tunable:
 
     def _extend(self, hidden: torch.Tensor, mask: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The input embeddings as the first block gets them: soft prompts in front (with their mask and deep prompts),
+        then the family's input norm over both (as transformers normalises `inputs_embeds`)."""
         if not isinstance(self.tuning, PromptTuning):
-            return hidden, mask, None
-        return self.tuning.extend(hidden, mask)
+            return self.input_norm(hidden), mask, None
+        hidden, mask, deep = self.tuning.extend(hidden, mask)
+        return self.input_norm(hidden), mask, deep
 
     def _lora(self, detach: bool = False) -> Any:
         """The client's LoRA as the servers get it (None without one)."""
@@ -143,10 +147,11 @@ class DistributedModelForCausalLM(_Tunable, PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: Any, family: ModelFamily, blocks: RemoteSequential,
                  modules: tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module],
-                 tuning: PromptTuning | LoraTuning | None = None):
+                 tuning: PromptTuning | LoraTuning | None = None, input_norm: torch.nn.Module | None = None):
         super().__init__(config)
         self.family = family
         self.embed_tokens, self.norm, self.lm_head = modules
+        self.input_norm = input_norm if input_norm is not None else torch.nn.Identity()
         self.blocks = blocks
         self.tuning = tuning
         self._session: InferenceSession | None = None
@@ -242,7 +247,7 @@ class DistributedModelForCausalLM(_Tunable, PreTrainedModel, GenerationMixin):
             hidden, attention_mask, deep = self._extend(hidden, attention_mask)
             prefix = self._prefix
         else:
-            deep = None
+            hidden, deep = self.input_norm(hidden), None
         if session is not None:
             hidden = session.step(hidden, attention_mask, deep)
         else:
@@ -288,10 +293,11 @@ class DistributedModelForSequenceClassification(_Tunable, PreTrainedModel):
 
     def __init__(self, config: Any, family: ModelFamily, blocks: RemoteSequential,
                  modules: tuple[torch.nn.Module, torch.nn.Module], score: torch.nn.Linear,
-                 tuning: PromptTuning | LoraTuning | None = None):
+                 tuning: PromptTuning | LoraTuning | None = None, input_norm: torch.nn.Module | None = None):
         super().__init__(config)
         self.family = family
         self.embed_tokens, self.norm = modules
+        self.input_norm = input_norm if input_norm is not None else torch.nn.Identity()
         self.score = score
         self.blocks = blocks
         self.tuning = tuning
@@ -375,13 +381,18 @@ class _Loaded:
 
     def client_modules(self, head: bool) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module,
                                                   dict[str, torch.Tensor]]:
-        """Embeddings, final norm, LM head (when `head`), and the checkpoint's classification head tensors."""
+        """Embeddings, final norm, LM head (when `head`), and the checkpoint's classification head tensors; the
+        family's input norm goes to `self.input_norm`."""
         prefixes = self.family.client_prefixes(self.config)
         wanted = [prefixes.embed, prefixes.norm, prefixes.score] + ([prefixes.lm_head] if head else [])
+        wanted += [prefixes.input_norm] if prefixes.input_norm else []
         tensors = self.source.load_tensors(wanted, dtype=self.dtype)
         with torch.device("meta"):
             embed, norm, lm_head = self.family.build_client_modules(self.config)
+            self.input_norm = self.family.build_input_norm(self.config)
         assign_weights(embed, strip_prefix(tensors, prefixes.embed), "the input embeddings")
+        if prefixes.input_norm:
+            assign_weights(self.input_norm, strip_prefix(tensors, prefixes.input_norm), "the input embeddings' norm")
         assign_weights(norm, strip_prefix(tensors, prefixes.norm), "the final norm")
         if head:
             weights = strip_prefix(tensors, prefixes.lm_head)
@@ -502,7 +513,7 @@ class AutoDistributedModelForCausalLM:
             if saved is not None and isinstance(tuning, PromptTuning):
                 load_prompts(tuning, tensors, str(prompts))
             model = DistributedModelForCausalLM(loaded.config, loaded.family, loaded.blocks, (embed, norm, lm_head),
-                                                tuning)
+                                                tuning, loaded.input_norm)
         except BaseException:
             loaded.blocks.close()
             raise
@@ -557,7 +568,7 @@ class AutoDistributedModelForSequenceClassification:
                 loaded.config.id2label = dict(enumerate(saved["labels"]))
                 loaded.config.label2id = {v: k for k, v in loaded.config.id2label.items()}
             model = DistributedModelForSequenceClassification(loaded.config, loaded.family, loaded.blocks,
-                                                              (embed, norm), score, tuning)
+                                                              (embed, norm), score, tuning, loaded.input_norm)
         except BaseException:
             loaded.blocks.close()
             raise

@@ -6,9 +6,10 @@ from typing import Any
 
 from ...transport.errors import ConfigError
 from .base import ClientPrefixes, ModelFamily, PassContext
+from .bloom import BloomFamily
 from .llama import LlamaFamily
 
-FAMILIES: tuple[ModelFamily, ...] = (LlamaFamily(),)
+FAMILIES: tuple[ModelFamily, ...] = (LlamaFamily(), BloomFamily())
 
 
 def supported_architectures() -> list[str]:

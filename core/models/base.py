@@ -6,7 +6,8 @@ A family module describes:
 - what the blocks need besides hidden states (rotary position embeddings, alibi, ...), computed once per pass from
   the pass's context (`PassContext`: positions, masks, cache view);
 - the attention-cache layout of a block (key/value heads and head size) and its attention window;
-- the client's modules: input embeddings, final norm, LM head.
+- the client's modules: input embeddings (and the norm some families apply to them), final norm, LM head;
+- where its tensors live in a checkpoint saved from the base model alone (`base_model_prefix`).
 Adding a family is one more module that subclasses `ModelFamily` and registers itself in `core/models/__init__.py`.
 """
 
@@ -27,6 +28,7 @@ class ClientPrefixes:
     norm: str
     lm_head: str
     score: str = "score."  # a sequence-classification head, when the checkpoint has one
+    input_norm: str = ""  # a norm the client applies to the input embeddings (`build_input_norm`); "": none
 
 
 @dataclass
@@ -111,6 +113,10 @@ class ModelFamily:
     name: str = ""
     architectures: tuple[str, ...] = ()  # `config.architectures` values this family serves
     model_types: tuple[str, ...] = ()  # `config.model_type` values, for configs that name no architecture
+    # the prefix of the base model's tensors in a causal-LM checkpoint (e.g. "transformer."); a checkpoint saved from
+    # the base model alone lacks it, and weight loading adds it back ("": every checkpoint has the causal LM's names)
+    base_model_prefix: str = ""
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")  # the layers a client's LoRA adapts by default (PEFT's)
 
     def num_blocks(self, config: Any) -> int:
         return int(config.num_hidden_layers)
@@ -158,12 +164,20 @@ class ModelFamily:
         """(input embeddings, final norm, LM head), uninitialised."""
         raise NotImplementedError
 
+    def build_input_norm(self, config: Any) -> nn.Module:
+        """The norm the client applies to the input embeddings (after soft prompts are put in front of them, as
+        transformers applies it to `inputs_embeds`), uninitialised; its tensors are under `ClientPrefixes.input_norm`.
+        Identity for families without one."""
+        return nn.Identity()
+
     def checkpoint_names(self, config: Any) -> list[str]:
         """Every tensor name a checkpoint of this model has (read off the modules, built on the meta device)."""
         prefixes = self.client_prefixes(config)
         with torch.device("meta"):
             embed, norm, lm_head = self.build_client_modules(config)
             modules = [(prefixes.embed, embed), (prefixes.norm, norm), (prefixes.lm_head, lm_head)]
+            if prefixes.input_norm:
+                modules.append((prefixes.input_norm, self.build_input_norm(config)))
             modules += [(self.block_prefix(config, i), self.build_block(config, i))
                         for i in range(self.num_blocks(config))]
         return [prefix + name for prefix, module in modules for name in module.state_dict()]
