@@ -73,18 +73,14 @@ def bloom_ref(tiny_bloom):
     return reference(tiny_bloom)
 
 
-def _servers(path: Path, spans, **kwargs):
-    started = [Server(ServerConfig(str(path), span, host="127.0.0.1", throughput=100.0, **kwargs)).start()
-               for span in spans]
-    return started
-
-
 @pytest.fixture(scope="module")
 def bloom_swarms(tiny_bloom):
-    """Two swarms of the same model: 2 servers (0:3, 3:6) and 3 servers (0:2, 2:4, 4:6)."""
-    servers = _servers(tiny_bloom, ((0, 3), (3, 6)))
+    """Two swarms of the same model (their servers know nothing of each other): 2 servers (0:3, 3:6) and 3 servers
+    (0:2, 2:4, 4:6)."""
+    servers: list[Server] = []
     try:
-        servers += _servers(tiny_bloom, ((0, 2), (2, 4), (4, 6)))
+        for span in ((0, 3), (3, 6), (0, 2), (2, 4), (4, 6)):
+            servers.append(Server(ServerConfig(str(tiny_bloom), span, host="127.0.0.1", throughput=100.0)).start())
         yield {"two": [s.endpoint for s in servers[:2]], "three": [s.endpoint for s in servers[2:]],
                "servers": servers}
     finally:
