@@ -239,6 +239,21 @@ def test_logits_and_input_gradients_allclose(tiny_bloom, bloom_ref, bloom_swarms
         bloom_ref.zero_grad(set_to_none=True)
 
 
+def test_sequence_classifier_equals_transformers(tiny_bloom, bloom_swarms):
+    from transformers import BloomForSequenceClassification
+
+    from swarm import AutoDistributedModelForSequenceClassification
+
+    torch.manual_seed(4)
+    with AutoDistributedModelForSequenceClassification.from_pretrained(
+            str(tiny_bloom), num_labels=3, initial_peers=bloom_swarms["three"]) as model:
+        ref = BloomForSequenceClassification.from_pretrained(tiny_bloom, num_labels=3, dtype=torch.float32).eval()
+        ref.score.weight.data.copy_(model.score.weight.data)
+        ids = IDS[1:2]  # no padding: transformers finds the last token by the pad id, swarm by the mask
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
 def test_clients_batched_in_shared_passes_stay_exact(tiny_bloom, bloom_ref, bloom_swarms):
     prompts = [IDS[1:2], IDS[2:3, 5:], IDS[0:1, 3:], torch.tensor([[9, 8, 7, 6, 5, 4, 3, 2, 1]])]
     expected = [bloom_ref.generate(p, max_new_tokens=12, do_sample=False).tolist() for p in prompts]
