@@ -48,7 +48,8 @@ def make_tiny_bloom(path: Path, layers: int = 6, seed: int = 0, base_layout: boo
     if base_layout:
         model.transformer.save_pretrained(path)
         config = json.loads((path / "config.json").read_text())
-        config["architectures"] = ["BloomForCausalLM"]  # as the hub's say
+        config["architectures"] = ["BloomForCausalLM"]  # as the hub's configs say, with their older field names
+        config["n_embed"], config["num_attention_heads"] = config.pop("hidden_size"), config.pop("n_head")
         (path / "config.json").write_text(json.dumps(config))
     else:
         model.save_pretrained(path)
