@@ -7,9 +7,10 @@ from typing import Any
 from ...transport.errors import ConfigError
 from .base import ClientPrefixes, ModelFamily, PassContext
 from .bloom import BloomFamily
+from .falcon import FalconFamily
 from .llama import LlamaFamily
 
-FAMILIES: tuple[ModelFamily, ...] = (LlamaFamily(), BloomFamily())
+FAMILIES: tuple[ModelFamily, ...] = (LlamaFamily(), BloomFamily(), FalconFamily())
 
 
 def supported_architectures() -> list[str]:
@@ -17,7 +18,13 @@ def supported_architectures() -> list[str]:
 
 
 def family_for(config: Any) -> ModelFamily:
-    """The family that serves `config`, or a ConfigError naming the supported architectures."""
+    """The family that serves `config` (checked by it), or a ConfigError naming the supported architectures."""
+    family = _find_family(config)
+    family.check_config(config)
+    return family
+
+
+def _find_family(config: Any) -> ModelFamily:
     archs = list(getattr(config, "architectures", None) or [])
     for family in FAMILIES:
         if any(arch in family.architectures for arch in archs):

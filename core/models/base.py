@@ -118,6 +118,9 @@ class ModelFamily:
     base_model_prefix: str = ""
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")  # the layers a client's LoRA adapts by default (PEFT's)
 
+    def check_config(self, config: Any) -> None:
+        """Raise a ConfigError when this family cannot serve `config` exactly (a variant it does not support)."""
+
     def num_blocks(self, config: Any) -> int:
         return int(config.num_hidden_layers)
 
