@@ -55,8 +55,8 @@ def tune(
     lora_alpha: Annotated[float, typer.Option(help="LoRA alpha: updates are scaled by alpha / rank.")] = 16.0,
     lora_targets: Annotated[list[str] | None, typer.Option(
         "--lora-targets", help="Linear layers the LoRA adapts (default PEFT's for the model: q_proj v_proj, "
-                               "query_key_value for BLOOM and Falcon; all-linear for every attention and MLP projection).")
-    ] = None,
+                               "query_key_value for BLOOM and Falcon; all-linear for every attention and MLP "
+                               "projection).")] = None,
     epochs: Annotated[int, typer.Option(help="Passes over the training data.")] = 1,
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps (wins over --epochs).")] = None,
     batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 8,
