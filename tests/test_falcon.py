@@ -129,19 +129,37 @@ def test_blocks_equal_transformers_in_every_layout(variant, tmp_path):
 # --- through servers ------------------------------------------------------------------------------------------------
 
 
+@torch.no_grad()
+def greedy_by_forward(model, ids: torch.Tensor, mask: torch.Tensor, new: int, eos: int = 2, pad: int = 0
+                      ) -> list[list[int]]:
+    """Greedy decoding with a whole-sequence `forward` per token (no cache anywhere), finished rows padded as
+    transformers' `generate` pads them."""
+    done = torch.zeros(ids.shape[0], dtype=torch.bool)
+    for _ in range(new):
+        token = model(ids, attention_mask=mask).logits[:, -1].argmax(-1).masked_fill(done, pad)
+        done |= token == eos
+        ids, mask = torch.cat([ids, token[:, None]], dim=1), torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        if done.all():
+            break
+    return ids.tolist()
+
+
 @pytest.mark.parametrize("servers", ["two", "three"])
 def test_greedy_tokens_equal_transformers(falcon, servers):
-    """Left-padded rows of different lengths, greedy, in a session and without (each step a whole forward)."""
+    """Left-padded rows of different lengths, greedy: `generate` (in the session it opens, and in one kept across
+    calls), and whole-sequence forwards without any session."""
     _, path, ref, swarms = falcon
     ids = torch.tensor([[0, 0, 0, 5, 17, 99, 3], [1, 2, 3, 4, 5, 6, 7]])
     mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [1] * 7])
     kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
     expected = ref.generate(ids, **kwargs).tolist()
+    assert greedy_by_forward(ref, ids, mask, 8) == expected  # the loop below decodes as generate does
     with client(path, swarms[servers]) as model:
         outside = model.generate(ids, **kwargs).tolist()
         with model.inference_session(max_length=32):
             inside = model.generate(ids, **kwargs).tolist()
-    assert outside == expected and inside == expected
+        forwards = greedy_by_forward(model, ids, mask, 8)
+    assert outside == expected and inside == expected and forwards == expected
     # the padded row generates what it generates alone
     assert expected[0][3:] == ref.generate(ids[:1, 3:], max_new_tokens=8, do_sample=False).tolist()[0]
 
