@@ -1,8 +1,9 @@
 """The Falcon family against plain transformers on the same weights (float32), in both decoder architectures: the new
 one (grouped key/value heads, two layer norms or one) and the old one (multi-query and parallel, or one key/value
-head per query head and sequential). Greedy tokens through 2 and 3 servers, in and out of sessions, with left padding;
-logits; deep prompts and LoRA gradients; served PEFT adapters; clients batched in one pass; recovery after a killed
-server; `swarm serve` and `swarm status` on a checkpoint that names no architecture; the configs refused."""
+head per query head and sequential), and with ALiBi instead of rotary embeddings (falcon-rw). Greedy tokens through 2
+and 3 servers, in and out of sessions, with left padding; logits; deep prompts and LoRA gradients; served PEFT
+adapters; clients batched in one pass; recovery after a killed server; `swarm serve` and `swarm status` on a
+checkpoint that names no architecture; the configs transformers itself cannot run, refused."""
 
 from __future__ import annotations
 
@@ -43,10 +44,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # the old architecture with a key/value head per query head, attention then MLP, biases
     "old-sequential": dict(new_decoder_architecture=False, multi_query=False, parallel_attn=False,
                            num_attention_heads=4, bias=True),
+    # falcon-rw's shape: ALiBi position biases instead of rotary embeddings, sequential, biases
+    "rw-alibi": dict(alibi=True, new_decoder_architecture=False, multi_query=False, parallel_attn=False,
+                     num_attention_heads=4, bias=True),
 }
 # only checked block by block (cheap): the new architecture with one shared layer norm (as Falcon2-11B), tied head
 MORE = {"new-gqa-1ln": dict(new_decoder_architecture=True, num_attention_heads=8, num_kv_heads=2,
-                            num_ln_in_parallel_attn=1, tie_word_embeddings=True)}
+                            num_ln_in_parallel_attn=1, tie_word_embeddings=True),
+        # ALiBi with one key/value head, and a head count that is not a power of 2 (ALiBi's second slope series)
+        "rw-alibi-mq": dict(alibi=True, multi_query=True, parallel_attn=True, num_attention_heads=6,
+                            hidden_size=48)}
 ONE = "new-gqa-2ln"  # the layout the costlier checks run on (every layout's blocks are checked against transformers)
 TWO, THREE = ((0, 3), (3, 6)), ((0, 2), (2, 4), (4, 6))
 
@@ -108,10 +115,12 @@ def test_blocks_equal_transformers_in_every_layout(variant, tmp_path):
     span = BlockSpan.load(source, 0, 3, torch.float32)
     config = source.config("float32")
     heads = config.num_attention_heads
-    kv = {"new-gqa-2ln": 2, "old-mq-parallel": 1, "old-sequential": heads, "new-gqa-1ln": 2}[variant]
-    assert (span.kv_heads, span.head_dim) == (kv, 64 // heads)
+    kv = {"new-gqa-2ln": 2, "old-mq-parallel": 1, "old-sequential": heads, "rw-alibi": heads, "new-gqa-1ln": 2,
+          "rw-alibi-mq": 1}[variant]
+    head_dim = config.hidden_size // heads
+    assert (span.kv_heads, span.head_dim) == (kv, head_dim)
     cost = block_cost(source.family(), config, torch.float32)
-    assert cost.cache_per_token == 2 * kv * (64 // heads) * 4
+    assert cost.cache_per_token == 2 * kv * head_dim * 4
     ids = torch.tensor([[0, 0, 0, 5, 17, 99, 3], [1, 2, 3, 4, 5, 6, 7]])
     mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [1] * 7])
     with torch.no_grad():
@@ -475,20 +484,19 @@ def test_family_by_architecture_and_by_model_type():
 
 
 @pytest.mark.parametrize("overrides,match", [
-    (dict(alibi=True), r"ALiBi position biases \(alibi=true, as falcon-rw does\)"),
     (dict(new_decoder_architecture=True, num_kv_heads=3), "cannot share 3 key/value heads"),
     (dict(new_decoder_architecture=True, num_kv_heads=2, parallel_attn=False), "parallel_attn=false"),
     (dict(multi_query=False, num_kv_heads=2), "num_kv_heads=2 to the old decoder architecture"),
     (dict(num_ln_in_parallel_attn=2), "two layer norms"),
 ])
-def test_configs_swarm_cannot_serve_exactly_are_refused(overrides, match, tmp_path):
+def test_configs_transformers_cannot_run_are_refused(overrides, match, tmp_path):
     with pytest.raises(ConfigError, match=match):
         family_for(falcon_config(**overrides))
-    if overrides.get("alibi"):  # the server refuses it before loading anything, with the same words
-        path = tmp_path / "falcon-rw"
+    if "num_ln_in_parallel_attn" in overrides:  # a server refuses it before loading anything, with the same words
+        path = tmp_path / "falcon-bad"
         path.mkdir()
         falcon_config(**overrides).save_pretrained(path)
-        with pytest.raises(ConfigError, match="ALiBi"):
+        with pytest.raises(ConfigError, match=match):
             Server(ServerConfig(str(path), (0, 2), host="127.0.0.1")).start()
 
 

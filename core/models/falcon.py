@@ -13,13 +13,18 @@ request's own cache). The linear layers are called as modules, so adapters' hook
 
 The fused projection packs, for each of the `kv` key/value heads, its `g = heads / kv` query heads, then its key,
 then its value; the three layouts (`kv` = num_kv_heads, 1, or heads) are one split. The attention cache holds the
-`kv` heads (`kv_shape`), not the keys broadcast to every query head as transformers' own cache does.
-Rotary position embeddings are computed once per pass (`pass_inputs`). ALiBi configs (falcon-rw) are refused.
+`kv` heads (`kv_shape`); transformers' own cache holds the new architecture's keys broadcast to every query head.
+Positions are computed once per pass (`pass_inputs`): rotary embeddings from each token's position id or, for ALiBi
+models (`alibi`, falcon-rw), each request's additive attention bias, built with transformers' own
+`build_alibi_tensor` from the request's real keys (so padding and cached keys count as in transformers), scaled and
+masked as `FalconModel` does; such a bias is one [rows, heads, new, keys] tensor per request and pass, as big as the
+one transformers builds.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +33,7 @@ from torch import nn
 
 from ...transport.errors import ConfigError
 from .attention import swarm_attention
-from .base import ClientPrefixes, ModelFamily, PassContext
+from .base import ClientPrefixes, ModelFamily, PassContext, Segment, causal_mask
 
 
 def _falcon() -> Any:
@@ -47,12 +52,24 @@ class _Heads:
     is_causal: bool = True
 
 
-class _Rotary(nn.Module):
-    """Holds Falcon's rotary module for a span; shared by all its blocks."""
+class _Positions(nn.Module):
+    """What a span's blocks share: Falcon's rotary module, or (ALiBi models) what their biases need."""
 
-    def __init__(self, rotary: nn.Module):
+    def __init__(self, config: Any):
         super().__init__()
-        self.rotary = rotary
+        self.alibi = bool(config.alibi)
+        self.heads = int(config.num_attention_heads)
+        self.head_dim = int(config.hidden_size // self.heads)
+        self.rotary = None if self.alibi else _falcon().FalconRotaryEmbedding(config=config)
+
+
+def alibi_bias(segment: Segment, heads: int, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """The additive attention mask [rows, heads, new, keys] of one request of an ALiBi Falcon: transformers' ALiBi of
+    its real keys, divided by sqrt(head_dim), and the lowest value where its causal mask hides a key."""
+    alibi = _falcon().build_alibi_tensor(segment.key_valid.long(), heads, dtype)
+    alibi = alibi.view(segment.rows, heads, 1, segment.keys) / math.sqrt(head_dim)
+    hidden = causal_mask(segment.key_valid, segment.query_slots, None, dtype) < 0
+    return alibi.masked_fill(hidden, torch.finfo(dtype).min)
 
 
 def _kv_heads(config: Any) -> int:
@@ -81,9 +98,6 @@ class FalconFamily(ModelFamily):
     lora_targets = ("query_key_value",)  # PEFT's default for Falcon
 
     def check_config(self, config: Any) -> None:
-        if getattr(config, "alibi", False):
-            raise ConfigError("this Falcon model uses ALiBi position biases (alibi=true, as falcon-rw does); swarm "
-                              "serves Falcon models with rotary position embeddings only")
         heads, kv = int(config.num_attention_heads), _kv_heads(config)
         if kv < 1 or heads % kv or config.hidden_size % heads:
             raise ConfigError(f"this Falcon config is inconsistent: {heads} attention heads cannot share "
@@ -111,9 +125,11 @@ class FalconFamily(ModelFamily):
         return _falcon().FalconDecoderLayer(config, index)
 
     def build_shared(self, config: Any) -> nn.Module:
-        return _Rotary(_falcon().FalconRotaryEmbedding(config=config))
+        return _Positions(config)
 
     def pass_inputs(self, shared: nn.Module, hidden: torch.Tensor, context: PassContext) -> dict[str, Any]:
+        if shared.alibi:
+            return {"alibi": [alibi_bias(s, shared.heads, shared.head_dim, context.dtype) for s in context.segments]}
         cos, sin = shared.rotary(hidden, context.positions)
         return {"position_embeddings": (cos, sin)}
 
@@ -142,11 +158,16 @@ class FalconFamily(ModelFamily):
         heads, kv = int(config.num_attention_heads), _kv_heads(config)
         head_dim = int(config.hidden_size // heads)
         query, key, value = split_qkv(module.query_key_value(hidden), heads, kv, head_dim)
-        cos, sin = context.inputs["position_embeddings"]
-        query, key = _falcon().apply_rotary_pos_emb(query, key, cos, sin)
+        biases = context.inputs.get("alibi")
+        if biases is None:
+            cos, sin = context.inputs["position_embeddings"]
+            query, key = _falcon().apply_rotary_pos_emb(query, key, cos, sin)
         if context.cache is not None:
             context.cache.update(key, value, index)
-        out, _ = swarm_attention(_Heads(index, heads // kv), query, key, value, None, swarm_pass=context)
+        if biases is None:
+            out, _ = swarm_attention(_Heads(index, heads // kv), query, key, value, None, swarm_pass=context)
+        else:
+            out = _biased_attention(index, query, key, value, context, biases)
         return module.dense(out.reshape(1, out.shape[1], heads * head_dim))
 
     def build_client_modules(self, config: Any) -> tuple[nn.Module, nn.Module, nn.Module]:
@@ -154,3 +175,21 @@ class FalconFamily(ModelFamily):
         norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         return embed, norm, lm_head
+
+
+def _biased_attention(index: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, context: PassContext,
+                      biases: list[torch.Tensor]) -> torch.Tensor:
+    """Attention of each request of the pass over its own keys (its cache's, or its new ones) with its own additive
+    mask (`alibi_bias`), as transformers' Falcon runs SDPA with ALiBi -> [1, tokens, heads, dim]."""
+    outs = []
+    for segment, bias in zip(context.segments, biases, strict=True):
+        q = segment.tokens(query)
+        if segment.cache is None:
+            k, v = segment.tokens(key), segment.tokens(value)
+        else:
+            kv = segment.cache.layers[index]
+            k, v = kv.key[:, :, :segment.keys], kv.value[:, :, :segment.keys]
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                                               enable_gqa=q.shape[1] != k.shape[1])
+        outs.append(out.transpose(1, 2).reshape(1, segment.rows * segment.new, out.shape[1], out.shape[-1]))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
