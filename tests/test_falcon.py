@@ -512,3 +512,21 @@ def test_a_peft_lora_on_what_the_client_holds_is_refused_clearly(new_arch, tmp_p
     with pytest.raises(ConfigError, match=r"targets 'transformer.word_embeddings'.*not in a block"):
         read_peft(str(tmp_path / "embeddings-lora"), family, config, 0, LAYERS,
                   lambda i: model_linears(family, config, i), torch.float32)
+
+
+def test_alibi_over_long_padded_sequences_in_steps(tmp_path):
+    """Positions past 256, where transformers' bfloat16 ALiBi rounds: the same biases, whole and in cached steps."""
+    path = make_falcon(tmp_path / "rw", "rw-alibi", seed=4, layers=2, max_position_embeddings=512)
+    ref = load_reference(path)
+    span = BlockSpan.load(ModelSource(str(path)), 0, 2, torch.float32)
+    ids = torch.randint(3, 128, (2, 300), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :37] = 0
+    with torch.no_grad():
+        out = ref(ids, attention_mask=mask, output_hidden_states=True)
+        embeds, expected = out.hidden_states[0], out.hidden_states[-1]
+        cache = span.new_cache(2, 320)
+        steps = [span.step(embeds[:, a:b], cache, mask[:, a:b]) for a, b in ((0, 200), (200, 299), (299, 300))]
+        got = ref.transformer.ln_f(torch.cat(steps, dim=1))
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-5)
