@@ -421,9 +421,10 @@ def model_linears(family: ModelFamily, config: Any, index: int) -> dict[str, tup
 _SUFFIXES = {"lora_A.weight": "A", "lora_B.weight": "B", "ia3_l": "l"}
 
 
-def check_peft(name_or_path: str) -> tuple[str, dict[str, Any], Path]:
+def check_peft(name_or_path: str, layers: Iterable[str] = ()) -> tuple[str, dict[str, Any], Path]:
     """(name, adapter_config.json, weights file) of a PEFT adapter whose type and options swarm supports; what the
-    files hold is checked by `read_peft`. Cheap: a server checks its adapters this way before loading its blocks."""
+    files hold is checked by `read_peft`. Cheap: a server checks its adapters this way before loading its blocks.
+    `layers` (a block's linear layers, when known) are named in the error for an adapter that targets others."""
     name = adapter_name(name_or_path)
     config_path, weights_path = adapter_files(name_or_path)
     peft = read_peft_config(config_path)
@@ -435,6 +436,7 @@ def check_peft(name_or_path: str) -> tuple[str, dict[str, Any], Path]:
                           "--mode deep_ptune`)")
     _check_options(peft, kind, where)
     _check_types(peft, where)
+    _check_parameters(peft, where, layers)
     return name, peft, weights_path
 
 
@@ -480,7 +482,7 @@ def read_peft(name_or_path: str, family: ModelFamily, config: Any, start: int, e
     linear layer, a missing tensor, a shape the model does not have, values that are not finite). Only the tensors
     of these blocks are read. `linears(i)` gives block i's linear layers (`block_linears`); `pools(i, module)`, the
     pool a LoRA's weights for that layer go to (a server's), when given."""
-    name, peft, weights_path = check_peft(name_or_path)
+    name, peft, weights_path = check_peft(name_or_path, linears(start))
     kind = str(peft.get("peft_type", "")).upper()
     base = peft.get("base_model_name_or_path") or "an unnamed base model"
     where = f"adapter {name}"
@@ -573,10 +575,23 @@ def _check_options(peft: dict[str, Any], kind: str, where: str) -> None:
             refuse("lora_bias")
         if peft.get("layer_replication"):
             refuse("layer_replication")
-        if peft.get("target_parameters"):
-            refuse("target_parameters")
         if peft.get("trainable_token_indices"):
             refuse("trainable_token_indices")
+
+
+def _check_parameters(peft: dict[str, Any], where: str, layers: Iterable[str]) -> None:
+    """Refuse an adapter of parameters that are not linear layers (PEFT's `target_parameters`: the fused experts or
+    the router of a mixture-of-experts block), naming what swarm adapts instead (the blocks' linear `layers`, when
+    known)."""
+    targets = peft.get("target_parameters")
+    if not targets:
+        return
+    shown = ", ".join(map(str, targets)) if isinstance(targets, list) else repr(targets)
+    names = sorted({str(layer).rsplit(".", 1)[-1] for layer in layers})
+    supported = f" ({', '.join(names)})" if names else ""
+    raise ConfigError(f"{where} adapts parameters that are not linear layers (target_parameters: {shown:.200}), such "
+                      "as the experts or the router of a mixture-of-experts block, which swarm does not support: it "
+                      f"applies adapters to the blocks' linear layers{supported}, named in target_modules")
 
 
 def _split_key(key: str, prefixes: dict[str, int], where: str, base: str, total: int) -> tuple[int, str]:

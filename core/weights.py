@@ -275,17 +275,27 @@ def strip_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, tor
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
+def take_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """`strip_prefix`, taking the tensors out of `tensors` (which then no longer holds them)."""
+    return {k[len(prefix):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
+
+
 def assign_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], what: str) -> None:
-    """Load `tensors` into a module built on the meta device; a missing or unexpected tensor is a ConfigError."""
-    expected = set(module.state_dict().keys())
-    missing = sorted(expected - tensors.keys())
+    """Load `tensors` into a module built on the meta device; a missing or misshapen tensor is a ConfigError."""
+    expected = module.state_dict()
+    missing = sorted(expected.keys() - tensors.keys())
     if missing:
         raise ConfigError(f"the checkpoint lacks tensors of {what}: {', '.join(missing[:5])}"
                           + (" ..." if len(missing) > 5 else ""))
-    unexpected = sorted(tensors.keys() - expected)
+    wrong = next((k for k in sorted(expected) if tensors[k].shape != expected[k].shape), None)
+    if wrong is not None:
+        raise ConfigError(f"the checkpoint's tensor {wrong} of {what} is {list(tensors[wrong].shape)}, but the "
+                          f"model's config makes it {list(expected[wrong].shape)}")
+    unexpected = sorted(tensors.keys() - expected.keys())
     if unexpected:
         log.debug("ignoring %d unexpected tensors of %s: %s", len(unexpected), what, unexpected[:5])
     module.load_state_dict({k: tensors[k] for k in expected}, strict=True, assign=True)
 
 
-__all__: list[Any] = ["ModelSource", "hub_unreachable", "resolve_dtype", "assign_weights", "strip_prefix", "DTYPES"]
+__all__: list[Any] = ["ModelSource", "hub_unreachable", "resolve_dtype", "assign_weights", "strip_prefix",
+                   "take_prefix", "DTYPES"]

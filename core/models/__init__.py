@@ -9,8 +9,9 @@ from .base import ClientPrefixes, ModelFamily, PassContext
 from .bloom import BloomFamily
 from .falcon import FalconFamily
 from .llama import LlamaFamily
+from .mixtral import MixtralFamily
 
-FAMILIES: tuple[ModelFamily, ...] = (LlamaFamily(), BloomFamily(), FalconFamily())
+FAMILIES: tuple[ModelFamily, ...] = (LlamaFamily(), BloomFamily(), FalconFamily(), MixtralFamily())
 
 
 def supported_architectures() -> list[str]:

@@ -2,7 +2,8 @@
 
 Generic code (weight loading, the server's block runtime, the client) talks to a family only through `ModelFamily`.
 A family module describes:
-- where block i's tensors live in a checkpoint, and how to build block i from the config;
+- where block i's tensors live in a checkpoint, how to build block i from the config, and how the tensors a
+  checkpoint stores become the block's (`block_tensors`, for a family whose checkpoints keep another layout);
 - what the blocks need besides hidden states (rotary position embeddings, alibi, ...), computed once per pass from
   the pass's context (`PassContext`: positions, masks, cache view);
 - the attention-cache layout of a block (key/value heads and head size) and its attention window;
@@ -134,6 +135,13 @@ class ModelFamily:
     def build_block(self, config: Any, index: int) -> nn.Module:
         """An uninitialised block `index` (tensors are assigned from the checkpoint afterwards)."""
         raise NotImplementedError
+
+    def block_tensors(self, config: Any, index: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Block `index`'s tensors as its checkpoint stores them (names after the block's prefix) -> the tensors of
+        the block `build_block` makes. A family whose checkpoints keep another layout converts here, taking the
+        tensors it replaces out of `tensors` as it goes (the caller holds no other reference to them). Default: as
+        stored."""
+        return tensors
 
     def build_shared(self, config: Any) -> nn.Module:
         """A module holding what all blocks of a span share (e.g. rotary frequencies); may be empty."""

@@ -38,7 +38,7 @@ from ..device import to_device
 from ..models import ModelFamily, PassContext
 from ..models import attention as _attention  # noqa: F401  (registers the "swarm" attention)
 from ..models.base import Segment
-from ..weights import ModelSource, assign_weights, strip_prefix
+from ..weights import ModelSource, assign_weights, take_prefix
 from .cache import PassCache, SessionCache
 
 log = logging.getLogger(__name__)
@@ -128,8 +128,10 @@ class BlockSpan(torch.nn.Module):
             tensors = source.load_tensors([prefix], dtype=dtype)
             with torch.device("meta"):
                 block = family.build_block(config, i)
-            assign_weights(block, strip_prefix(tensors, prefix), f"block {i}")
+            own = family.block_tensors(config, i, take_prefix(tensors, prefix))  # converted, if the family must
             del tensors
+            assign_weights(block, own, f"block {i}")
+            del own
             blocks.append(block.to(device=device, dtype=dtype))
         shared = family.build_shared(config).to(device=device, dtype=dtype)
         return cls(family, config, start, end, blocks, shared, dtype)

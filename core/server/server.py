@@ -44,7 +44,7 @@ from ...transport.keys import Admission, Identity, SwarmKey
 from ...transport.messages import CAPABILITIES
 from ...transport.records import MAX_PATH_CHARS, ServerRecord, sign_record
 from ...transport.rpc import CurveClient, CurveServer, Request, RpcServer, RpcServerConfig
-from ..adapters import check_peft
+from ..adapters import check_peft, model_linears
 from ..aliases import announced_id
 from ..device import resolve_device
 from ..weights import ModelSource
@@ -177,7 +177,7 @@ class Server:
         dtype, family = model_config.dtype, self.source.family()
         total = family.num_blocks(model_config)
         for adapter in config.adapters.preload:  # a wrong file or option fails now, not after loading the blocks
-            check_peft(adapter)
+            check_peft(adapter, model_linears(family, model_config, 0))
         length = self._span_length(family, model_config, total)
         self.measured = resolve(config.throughput, self.model_id, family, model_config, dtype, config.bandwidth,
                                 None if config.throughput_cache is None else Path(config.throughput_cache),
