@@ -151,6 +151,30 @@ def test_both_checkpoint_layouts_give_the_blocks_transformers_loads(mixtral, mix
             assert torch.equal(value, expected[key]), key
 
 
+def test_hub_tensors_are_let_go_block_by_block(mixtral, monkeypatch):
+    """While block i is converted, the per-expert tensors of the blocks before it are gone: the fused copies and the
+    hub's matrices exist side by side for one block at most."""
+    import weakref
+
+    from swarm.core.models import mixtral as module
+
+    real, seen = module.fuse_experts, []
+
+    def fuse(tensors, *args):
+        for earlier in seen:
+            assert all(ref() is None for ref in earlier)
+        seen.append([weakref.ref(t) for k, t in tensors.items() if module.EXPERT_KEY.fullmatch(k)])
+        return real(tensors, *args)
+
+    monkeypatch.setattr(module, "fuse_experts", fuse)
+    span = BlockSpan.load(ModelSource(str(mixtral)), 0, 4, torch.float32)
+    assert [len(refs) for refs in seen] == [4 * 3] * 4  # 4 experts' w1, w2, w3 per block
+    assert all(ref() is None for refs in seen for ref in refs)
+    # the experts run with transformers' grouped_mm; the span's own config is left as it was read
+    assert {block.mlp.experts.config._experts_implementation for block in span.blocks} == {"grouped_mm"}
+    assert span.config._experts_implementation is None
+
+
 def test_a_checkpoint_that_does_not_fit_its_config_is_refused(mixtral, tmp_path):
     from safetensors.torch import load_file
 

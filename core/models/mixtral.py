@@ -65,8 +65,10 @@ class MixtralFamily(LlamaFamily):
         return shared
 
     def build_client_modules(self, config: Any) -> tuple[nn.Module, nn.Module, nn.Module]:
-        embed, _, lm_head = super().build_client_modules(config)
-        return embed, _modeling().MixtralRMSNorm(config.hidden_size, eps=config.rms_norm_eps), lm_head
+        embed = nn.Embedding(config.vocab_size, config.hidden_size, getattr(config, "pad_token_id", None))
+        norm = _modeling().MixtralRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        return embed, norm, lm_head
 
     def block_tensors(self, config: Any, index: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if not any(key.startswith(HUB_PREFIX) for key in tensors):
