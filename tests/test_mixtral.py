@@ -1,9 +1,9 @@
 """Mixtral (a sparse mixture of experts in every block) served by the swarm, against plain transformers on the same
 weights (float32): greedy tokens through 2 and 3 servers, in and out of sessions, with left padding; logits and
-gradients; requests of several clients packed in one pass; recovery after a killed server; prompt tuning; LoRA on the
-attention projections against PEFT, and LoRA on the experts or the router refused; both checkpoint layouts (the hub's
-per-expert matrices, transformers' fused ones); the family found by model_type; `swarm serve` choosing its blocks by
-a block's memory (the experts' included) and `swarm status` showing the swarm.
+gradients; requests of several clients packed in one pass; recovery after a killed server; prompt tuning; LoRA and
+(IA)^3 on the attention projections against PEFT, and LoRA on the experts or the router refused; both checkpoint
+layouts (the hub's per-expert matrices, transformers' fused ones); the family found by model_type; `swarm serve`
+choosing its blocks by a block's memory (the experts' included) and `swarm status` showing the swarm.
 
 The tiny Mixtral has 4 blocks of 4 experts (top-2), hidden size 64, a sliding window of 8 tokens (shorter than the
 prompts plus what is generated), and a router with large weights, so that tokens are sent to different experts."""
@@ -335,24 +335,29 @@ def test_client_lora_on_the_attention_projections_equals_peft(mixtral, swarms):
             client(mixtral, swarms["two"], tuning_mode="lora", lora_targets=target)
 
 
-def make_peft_adapter(path: Path, directory: Path, config: peft.LoraConfig, seed: int) -> peft.PeftModel:
-    """A PEFT LoRA made by PEFT on the transformers model, every adapter tensor random and non-zero."""
+def make_peft_adapter(path: Path, directory: Path, config: peft.PeftConfig, seed: int) -> peft.PeftModel:
+    """A PEFT adapter made by PEFT on the transformers model, every adapter tensor random (LoRA: non-zero; (IA)^3:
+    around 1)."""
     model = peft.get_peft_model(load_reference(path), config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_" in name:
                 param.copy_(0.3 * torch.randn(param.shape, generator=generator))
+            elif "ia3_l" in name:
+                param.copy_(1 + 0.5 * torch.randn(param.shape, generator=generator))
     model.save_pretrained(directory)
     return model.eval()
 
 
-def test_served_lora_equals_peft_and_expert_loras_are_refused(mixtral, tmp_path):
-    """A PEFT LoRA of the attention projections is served and gives PEFT's tokens; a LoRA of the experts or of the
-    router (PEFT's target_parameters, or per-expert tensors of the hub's layout) is refused when it is checked,
-    naming the layers swarm adapts, and a server never starts with one."""
-    twin = make_peft_adapter(mixtral, tmp_path / "attn-lora", peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lora_dropout=0.0), seed=1)
+def test_served_adapters_equal_peft_and_expert_loras_are_refused(mixtral, tmp_path):
+    """PEFT adapters of the attention projections (LoRA, (IA)^3) are served and give PEFT's tokens; a LoRA of the
+    experts or of the router (PEFT's target_parameters, or per-expert tensors of the hub's layout) is refused when
+    it is checked, naming the layers swarm adapts, and a server never starts with one."""
+    twins = {"attn-lora": make_peft_adapter(mixtral, tmp_path / "attn-lora", peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lora_dropout=0.0), seed=1),
+        "attn-ia3": make_peft_adapter(mixtral, tmp_path / "attn-ia3", peft.IA3Config(
+            target_modules=["k_proj", "v_proj", "o_proj"], feedforward_modules=["o_proj"]), seed=4)}
     make_peft_adapter(mixtral, tmp_path / "expert-lora", peft.LoraConfig(
         r=2, target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
         lora_dropout=0.0), seed=2)
@@ -369,17 +374,18 @@ def test_served_lora_equals_peft_and_expert_loras_are_refused(mixtral, tmp_path)
               str(old / "adapter_model.safetensors"))
 
     served = [Server(ServerConfig(str(mixtral), span, host="127.0.0.1", poll_ms=20,
-                                  adapters=AdapterConfig(preload=(str(tmp_path / "attn-lora"),))))
+                                  adapters=AdapterConfig(preload=tuple(str(tmp_path / n) for n in twins))))
               for span in ((0, 2), (2, 4))]
     try:
         endpoints = [server.start().endpoint for server in served]
         ids = torch.tensor([[5, 9, 17, 3, 44, 2, 8, 1, 6, 60]])
-        with torch.no_grad():
-            want = twin.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
         model = client(mixtral, endpoints)
-        got = model.generate(ids, max_new_tokens=8, do_sample=False, adapter="attn-lora")
-        assert got.tolist() == want.tolist()
-        assert got.tolist() != model.generate(ids, max_new_tokens=8, do_sample=False).tolist()
+        plain = model.generate(ids, max_new_tokens=8, do_sample=False).tolist()
+        for name, twin in twins.items():
+            with torch.no_grad():
+                want = twin.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+            got = model.generate(ids, max_new_tokens=8, do_sample=False, adapter=name)
+            assert got.tolist() == want.tolist() and got.tolist() != plain, name
         span = served[0].span
     finally:
         for server in served:
