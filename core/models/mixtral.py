@@ -2,8 +2,9 @@
 
 A block is transformers' own `MixtralDecoderLayer`, built through its public constructor: attention as in Llama
 (rotary position embeddings, grouped key/value heads, the config's sliding window), then a router that sends every
-token to its top-k experts and sums their outputs by the router's weights. Routing is per token, so a pass that packs
-several requests' tokens gives each token what it gets alone. All of a block's experts are one block.
+token to its top-k experts and sums their outputs by the router's weights. Routing is per token (no expert capacity,
+no token dropped), so a pass that packs several requests' tokens gives each token what it gets alone (up to the
+rounding of matrix products of other sizes, as for any linear layer). All of a block's experts are one block.
 
 What this module does besides building blocks:
 - everything about positions, the attention cache and the client's modules is Llama's (`LlamaFamily`), with Mixtral's
@@ -84,8 +85,8 @@ def fuse_experts(tensors: dict[str, torch.Tensor], experts: int, hidden: int, in
                  ) -> dict[str, torch.Tensor]:
     """Block `index`'s tensors in the hub layout -> the layer's: per-expert w1 (gate), w3 (up) [intermediate, hidden]
     and w2 (down) [hidden, intermediate] into `mlp.experts.gate_up_proj` and `mlp.experts.down_proj`, the router
-    renamed. Each source matrix leaves `tensors` (emptied) as it is copied: the block's expert weights exist twice
-    only one matrix at a time."""
+    renamed. Each source matrix leaves `tensors` (emptied) as it is copied into the fused ones: converting takes at
+    most one block's expert weights more memory, and less as it goes."""
     found: dict[tuple[int, str], str] = {}
     for key in tensors:
         match = EXPERT_KEY.fullmatch(key)
