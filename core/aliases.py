@@ -18,6 +18,16 @@ ALIASES: dict[str, str] = {
     "qwen2-7b": "Qwen/Qwen2-7B",
     "qwen2-72b": "Qwen/Qwen2-72B",
     "tinyllama": "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+    "bloom": "bigscience/bloom",
+    "bloom-560m": "bigscience/bloom-560m",
+    "bloom-7b1": "bigscience/bloom-7b1",
+    "bloomz": "bigscience/bloomz",
+    "falcon-7b": "tiiuae/falcon-7b",
+    "falcon-7b-instruct": "tiiuae/falcon-7b-instruct",
+    "falcon-40b": "tiiuae/falcon-40b",
+    "falcon-180b": "tiiuae/falcon-180B",
+    "mixtral-8x7b": "mistralai/Mixtral-8x7B-v0.1",
+    "mixtral-8x7b-instruct": "mistralai/Mixtral-8x7B-Instruct-v0.1",
 }
 
 
