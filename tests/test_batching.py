@@ -38,11 +38,15 @@ def _generate_together(path, endpoints, work, configs) -> list[list[int]]:
             results[i] = e
 
     threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(work))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(180)
-    assert not any(t.is_alive() for t in threads), "a client did not finish"
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(180)
+        assert not any(t.is_alive() for t in threads), "a client did not finish"
+    finally:
+        for model in models:
+            model.close()
     return results
 
 

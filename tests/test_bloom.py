@@ -60,8 +60,20 @@ def reference(path: Path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
+_CLIENTS: list = []  # the clients a test made, closed when it ends (their sockets do not wait for the collector)
+
+
+@pytest.fixture(autouse=True)
+def _close_clients():
+    yield
+    while _CLIENTS:
+        _CLIENTS.pop().close()
+
+
 def client(path: Path, endpoints: list[str], **kwargs) -> AutoDistributedModelForCausalLM:
-    return AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=endpoints, **kwargs)
+    model = AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=endpoints, **kwargs)
+    _CLIENTS.append(model)
+    return model
 
 
 @pytest.fixture(scope="module")

@@ -65,8 +65,20 @@ def make_tiny_mixtral(path: Path, layers: int = 4, seed: int = 0, fused: bool = 
     return path
 
 
+_CLIENTS: list = []  # the clients a test made, closed when it ends (their sockets do not wait for the collector)
+
+
+@pytest.fixture(autouse=True)
+def _close_clients():
+    yield
+    while _CLIENTS:
+        _CLIENTS.pop().close()
+
+
 def client(path: Path, endpoints: list[str], **kwargs) -> AutoDistributedModelForCausalLM:
-    return AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=endpoints, **kwargs)
+    model = AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=endpoints, **kwargs)
+    _CLIENTS.append(model)
+    return model
 
 
 def start_servers(path: Path, spans) -> list[Server]:

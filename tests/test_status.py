@@ -314,10 +314,12 @@ def read_lines(stream, count: int, timeout: float, until: str | None = None) -> 
     lines: list[str] = []
     buffer = b""
     deadline = time.monotonic() + timeout
+    poller = select.poll()  # not select(): a long test session may hold file descriptors past 1024
+    poller.register(stream, select.POLLIN)
     while len(lines) < count and (left := deadline - time.monotonic()) > 0:
         if until is not None and any(until in line for line in lines):
             break
-        if not select.select([stream], [], [], left)[0]:
+        if not poller.poll(left * 1000):
             break
         chunk = os.read(stream.fileno(), 1 << 16)
         if not chunk:
