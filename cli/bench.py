@@ -16,12 +16,14 @@ from .common import (
     LogLevelOption,
     MdnsInterfaceOption,
     MdnsOption,
+    ServerQuantOption,
     SwarmKeyOption,
     UsageError,
     err_console,
     listener,
     load_swarm_key,
     model_and_peers,
+    parse_server_quant,
     searched,
     setup_logging,
 )
@@ -39,6 +41,7 @@ def bench(
     batch: Annotated[int, typer.Option(help="Batch size of the forward measurement.")] = 8,
     length: Annotated[int, typer.Option(help="Sequence length of the forward measurement.")] = 128,
     all_routes: Annotated[bool, typer.Option(help="Also measure every alternative route.")] = False,
+    server_quant: ServerQuantOption = None,
     json_: Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of tables.")] = False,
     log_level: LogLevelOption = None,
 ) -> None:
@@ -47,12 +50,13 @@ def bench(
     model, peers = model_and_peers(model, initial_peers, list(ctx.args))
     if steps < 1 or batch < 1 or length < 1 or wait < 0:
         raise UsageError("--steps, --batch and --length must be at least 1 and --wait 0 or more")
+    allowed = parse_server_quant(server_quant)
     from ..core.bench import Bench, as_dicts
 
     key = load_swarm_key(swarm_key)
     with listener(peers, mdns, mdns_interface, key) as discovery:
         discovery.listen(wait)
-        records = [r for r in discovery.records() if r.state == "online"]
+        records = [r for r in discovery.records() if r.state == "online" and (allowed is None or r.quant in allowed)]
     if model is None:
         served = models_served(records)
         if len(served) > 1:

@@ -25,6 +25,7 @@ from .common import (
     LogLevelOption,
     MdnsInterfaceOption,
     MdnsOption,
+    ServerQuantOption,
     SwarmKeyOption,
     UsageError,
     VerifyOption,
@@ -32,6 +33,7 @@ from .common import (
     err_console,
     load_swarm_key,
     model_and_peers,
+    parse_server_quant,
     setup_logging,
     verify_summary,
 )
@@ -115,6 +117,7 @@ def chat(
                                       "(a real chat model) or random (random weights, for tests).")] = "smollm2",
     verify: VerifyOption = 0.0,
     device: DeviceOption = "auto",
+    server_quant: ServerQuantOption = None,
     log_level: LogLevelOption = None,
 ) -> None:
     """Chat with a model served by the swarm."""
@@ -123,6 +126,7 @@ def chat(
 
     setup_logging(log_level, default="WARNING")
     check_verify(verify)
+    allowed = parse_server_quant(server_quant)
     model, peers = model_and_peers(model, initial_peers, list(ctx.args))
     if demo not in DEMOS:
         raise UsageError(f"--demo must be one of {', '.join(DEMOS)}; got {demo!r}")
@@ -134,7 +138,8 @@ def chat(
         raise ConfigError("--temperature must be >= 0 and --top-p in (0, 1]")
     key = load_swarm_key(swarm_key)
     options = dict(system=system, max_length=max_length, max_new_tokens=max_new_tokens, temperature=temperature,
-                   top_p=top_p, seed=seed, config=ClientConfig(relay=relay, swarm_key=key, verify=verify),
+                   top_p=top_p, seed=seed, config=ClientConfig(relay=relay, swarm_key=key, verify=verify,
+                                                                    server_quant=allowed),
                    prompts=prompts, adapter=adapter, device=device)
     settings = MdnsSettings.from_options(mdns, mdns_interface)
     discovery: Discovery | None = None

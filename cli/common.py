@@ -135,6 +135,23 @@ VerifyOption = Annotated[float, typer.Option(
          "blocks, and ban a server whose outputs do not match.")]
 
 
+ServerQuantOption = Annotated[str | None, typer.Option(
+    help="Use only servers whose weights are quantized so: a comma-separated list of none, int8 and nf4 (e.g. none "
+         "to avoid quantized servers; default: any).")]
+
+
+def parse_server_quant(text: str | None) -> frozenset[str] | None:
+    """`--server-quant none,int8` -> {"none", "int8"} (None without the option); a usage error on anything else."""
+    if text is None:
+        return None
+    from ..core.client.config import check_server_quant
+
+    try:
+        return check_server_quant(p.strip().lower() for p in text.split(",") if p.strip())
+    except ConfigError as e:
+        raise UsageError(str(e).replace("server_quant", "--server-quant")) from None
+
+
 def check_verify(value: float) -> float:
     """`--verify`'s value, a fraction in [0, 1]; anything else is a usage error."""
     if not (math.isfinite(value) and 0.0 <= value <= 1.0):

@@ -65,6 +65,10 @@ def serve(
     device: Annotated[str, typer.Option(
         help="Where the blocks, their caches and computations are: auto (the first CUDA GPU when there is one, else "
              "the CPU), cpu, cuda, cuda:N or mps.")] = "auto",
+    quant: Annotated[str, typer.Option(
+        help="Weight quantization of the blocks' linear layers: none, int8 (LLM.int8, about half the bytes of "
+             "16-bit weights), nf4 (4-bit NormalFloat, about a quarter), or auto: the least of these with which the "
+             "blocks asked for (--blocks, --num-blocks, else the whole model) fit in --max-memory.")] = "none",
     cache_tokens: Annotated[int, typer.Option(
         help="Attention-cache budget in tokens (batch x max length), shared by all sessions.")] = 8192,
     session_timeout: Annotated[float, typer.Option(help="Seconds before an idle session is closed.")] = 600.0,
@@ -114,7 +118,7 @@ def serve(
     from ..core.server import Server, ServerConfig, parse_blocks
     from ..core.server.engine import QueueLimits
     from ..core.server.handler import HandlerLimits
-    from ..core.server.placement import BalanceSettings, parse_memory, parse_throughput
+    from ..core.server.placement import BalanceSettings, parse_memory, parse_quant, parse_throughput
     from ..core.server.scheduler import PassLimits
     from ..core.server.throughput import cache_path
     from ..transport.discovery import DiscoveryConfig
@@ -126,6 +130,7 @@ def serve(
         span = None if blocks is None else parse_blocks(blocks)
         memory = None if max_memory is None else parse_memory(max_memory)
         throughput_mode = parse_throughput(throughput)
+        quant_mode = parse_quant(quant)
         balance = BalanceSettings(rebalance=rebalance, period=balance_period, quality=balance_quality,
                                   min_interval=min_move_interval, drain=move_drain)
     except ConfigError as e:
@@ -160,6 +165,7 @@ def serve(
                                 gossip=GossipConfig(period=gossip_period, suspect_after=3 * gossip_period),
                                 record_ttl=record_ttl)
     config = ServerConfig(model=model, blocks=span, host=host, port=port, dtype=dtype, device=device,
+                          quant=quant_mode,
                           cache_tokens=cache_tokens,
                           limits=HandlerLimits(session_timeout=session_timeout, max_peer_sessions=peer_sessions,
                                                peer_share=peer_share),
@@ -204,6 +210,8 @@ def serve(
         span_text = f"{chosen[0]}:{chosen[1]}" + ("" if span is not None else " (chosen; moves when the swarm needs)"
                                                   if rebalance else " (chosen)")
         dtype_text = str(server.span.dtype).removeprefix("torch.") if server.span else dtype
+        if server.quant != "none":
+            dtype_text += f", {server.quant} weights" + (" (auto)" if quant_mode == "auto" else "")
         print(server.endpoint, flush=True)  # data on stdout: the address clients use
         held = server.adapters.preloaded if server.adapters is not None else []
         adapters_text = f", adapters {', '.join(held)}" if held else ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ...transport.errors import ConfigError
@@ -26,8 +27,12 @@ class ClientConfig:
     swarm_key: SwarmKey | None = None  # a private swarm's key (SwarmKey.load(FILE)): every connection CurveZMQ
     verify: float = 0.0  # fraction of remote forwards and session steps checked on a second server (verify.py)
     verify_ban_time: float = 86400.0  # seconds a server caught answering wrong outputs is avoided (not forgiven)
+    server_quant: frozenset[str] | None = None  # weight quantizations of the servers to use, of none, int8, nf4
+    #                                             (any iterable; e.g. {"none"}: avoid quantized servers); None: any
 
     def __post_init__(self) -> None:
+        if self.server_quant is not None:
+            object.__setattr__(self, "server_quant", check_server_quant(self.server_quant))
         verify = self.verify
         if isinstance(verify, bool) or not isinstance(verify, (int, float)) or not math.isfinite(verify) \
                 or not 0.0 <= verify <= 1.0:
@@ -35,3 +40,18 @@ class ClientConfig:
         if isinstance(self.verify_ban_time, bool) or not isinstance(self.verify_ban_time, (int, float)) \
                 or not self.verify_ban_time > 0:
             raise ConfigError(f"verify_ban_time must be a positive number of seconds, got {self.verify_ban_time!r}")
+
+
+def check_server_quant(values: Iterable[str]) -> frozenset[str]:
+    """The set of weight quantizations a client accepts from servers (`ClientConfig.server_quant`): a non-empty set of
+    MODES (none, int8, nf4); ConfigError otherwise."""
+    from ...quant.weights import MODES  # here: the CLI imports this module before torch, which quant.weights needs
+
+    if isinstance(values, str) or not isinstance(values, Iterable):
+        raise ConfigError(f"server_quant must be a set of weight quantizations ({', '.join(MODES)}), got {values!r}")
+    chosen = frozenset(values)
+    unknown = sorted(str(v) for v in chosen if v not in MODES)
+    if unknown or not chosen:
+        what = f"unknown {', '.join(map(repr, unknown))}" if unknown else "nothing"
+        raise ConfigError(f"server_quant must name one or more weight quantizations of {', '.join(MODES)}; got {what}")
+    return chosen

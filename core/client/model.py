@@ -371,8 +371,10 @@ class _Loaded:
                     address, why = next(iter(denied.items()))
                     raise AccessDenied(f"found no server of {announced_id(name_or_path, gguf_file)!r}: {why}",
                                        code="access_denied", peer=address)
+                note = blocks.quant_note()
                 raise PeerUnreachable(f"found no server of {announced_id(name_or_path, gguf_file)!r} within "
-                                      f"{config.connect_timeout:g} s ({where}; {mdns_text}); start one with "
+                                      f"{config.connect_timeout:g} s ({where}; {mdns_text}"
+                                      f"{'; ' + note if note else ''}); start one with "
                                       "`swarm serve MODEL --blocks START:END` or check --initial-peers")
             blocks.start_pinging()
         except BaseException:

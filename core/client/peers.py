@@ -7,7 +7,8 @@
   forgiven when it answers again; a server caught answering wrong outputs (verify.py) is `distrust`ed: avoided for
   `ClientConfig.verify_ban_time` (a day by default), by address and by the peer ids of its records, and never
   forgiven by answering;
-- the usable-server snapshot (`servers`, `spans`) that the pure planners of routing.py turn into chains (`plan`,
+- the usable-server snapshot (`servers`, `spans`: only servers whose weight quantization `ClientConfig.server_quant`
+  allows, when it is set) that the pure planners of routing.py turn into chains (`plan`,
   `plan_or_wait`, which waits, bounded, for blocks no live server covers);
 - requests: `send` one wire message (types of transport/messages.py) to a hop, `submit` it on a background thread, and
   `retry` an attempt on other routes while servers fail.
@@ -211,17 +212,20 @@ class Peers:
     # --- the usable servers and the chains over them ---------------------------------------------------------------
 
     def servers(self, adapter: str | None = None) -> list[ServerRecord]:
-        """Serving records of this model that this client can use (not banned, same protocol and shape; holding
-        or able to load `adapter`, when one is asked for)."""
+        """Serving records of this model that this client can use (not banned, same protocol and shape, of a weight
+        quantization `server_quant` allows; holding or able to load `adapter`, when one is asked for)."""
         now = self._clock()
         with self._lock:
             banned = {peer for peer, (until, _) in self._bans.items() if until > now}
             banned.update(peer for peer, until in self._distrusted.items() if until > now)
         usable = []
+        allowed = self.config.server_quant
         for record in self.discovery.records(self._model_filter):
             if record.state != "online" or record.addresses[0] in banned or record.peer_id in banned:
                 continue
             if adapter is not None and adapter not in record.adapters:
+                continue
+            if allowed is not None and record.quant not in allowed:
                 continue
             problem = self._check(record)
             if problem is None:
@@ -358,7 +362,7 @@ class Peers:
                         raise MissingAdapter(adapter, e.missing, e.holding, e.all_servers,
                                              waited=self.config.wait_for_blocks) from None
                     raise MissingBlocks(e.missing, [(r.start, r.end) for r in self.servers()],
-                                        waited=self.config.wait_for_blocks) from None
+                                        waited=self.config.wait_for_blocks, note=self.quant_note(start, end)) from None
                 if not announced:  # at once, so a user knows what the wait is for (Ctrl-C ends it)
                     announced = True
                     log.warning("%s; waiting up to %.0f s for one to join", self._missing_text(start, end, adapter),
@@ -368,8 +372,23 @@ class Peers:
                     lambda _: not missing_ranges([_span(r) for r in self.servers(adapter)], start, end),
                     min(1.0, max(0.0, deadline - time.monotonic())))
 
+    def quant_note(self, start: int = 0, end: int | None = None) -> str:
+        """Why servers of blocks [start, end) are left out for their weight quantization ('' when none is): for
+        error messages."""
+        allowed = self.config.server_quant
+        if allowed is None:
+            return ""
+        end = self.num_blocks if end is None else end
+        others = sorted({r.quant for r in self.discovery.records(self._model_filter)
+                         if r.state == "online" and r.quant not in allowed and r.start < end and start < r.end})
+        if not others:
+            return ""
+        return (f"servers with {', '.join(others)} weights are left out: server_quant (--server-quant) allows "
+                f"{', '.join(sorted(allowed))} only")
+
     def _missing_text(self, start: int, end: int, adapter: str | None) -> str:
-        text = _missing_text(self.spans(adapter), start, end)
+        note = self.quant_note(start, end)
+        text = _missing_text(self.spans(adapter), start, end) + (f"; {note}" if note else "")
         if adapter is None:
             return text
         return text.replace("no server covers", f"no server with adapter {adapter!r} covers", 1).replace(

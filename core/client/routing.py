@@ -22,12 +22,14 @@ class MissingBlocks(SwarmError):
 
     code = "missing_blocks"
 
-    def __init__(self, missing: list[tuple[int, int]], known: Sequence[tuple[int, int]], waited: float = 0.0):
+    def __init__(self, missing: list[tuple[int, int]], known: Sequence[tuple[int, int]], waited: float = 0.0,
+                 note: str = ""):
         gaps = ", ".join(f"{a}:{b}" for a, b in missing)
         served = ", ".join(f"{a}:{b}" for a, b in sorted(set(known))) or "nothing"
         after = f" after waiting {waited:g} s" if waited else ""
-        super().__init__(f"no server covers blocks {gaps}{after} (live servers cover {served}); start a server "
-                         f"with `swarm serve MODEL --blocks {missing[0][0]}:{missing[0][1]}` or point at more peers")
+        super().__init__(f"no server covers blocks {gaps}{after} (live servers cover {served}"
+                         f"{'; ' + note if note else ''}); start a server with `swarm serve MODEL --blocks "
+                         f"{missing[0][0]}:{missing[0][1]}` or point at more peers")
         self.missing = missing
 
 

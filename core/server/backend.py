@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ...quant.weights import quantize_block, quantized_mode
 from ...transport.errors import ConfigError
 from ...transport.messages import LoraWeights
 from ..adapters import (
@@ -44,6 +45,16 @@ from .cache import PassCache, SessionCache
 log = logging.getLogger(__name__)
 
 
+def quantized_block(block: torch.nn.Module, quant: str, dtype: torch.dtype,
+                    device: torch.device | str = "cpu") -> torch.nn.Module:
+    """`block` (on the CPU, in `dtype`) moved to `device`, its linear layers quantized as `quant` on the way (a bad
+    mode or a missing bitsandbytes: ConfigError)."""
+    try:
+        return quantize_block(block, quant, dtype, device)
+    except (ValueError, ImportError) as e:
+        raise ConfigError(str(e)) from None
+
+
 def positions_from_mask(attention_mask: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
     """Position ids of new tokens: real tokens count up from `seen` (per row); padding gets position 1."""
     positions = attention_mask.long().cumsum(-1) - 1
@@ -60,6 +71,7 @@ class BlockSpan(torch.nn.Module):
         super().__init__()
         self.family, self.config, self.start, self.end, self.dtype = family, config, start, end, dtype
         self.blocks = torch.nn.ModuleList(blocks)
+        self.quant = quantized_mode(self.blocks)  # weight quantization of the linear layers: none | int8 | nf4
         self.shared = shared
         self.windows = [family.attention_window(config, i) for i in range(start, end)]
         self.kv_heads, self.head_dim = family.kv_shape(config)
@@ -114,8 +126,10 @@ class BlockSpan(torch.nn.Module):
 
     @classmethod
     def load(cls, source: ModelSource, start: int, end: int, dtype: torch.dtype,
-             device: torch.device | str = "cpu") -> BlockSpan:
-        """Blocks [start, end) of `source` in `dtype` on `device`: read on the CPU and moved one block at a time."""
+             device: torch.device | str = "cpu", quant: str = "none") -> BlockSpan:
+        """Blocks [start, end) of `source` in `dtype` on `device`: read on the CPU one block at a time, each block's
+        linear layers quantized as `quant` (none | int8 | nf4: quant/weights.py) on its move to the device, so at
+        most one block is ever held in 16/32 bits."""
         device = torch.device(device)
         config = source.config(dtype, device)
         family = source.family()
@@ -132,7 +146,7 @@ class BlockSpan(torch.nn.Module):
             del tensors
             assign_weights(block, own, f"block {i}")
             del own
-            blocks.append(block.to(device=device, dtype=dtype))
+            blocks.append(quantized_block(block.to(dtype), quant, dtype, device))
         shared = family.build_shared(config).to(device=device, dtype=dtype)
         return cls(family, config, start, end, blocks, shared, dtype)
 

@@ -209,6 +209,7 @@ class Handler:
             "hidden_size": span.hidden_size,
             "dtype": str(span.dtype).removeprefix("torch."),
             "device": span.device.type,
+            "quant": span.quant,
             "protocol": PROTOCOL_VERSION,
             "capabilities": list(self.capabilities),
             "cache_tokens_total": self.budget.total,

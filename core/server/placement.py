@@ -8,11 +8,19 @@ read from the model's config, without loading a weight:
                 device) + the attention cache of one block for the whole `--cache-tokens` budget
     blocks    = min(the model's blocks, floor((memory - reserve) / per block))
 
+A block's weights are counted as they will be held: with `--quant int8` or `nf4`, its linear layers in 8 or 4 bits
+with their scales (quant/weights.py's `planned_bytes`), the rest in the dtype.
+
 `reserve` is what the process needs besides the blocks (the shared modules, activations of one pass, the
 interpreter and torch themselves): a fixed `RESERVE_BYTES` plus one block's weights, so that a pass never meets a
 full memory. The memory is `--max-memory` when given, else a safe share of what is free: `RAM_SHARE` of the
 available RAM (others on the machine, the OS's file cache and a client may need the rest) or `GPU_SHARE` of the free
 memory of the GPU.
+
+`--quant auto` (`choose_quant`) takes the least compression that makes the blocks the server is asked for fit in that
+memory: `none` when they fit in the dtype, else `int8`, else `nf4`; the blocks asked for are the span of `--blocks`,
+else `--num-blocks`, else the whole model (a server that is told nothing aims to hold the model alone). When not even
+nf4 holds them, nf4, which holds the most blocks.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from typing import Any
 
 import torch
 
+from ...quant.weights import MODES, planned_bytes
 from ...transport.errors import ConfigError
 from .cache import SessionCache
 
@@ -86,6 +95,17 @@ def parse_throughput(text: str) -> str | float:
     return number
 
 
+QUANT_OPTIONS = (*MODES, "auto")  # --quant's values
+
+
+def parse_quant(text: str) -> str:
+    """`none`, `int8`, `nf4` or `auto` (any case); ConfigError on anything else."""
+    value = (text or "").strip().lower()
+    if value not in QUANT_OPTIONS:
+        raise ConfigError(f"--quant must be one of {', '.join(QUANT_OPTIONS)}, got {text!r}")
+    return value
+
+
 def available_memory(device: str = "cpu") -> int:
     """The memory a server may use when not told: a share of the free GPU memory, or of the available RAM."""
     if device.startswith("cuda") and torch.cuda.is_available():
@@ -98,7 +118,7 @@ def available_memory(device: str = "cpu") -> int:
 
 @dataclass(frozen=True)
 class BlockCost:
-    """What one block of a model costs in memory, in one dtype."""
+    """What one block of a model costs in memory, in one dtype and weight quantization."""
 
     weights: int  # bytes of one block's parameters and buffers (the largest block's, when they differ)
     cache_per_token: int  # bytes of attention cache one block holds per cached token
@@ -108,9 +128,11 @@ class BlockCost:
         return self.weights + self.cache_per_token * cache_tokens
 
 
-def block_cost(family: Any, config: Any, dtype: torch.dtype) -> BlockCost:
-    """`BlockCost` of a model from its config: blocks built on the meta device (no memory, no weights read)."""
-    size = torch.empty((), dtype=dtype).element_size()
+def block_cost(family: Any, config: Any, dtype: torch.dtype, quant: str = "none") -> BlockCost:
+    """`BlockCost` of a model from its config, its linear layers quantized as `quant`: blocks built on the meta
+    device (no memory, no weights read)."""
+    if quant not in MODES:
+        raise ConfigError(f"weight quantization must be one of {', '.join(MODES)}, got {quant!r}")
     total = family.num_blocks(config)
     # blocks of a family differ only by their attention windows, never by their weights: counting the first and
     # the last is enough to catch a model whose blocks differ anyway
@@ -118,8 +140,7 @@ def block_cost(family: Any, config: Any, dtype: torch.dtype) -> BlockCost:
     for index in sorted({0, total - 1}):
         with torch.device("meta"):
             block = family.build_block(config, index)
-        count = sum(t.numel() for t in (*block.parameters(), *block.buffers()))
-        weights = max(weights, count * size)
+        weights = max(weights, planned_bytes(block, quant, dtype))
     kv_heads, head_dim = family.kv_shape(config)
     return BlockCost(weights, SessionCache.bytes_per_token(1, kv_heads, head_dim, dtype))
 
@@ -139,6 +160,16 @@ def blocks_for_memory(memory: int, cost: BlockCost, cache_tokens: int, num_block
     return int(count)
 
 
+def choose_quant(memory: int, costs: dict[str, BlockCost], cache_tokens: int, wanted: int) -> str:
+    """`--quant auto`: the first of none, int8, nf4 (in `costs`, each mode's BlockCost) with which `wanted` blocks
+    and their cache budget fit in `memory` bytes; nf4 (the most blocks) when none does."""
+    for mode in MODES:
+        cost = costs[mode]
+        if RESERVE_BYTES + cost.weights + wanted * cost.per_block(cache_tokens) <= memory:
+            return mode
+    return MODES[-1]
+
+
 def fits_both(memory: int, cost: BlockCost, cache_tokens: int, held: int, new: int) -> bool:
     """Whether `new` blocks (and their cache budget) can be loaded while `held` blocks (and theirs) are still in
     memory: a move that loads its new span before freeing the old one."""
@@ -152,5 +183,5 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-__all__ = ["BalanceSettings", "BlockCost", "available_memory", "block_cost", "blocks_for_memory", "fits_both",
-           "parse_memory", "parse_throughput"]
+__all__ = ["QUANT_OPTIONS", "BalanceSettings", "BlockCost", "available_memory", "block_cost", "blocks_for_memory",
+           "choose_quant", "fits_both", "parse_memory", "parse_quant", "parse_throughput"]

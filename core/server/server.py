@@ -23,6 +23,11 @@ meanwhile when memory holds both (`fits_both`), else after the old one is freed 
 the new span); then the new span's engine and handler take over in one assignment, the old sessions are closed (a
 client whose session was closed replays its history elsewhere, as after a failure) and the record says `online`.
 Moves are counted in the record (`moves`) and listed in `info` with their reasons.
+
+Weights. `quant` (none | int8 | nf4) quantizes the blocks' linear layers as they load (quant/weights.py); `auto`
+chooses at start, before placement, the least compression with which the blocks asked for fit in memory
+(placement.py's `choose_quant`). Placement counts blocks at their quantized size, the throughput is measured on a
+quantized block (and cached under its own key), and the record and `info` announce the quantization (`quant`).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from ... import __version__
+from ...quant.weights import weight_bytes
 from ...transport.discovery import Announcement, Discovery, DiscoveryConfig, local_endpoints
 from ...transport.errors import ConfigError
 from ...transport.keys import Admission, Identity, SwarmKey
@@ -53,7 +59,15 @@ from .backend import BlockSpan
 from .cache import CacheBudget, SessionCache
 from .engine import Engine, QueueLimits, Refused
 from .handler import Handler, HandlerLimits
-from .placement import BalanceSettings, available_memory, block_cost, blocks_for_memory, fits_both
+from .placement import (
+    BalanceSettings,
+    available_memory,
+    block_cost,
+    blocks_for_memory,
+    choose_quant,
+    fits_both,
+    parse_quant,
+)
 from .relay import Relay
 from .scheduler import PassLimits
 from .throughput import DEFAULT_BANDWIDTH, Throughput, resolve
@@ -85,6 +99,7 @@ class ServerConfig:
     port: int = 0  # 0 = any free port
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: the checkpoint's on a CPU, 16-bit on a GPU)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (auto: the first CUDA GPU when there is one, else cpu)
+    quant: str = "none"  # weight quantization of the blocks' linear layers: none | int8 | nf4 | auto (placement.py)
     cache_tokens: int = 8192  # attention-cache budget (batch x max_length tokens) shared by all sessions
     limits: HandlerLimits = field(default_factory=HandlerLimits)
     initial_peers: list[str] = field(default_factory=list)  # servers to gossip with (besides those mDNS finds)
@@ -125,6 +140,7 @@ class Server:
         self.peer_id = self.identity.peer_id  # its public key: no one else can sign records for it
         self.model_id = config.model_id or announced_id(config.model)
         self.throughput = 0.0  # the announced figure (throughput.py)
+        self.quant = "none"  # the blocks' weight quantization (none | int8 | nf4; `auto` resolved at start)
         self.measured: Throughput | None = None
         self.blocks: tuple[int, int] | None = None  # the span announced (chosen before it is loaded)
         self.state = "joining"  # joining | online | draining (offline only in the last record)
@@ -178,14 +194,15 @@ class Server:
         total = family.num_blocks(model_config)
         for adapter in config.adapters.preload:  # a wrong file or option fails now, not after loading the blocks
             check_peft(adapter, model_linears(family, model_config, 0))
+        self.quant = self._resolve_quant(family, model_config, total)
         length = self._span_length(family, model_config, total)
         self.measured = resolve(config.throughput, self.model_id, family, model_config, dtype, config.bandwidth,
                                 None if config.throughput_cache is None else Path(config.throughput_cache),
-                                self.device)
+                                self.device, quant=self.quant)
         self.throughput = self.measured.announced(length)
         self._info.update(version=__version__, peer_id=self.peer_id, throughput=self.throughput,
                           throughput_detail=self.measured.info(length),
-                          placement="manual" if config.blocks is not None else "automatic",
+                          placement="manual" if config.blocks is not None else "automatic", quant_option=config.quant,
                           moves=[], moves_total=0)
         self._engine_args = (config.passes if config.batching else
                              PassLimits(max_tokens=1 << 62, max_requests=1, starve_after=config.passes.starve_after),
@@ -207,6 +224,23 @@ class Server:
             self._balancer.start()
         return self
 
+    def _resolve_quant(self, family: Any, model_config: Any, total: int) -> str:
+        """The weight quantization to load with: `quant` as given, or for `auto` the least compression with which
+        the blocks asked for (the span of `blocks`, else `num_blocks`, else the whole model) fit in the memory
+        (`max_memory`, else a share of what is free): placement.py's `choose_quant`."""
+        config = self.config
+        quant = parse_quant(config.quant)
+        if quant != "auto":
+            return quant
+        wanted = (config.blocks[1] - config.blocks[0] if config.blocks is not None
+                  else config.num_blocks if config.num_blocks is not None else total)
+        memory = config.max_memory if config.max_memory is not None else available_memory(str(self.device))
+        costs = {mode: block_cost(family, model_config, model_config.dtype, mode) for mode in ("none", "int8", "nf4")}
+        quant = choose_quant(memory, costs, config.cache_tokens, wanted)
+        log.info("--quant auto: %s (%d blocks wanted, %.1f GiB of memory; weights per block: %s)", quant, wanted,
+                 memory / (1 << 30), ", ".join(f"{m} {c.weights / (1 << 20):.1f} MiB" for m, c in costs.items()))
+        return quant
+
     def _span_length(self, family: Any, model_config: Any, total: int) -> int:
         """How many blocks the server holds: its `blocks`, its `num_blocks`, or as many as fit in its memory."""
         config = self.config
@@ -215,7 +249,7 @@ class Server:
             if not 0 <= start < end <= total:
                 raise ConfigError(f"blocks {start}:{end} are outside the model's {total} blocks (0:{total})")
             return end - start
-        cost = block_cost(family, model_config, model_config.dtype)
+        cost = block_cost(family, model_config, model_config.dtype, self.quant)
         self.memory = config.max_memory if config.max_memory is not None else available_memory(str(self.device))
         if config.num_blocks is not None:
             if not 1 <= config.num_blocks <= total:
@@ -274,15 +308,17 @@ class Server:
         passes, cache_tokens = self._engine_args
         dtype = self.source.config(config.dtype, self.device).dtype
         started = time.perf_counter()
-        span = BlockSpan.load(self.source, start, end, dtype, self.device)  # checks the span before reading weights
-        log.info("loaded blocks %d:%d of %s (%s on %s) in %.1f s", start, end, config.model,
-                 str(dtype).removeprefix("torch."), self.device, time.perf_counter() - started)
+        span = BlockSpan.load(self.source, start, end, dtype, self.device, self.quant)  # checks the span first
+        log.info("loaded blocks %d:%d of %s (%s%s on %s, %.0f MiB of weights) in %.1f s", start, end, config.model,
+                 str(dtype).removeprefix("torch."), "" if self.quant == "none" else f", {self.quant}", self.device,
+                 weight_bytes(span.blocks) / (1 << 20), time.perf_counter() - started)
         adapters = engine = None
         try:
             adapters = AdapterStore(span, config.adapters)
             adapters.load_preloaded()  # a bad adapter stops the start with a clear error
             budget = CacheBudget(cache_tokens)
             engine = Engine(span, passes, config.queue, budget).start()
+            self._info["weight_bytes"] = weight_bytes(span.blocks)
             self._info["cache_bytes_per_token"] = SessionCache.bytes_per_token(len(span.blocks), span.kv_heads,
                                                                                span.head_dim, dtype)
             handler = Handler(span, engine, budget, self.model_id, config.limits, extra_info=self._info,
@@ -363,7 +399,7 @@ class Server:
                 self._record = ServerRecord(
                     peer_id=self.peer_id, model=self.model_id, num_blocks=total, hidden_size=hidden_size,
                     addresses=self.addresses, throughput=self.throughput,
-                    cache_tokens_total=self.config.cache_tokens, dtype=dtype, version=__version__,
+                    cache_tokens_total=self.config.cache_tokens, dtype=dtype, quant=self.quant, version=__version__,
                     device=self.device.type,
                     path=self._local_path(), ttl=self.config.discovery.record_ttl, **changes)
             else:
@@ -429,7 +465,7 @@ class Server:
         self.state = "draining"
         old.accepting = False  # new sessions and forwards are refused (busy): clients go elsewhere
         self._publish()
-        cost = block_cost(old.span.family, old.span.config, old.span.dtype)
+        cost = block_cost(old.span.family, old.span.config, old.span.dtype, old.span.quant)
         memory = (next((m for m in (self.memory, self.config.max_memory) if m is not None), None)
                   or available_memory(str(self.device)))
         early = fits_both(memory, cost, self.config.cache_tokens, old_blocks[1] - old_blocks[0], end - start)

@@ -1,8 +1,8 @@
-"""A server's throughput: measured once per model, dtype, device and swarm version, cached on disk, announced as one
-number that servers and clients compare.
+"""A server's throughput: measured once per model, dtype, weight quantization, device and swarm version, cached on
+disk, announced as one number that servers and clients compare.
 
-What is measured, on one block of the model built from its config with random weights (same shapes and dtype as the
-real ones, so the same speed; nothing is read from the checkpoint):
+What is measured, on one block of the model built from its config with random weights (same shapes, dtype and weight
+quantization as the real ones, so the same speed; nothing is read from the checkpoint):
 
 - `forward_tps`: tokens per second through one block in a forward pass of 128 tokens (best of a few runs): what
   prefills and batch forwards cost.
@@ -22,8 +22,8 @@ leaves its span anywhere, so a request uses (blocks + 1) / 2 of its blocks on av
 our numbers comparable with theirs; the balancer only needs them comparable between servers of one swarm.
 
 The cache is one JSON file (`throughput.json` under $SWARM_CACHE_DIR, else ~/.cache/swarm) mapping a key (model,
-dtype, device, threads, swarm version) to the two measured figures; a newer version or another device measures
-again. A broken or unreadable file is measured over, never trusted.
+dtype and weight quantization, device, threads, swarm version) to the two measured figures; a newer version or another
+device measures again. A broken or unreadable file is measured over, never trusted.
 """
 
 from __future__ import annotations
@@ -78,10 +78,12 @@ def network_tps(bandwidth_mbit: float, hidden_size: int, dtype: torch.dtype) -> 
     return round(bandwidth_mbit * 1e6 / 8 / per_token, 1)
 
 
-def cache_key(model: str, dtype: torch.dtype, device: str = "cpu") -> str:
-    """What a measurement depends on: the model, its dtype, the device (and torch's threads on a CPU), swarm."""
+def cache_key(model: str, dtype: torch.dtype, device: str = "cpu", quant: str = "none") -> str:
+    """What a measurement depends on: the model, its dtype and weight quantization, the device (and torch's threads on
+    a CPU), swarm."""
     threads = f"x{torch.get_num_threads()}" if device == "cpu" else ""
-    return f"{model}|{str(dtype).removeprefix('torch.')}|{device}{threads}|{__version__}"
+    weights = str(dtype).removeprefix("torch.") + ("" if quant == "none" else f"+{quant}")
+    return f"{model}|{weights}|{device}{threads}|{__version__}"
 
 
 def cache_path() -> Path:
@@ -126,20 +128,22 @@ def store(key: str, value: Throughput, path: Path | None = None) -> None:
 
 
 def measure(family: Any, config: Any, dtype: torch.dtype, forward_tokens: int = 128, repeats: int = 3,
-            steps: int = 8, device: torch.device = CPU) -> Throughput:
-    """Measure one block of the model (random weights of the real shapes) on `device`."""
-    from .backend import BlockSpan
+            steps: int = 8, device: torch.device = CPU, quant: str = "none") -> Throughput:
+    """Measure one block of the model (random weights of the real shapes, linear layers quantized as `quant`) on
+    `device`."""
+    from .backend import BlockSpan, quantized_block
 
     torch.manual_seed(0)
     with torch.device("meta"):  # built in `dtype` directly: no float32 copy of a big block on the way
         block = family.build_block(config, 0).to(dtype)
-    block = block.to_empty(device=device)
+    block = block.to_empty(device=CPU)
     with torch.no_grad():
         for tensor in (*block.parameters(), *block.buffers()):
             if tensor.is_floating_point():
                 tensor.normal_(0.0, 0.02)  # small finite values: the speed of real weights
             else:
                 tensor.zero_()
+    block = quantized_block(block, quant, dtype, device)  # built on the CPU, moved (and quantized) as a server does
     span = BlockSpan(family, config, 0, 1, [block], family.build_shared(config).to(device=device, dtype=dtype), dtype)
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(1, forward_tokens, span.hidden_size, generator=generator).to(dtype)
@@ -164,20 +168,20 @@ def measure(family: Any, config: Any, dtype: torch.dtype, forward_tokens: int = 
 
 
 def resolve(mode: str | float, model: str, family: Any, config: Any, dtype: torch.dtype, bandwidth: float,
-            path: Path | None = None, device: torch.device = CPU) -> Throughput:
+            path: Path | None = None, device: torch.device = CPU, quant: str = "none") -> Throughput:
     """The server's throughput for `--throughput MODE`: auto (cached, else measured and cached), eval (measured
-    anew and cached) or a number (announced as given; nothing measured)."""
+    anew and cached) or a number (announced as given; nothing measured); of blocks quantized as `quant`."""
     net = network_tps(bandwidth, int(config.hidden_size), dtype)
     if not isinstance(mode, str):
         return Throughput(float(mode), float(mode), net, source="given", given=float(mode))
-    key = cache_key(model, dtype, str(device))
+    key = cache_key(model, dtype, str(device), quant)
     found = cached(key, path) if mode == "auto" else None
     if found is not None:
         log.info("throughput from the cache: %.0f tokens/s (forward), %.1f steps/s (inference) per block",
                  found.forward_tps, found.inference_sps)
         return Throughput(found.forward_tps, found.inference_sps, net, source="cache")
     started = time.perf_counter()
-    value = measure(family, config, dtype, device=device)
+    value = measure(family, config, dtype, device=device, quant=quant)
     log.info("measured throughput in %.1f s: %.0f tokens/s (forward), %.1f steps/s (inference) per block",
              time.perf_counter() - started, value.forward_tps, value.inference_sps)
     store(key, value, path)
