@@ -11,6 +11,7 @@ complete -c swarm -n '__fish_seen_subcommand_from bench' -l length
 complete -c swarm -n '__fish_seen_subcommand_from bench' -l log-level
 complete -c swarm -n '__fish_seen_subcommand_from bench' -l mdns
 complete -c swarm -n '__fish_seen_subcommand_from bench' -l mdns-interface
+complete -c swarm -n '__fish_seen_subcommand_from bench' -l server-quant
 complete -c swarm -n '__fish_seen_subcommand_from bench' -l steps
 complete -c swarm -n '__fish_seen_subcommand_from bench' -l swarm-key
 complete -c swarm -n '__fish_seen_subcommand_from bench' -l wait
@@ -28,6 +29,7 @@ complete -c swarm -n '__fish_seen_subcommand_from chat' -l prompt
 complete -c swarm -n '__fish_seen_subcommand_from chat' -l prompts
 complete -c swarm -n '__fish_seen_subcommand_from chat' -l relay
 complete -c swarm -n '__fish_seen_subcommand_from chat' -l seed
+complete -c swarm -n '__fish_seen_subcommand_from chat' -l server-quant
 complete -c swarm -n '__fish_seen_subcommand_from chat' -l show-route
 complete -c swarm -n '__fish_seen_subcommand_from chat' -l swarm-key
 complete -c swarm -n '__fish_seen_subcommand_from chat' -l system
@@ -71,6 +73,7 @@ complete -c swarm -n '__fish_seen_subcommand_from serve' -l pass-tokens
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l peer-sessions
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l peer-share
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l port
+complete -c swarm -n '__fish_seen_subcommand_from serve' -l quant
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l rebalance
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l record-ttl
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l session-timeout
@@ -110,6 +113,7 @@ complete -c swarm -n '__fish_seen_subcommand_from tune' -l output
 complete -c swarm -n '__fish_seen_subcommand_from tune' -l prompt-length
 complete -c swarm -n '__fish_seen_subcommand_from tune' -l prompts
 complete -c swarm -n '__fish_seen_subcommand_from tune' -l seed
+complete -c swarm -n '__fish_seen_subcommand_from tune' -l server-quant
 complete -c swarm -n '__fish_seen_subcommand_from tune' -l swarm-key
 complete -c swarm -n '__fish_seen_subcommand_from tune' -l task
 complete -c swarm -n '__fish_seen_subcommand_from tune' -l text-field

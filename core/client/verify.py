@@ -2,9 +2,10 @@
 
 With `ClientConfig.verify = F` (`swarm chat --verify F`, `swarm tune --verify F`), each remote forward request (the
 training path, sequence.py) and each hop of each inference step (session.py) is checked with probability F:
-- a forward request is sent as it is (without keeping a graph) to another server that holds the same blocks, at the
-  same time as the real one (a request names the blocks it wants within a server's span), so a check costs that server
-  the compute and the client almost no latency;
+- a forward request is sent as it is (without keeping a graph) to another server that holds the same blocks with the
+  same weight quantization (a record's `quant`: servers of different quantizations compute different functions),
+  at the same time as the real one (a request names the blocks it wants within a server's span), so a check costs
+  that server the compute and the client almost no latency;
 - a session's step on one hop is checked with a stateless forward of the hop's whole history plus the new step
   (same blocks, deep prompts, adapter, client LoRA); the new positions of its output are compared with what the
   session's server answered. The check is sent with the step (both servers work at once) and judged before the
@@ -16,7 +17,12 @@ Outputs are compared by relative norm difference, ||a - b|| / max(||a||, ||b||),
 against a tolerance set by the dtypes and weight quantization involved (`tolerance`: the loosest of the client's and
 both servers'). Two honest servers of one dtype differ only by the order of floating-point sums (batching, chunked
 prefill, a step's cache against a whole-sequence forward): ~1e-6 in float32, ~1e-3..1e-2 in 16-bit floats, more with
-8-bit and 4-bit weights (whose kernels and outlier handling differ by hardware) and between two quantizations.
+8-bit and 4-bit weights (whose kernels and outlier handling differ by hardware). Measured on the real demo model
+(SmolLM2-135M, one hop of 15 blocks, float32, this CPU): an int8 server's session steps and a forward of the same
+tokens differ by up to 0.05 (LLM.int8 picks its 16-bit outlier columns over the tokens of a pass), nf4 ones by 1e-6;
+but an nf4 hop differs from the same blocks in float32 by 0.22 and an int8 one by 0.07, as much as a liar might
+perturb: so a check is never made across quantizations (with no second server of the checked one's quantization, it is
+skipped), and the quantization tolerances below are those of two servers of one quantization.
 
 On a mismatch the client asks a third server of those blocks, when there is one, and bans the one the other two
 outvote (the checker itself, when it is the odd one out). With only two servers (or no majority) it bans the checked
@@ -149,9 +155,13 @@ class Verifier:
             return self._rng.random() < self.fraction
 
     def _other(self, hop: Hop, adapter: str | None, exclude: set[str]) -> Hop | None:
-        """Another usable server holding all of `hop`'s blocks (and `adapter`), at random; None when there is none."""
+        """Another usable server holding all of `hop`'s blocks (and `adapter`) with the weight quantization of `hop`'s
+        server, at random; None when there is none."""
+        records = self._records()
+        quant = _quant(records.get(hop.peer))
         candidates = sorted({s.peer for s in self.peers.spans(adapter)
-                             if s.start <= hop.start and hop.end <= s.end and s.peer not in exclude})
+                             if s.start <= hop.start and hop.end <= s.end and s.peer not in exclude
+                             and _quant(records.get(s.peer)) == quant})
         if not candidates:
             return None
         with self._lock:
@@ -249,6 +259,11 @@ class Verifier:
         """An endpoint with its server's peer id (as its record announces it), for logs."""
         record = self._records().get(peer)
         return peer if record is None else f"{peer} ({record.peer_id[:16]})"
+
+
+def _quant(record: ServerRecord | None) -> str | None:
+    """A server's weight quantization as its record announces it (None: no record known)."""
+    return None if record is None else record.quant
 
 
 def verifier_of(peers: Peers) -> Verifier:
