@@ -92,12 +92,14 @@ def quantize_block(block: nn.Module, mode: str, compute_dtype: torch.dtype,
     """`block` (loaded on the CPU in `compute_dtype`) with its linear layers quantized as `mode`, moved to `device`.
 
     Every `nn.Linear` is replaced by its bitsandbytes twin, which takes the layer's float weight without a copy; the
-    move to `device` quantizes each weight and frees its float copy. `none` only moves the block."""
+    move to `device` quantizes each weight and frees its float copy (the block's other tensors are copied out of the
+    checkpoint's memory map, see `_own_storage`). `none` only moves the block."""
     check_mode(mode)
     if mode != "none":
         bnb = bitsandbytes()
         for parent, name, linear in list(_linears(block)):
             setattr(parent, name, _twin(bnb, linear, mode, compute_dtype))
+        _own_storage(block)
     return block.to(device)
 
 
@@ -185,6 +187,20 @@ def _twin(bnb: Any, linear: nn.Linear, mode: str, compute_dtype: torch.dtype) ->
         twin.bias = nn.Parameter(linear.bias.data, requires_grad=False)
     twin.requires_grad_(False)
     return twin.train(linear.training)
+
+
+def _own_storage(block: nn.Module) -> None:
+    """Give the tensors left in 16/32 bits (norms, biases: a few KiB) storage of their own. Tensors read from a
+    safetensors file share its memory map, which one of them is enough to keep: the float weights just quantized
+    would stay mapped, counted in the process's resident memory until the kernel reclaims them."""
+    for module in block.modules():
+        if _kind(module) != "none":
+            for param in module.parameters(recurse=False):
+                if param.dtype.is_floating_point and param.dtype.itemsize > 1:  # a bias; not the quantized weight
+                    param.data = param.data.clone()
+            continue
+        for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+            tensor.data = tensor.data.clone()
 
 
 def _kind(module: nn.Module) -> str:
