@@ -16,9 +16,15 @@ with std 0.1) and, with `--models mid,smollm2`, on the real demo model SmolLM2-1
   through the quantized swarm in one forward: ||logits - logits_f32|| / ||logits_f32|| over every position ("rel
   err"), and the largest |difference| divided by the float32 logits' standard deviation ("max err/σ");
 * greedy agreement -- on those same positions, the share where the argmax equals float32's ("top-1 agree"), and how
-  many of the swarm's own free-running greedy tokens equal float32's before the first difference ("same prefix").
+  many of the swarm's own free-running greedy tokens equal float32's before the first difference ("same prefix");
+* hop differences -- what core/client/verify.py's tolerances are about: for each server's half of the blocks (in this
+  process), fed the float32 reference's hidden states of that sequence, the relative difference ||a - b|| /
+  max(||a||, ||b||) between a session (the prompt, then one token a step) and one forward of the same tokens on the
+  same quantized blocks ("hop Δ session"; two honest servers of one quantization differ by this much), and between
+  the quantized and the float32 blocks' forwards ("hop Δ vs f32"); the larger of the two hops.
 
-The measurement functions (`block_bytes`, `block_timing`, `swarm_run`, `errors_against`, `measure_setting`) are
+The measurement functions (`block_bytes`, `block_timing`, `swarm_run`, `errors_against`, `hop_differences`,
+`measure_setting`) are
 importable: another benchmark can put its rows beside these.
 
 Random weights make a chaotic model: a small change in one block grows through the next ones, so the errors of the
@@ -85,6 +91,8 @@ class QuantRow:
     top1_agreement: float  # share of positions whose argmax equals float32's
     same_prefix: int  # free-running greedy tokens equal to float32's before the first difference
     generated: int  # greedy tokens compared (warm-up and timed)
+    hop_session_diff: float  # a hop's session steps against its forward of the same tokens (relative)
+    hop_float_diff: float  # a hop's forward against the same blocks in float32 (relative)
 
 
 # --- measurements (importable) -------------------------------------------------------------------------------------
@@ -124,9 +132,9 @@ def block_timing(path: Path, quant: str, dtype: torch.dtype, steps: int = 16, re
     return statistics.median(times) * 1000, min(forward[1:]) * 1000
 
 
-def reference(path: Path, prompt: torch.Tensor, steps: int) -> tuple[list[int], torch.Tensor]:
-    """Plain transformers in float32: the greedy continuation of `prompt` (warm-up and timed steps) and the logits of
-    every position of prompt + continuation."""
+def reference(path: Path, prompt: torch.Tensor, steps: int) -> tuple[list[int], torch.Tensor, dict[int, torch.Tensor]]:
+    """Plain transformers in float32: the greedy continuation of `prompt` (warm-up and timed steps), the logits of
+    every position of prompt + continuation, and the hidden states entering each server's span of that sequence."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -134,8 +142,40 @@ def reference(path: Path, prompt: torch.Tensor, steps: int) -> tuple[list[int], 
     with torch.inference_mode():
         out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new, do_sample=False,
                              min_new_tokens=new, pad_token_id=0)
-        logits = model(out).logits[0].float()
-    return out[0, prompt.shape[1]:].tolist(), logits
+        result = model(out, output_hidden_states=True)
+    starts = [a for a, _ in hop_spans(path)]
+    return (out[0, prompt.shape[1]:].tolist(), result.logits[0].float(),
+            {a: result.hidden_states[a].detach().clone() for a in starts})
+
+
+def hop_spans(path: Path) -> list[tuple[int, int]]:
+    from swarm.core.local_swarm import even_spans
+
+    return even_spans(num_blocks(path), SERVERS)
+
+
+def hop_differences(path: Path, quant: str, dtype: torch.dtype, inputs: dict[int, torch.Tensor],
+                    prompt_length: int) -> tuple[float, float]:
+    """(session against forward, quantized against float32): the largest relative differences of a hop's output over
+    the servers' spans, fed `inputs` (the hidden states entering each span); see the module's docstring."""
+    from swarm.core.client.verify import relative_difference
+    from swarm.core.server.backend import BlockSpan
+    from swarm.core.weights import ModelSource
+
+    source, session, against = ModelSource(path), 0.0, 0.0
+    for start, end in hop_spans(path):
+        hidden = inputs[start].to(dtype)
+        span = BlockSpan.load(source, start, end, dtype, quant)
+        exact = BlockSpan.load(source, start, end, torch.float32, "none")
+        with torch.inference_mode():
+            forward = span(hidden)
+            cache = span.new_cache(1, hidden.shape[1])
+            steps = [span.step(hidden[:, :prompt_length], cache)]
+            steps += [span.step(hidden[:, i:i + 1], cache) for i in range(prompt_length, hidden.shape[1])]
+            session = max(session, relative_difference(torch.cat(steps, dim=1), forward))
+            against = max(against, relative_difference(forward, exact(inputs[start])))
+        del span, exact
+    return session, against
 
 
 def errors_against(logits: torch.Tensor, ref: torch.Tensor) -> tuple[float, float, float]:
@@ -179,18 +219,20 @@ def swarm_run(path: Path, quant: str, dtype: str, prompt: torch.Tensor, ref_toke
 
 
 def measure_setting(name: str, path: Path, quant: str, dtype: str, prompt: torch.Tensor, ref_tokens: list[int],
-                    ref_logits: torch.Tensor, steps: int, repeats: int, threads: int = 1) -> QuantRow:
+                    ref_logits: torch.Tensor, ref_hidden: dict[int, torch.Tensor], steps: int, repeats: int,
+                    threads: int = 1) -> QuantRow:
     """Every figure of one quantization setting of one model (see the module's docstring)."""
     torch_dtype = getattr(torch, dtype)
     size = block_bytes(path, quant, torch_dtype)
     full = block_bytes(path, "none", torch.float32)
     step_ms, forward_ms = block_timing(path, quant, torch_dtype)
+    hop_session, hop_float = hop_differences(path, quant, torch_dtype, ref_hidden, prompt.shape[1])
     run, logits = swarm_run(path, quant, dtype, prompt, ref_tokens, steps, repeats, threads)
     rel, sigma, agree = errors_against(logits, ref_logits)
     prefix = next((i for i, (a, b) in enumerate(zip(run.tokens, ref_tokens, strict=False)) if a != b),
                   min(len(run.tokens), len(ref_tokens)))
     return QuantRow(name, quant, dtype, size, size / full, step_ms, forward_ms, run.tokens_per_s, run.median_step_ms,
-                    rel, sigma, agree, prefix, len(ref_tokens))
+                    rel, sigma, agree, prefix, len(ref_tokens), hop_session, hop_float)
 
 
 # --- reporting -----------------------------------------------------------------------------------------------------
@@ -199,14 +241,16 @@ def print_table(rows: list[QuantRow], threads: int) -> None:
     table = Table(title=f"weight quantization: one block in-process and greedy decode through {SERVERS} servers, "
                         f"{threads} torch thread(s) per process; errors against float32")
     columns = ("model", "quant", "dtype", "MiB/block", "vs f32", "block step ms", f"block fwd{FORWARD_TOKENS} ms",
-               "tokens/s", "step ms", "rel err", "max err/σ", "top-1 agree", "same prefix")
+               "tokens/s", "step ms", "rel err", "max err/σ", "top-1 agree", "same prefix", "hop Δ session",
+               "hop Δ vs f32")
     for column in columns:
         table.add_column(column, justify="left" if column in ("model", "quant", "dtype") else "right")
     for r in rows:
         table.add_row(r.model, r.quant, r.dtype, f"{r.block_bytes / (1 << 20):.2f}", f"{r.bytes_vs_float32:.3f}",
                       f"{r.block_step_ms:.2f}", f"{r.block_forward_ms:.1f}", f"{r.tokens_per_s:.1f}",
                       f"{r.median_step_ms:.1f}", f"{r.rel_logits_err:.2e}", f"{r.max_err_sigma:.2f}",
-                      f"{r.top1_agreement:.1%}", f"{r.same_prefix}/{r.generated}")
+                      f"{r.top1_agreement:.1%}", f"{r.same_prefix}/{r.generated}", f"{r.hop_session_diff:.1e}",
+                      f"{r.hop_float_diff:.1e}")
     console.print(table)
 
 
@@ -254,11 +298,11 @@ def main(argv: list[str] | None = None) -> int:
             from transformers import AutoConfig
 
             prompt = prompt_ids(path, AutoConfig.from_pretrained(path).vocab_size)
-            ref_tokens, ref_logits = reference(path, prompt, args.steps)
+            ref_tokens, ref_logits, ref_hidden = reference(path, prompt, args.steps)
             for quant, dtype in settings:
                 console.print(f"[bold]{name}[/]: {quant} {dtype}", highlight=False)
-                rows.append(measure_setting(name, path, quant, dtype, prompt, ref_tokens, ref_logits, args.steps,
-                                            args.repeats, args.threads))
+                rows.append(measure_setting(name, path, quant, dtype, prompt, ref_tokens, ref_logits, ref_hidden,
+                                            args.steps, args.repeats, args.threads))
     elapsed = time.perf_counter() - started
     print_table(rows, args.threads)
     load_after = os.getloadavg()

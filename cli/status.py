@@ -231,8 +231,10 @@ def _batch(record: ServerRecord) -> str:
 
 
 def _dtype(record: ServerRecord) -> str:
-    """Its dtype, and its device when that is not the CPU."""
-    return record.dtype if record.device == "cpu" else f"{record.dtype} {record.device}"
+    """Its dtype (with its weight quantization, when it has one: float32+nf4), and its device when that is not the
+    CPU."""
+    dtype = record.dtype if record.quant == "none" else f"{record.dtype}+{record.quant}"
+    return dtype if record.device == "cpu" else f"{dtype} {record.device}"
 
 
 def _adapters(record: ServerRecord, shown: int = 4) -> str:

@@ -395,3 +395,12 @@ def test_cli_refuses_bad_quant_options(qmodel, capsys):
     assert run(["chat", str(qmodel), "--server-quant", "none,int4", "--prompt", "hi"]) == 2
     assert "--server-quant must name one or more weight quantizations of none, int8, nf4; got unknown 'int4'" in \
         capsys.readouterr().err
+
+
+def test_status_shows_the_weight_quantization(swarms):
+    from swarm.cli.status import ServerView, _cells
+    from swarm.core.coverage import Age
+
+    cells = [_cells(ServerView(s.record(), Age(1.0, "clock"), False, None))["dtype"]
+             for s in (swarms["none"][0], swarms["nf4"][0])]
+    assert cells == ["float32", "float32+nf4"]
