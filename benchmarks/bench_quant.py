@@ -138,14 +138,23 @@ def reference(path: Path, prompt: torch.Tensor, steps: int) -> tuple[list[int], 
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    new = 1 + WARMUP_STEPS + steps
-    with torch.inference_mode():
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new, do_sample=False,
-                             min_new_tokens=new, pad_token_id=0)
-        result = model(out, output_hidden_states=True)
+    state: dict[str, object] = {}
+
+    def prefill(ids: torch.Tensor) -> torch.Tensor:
+        out = model(input_ids=ids, use_cache=True)
+        state["past"] = out.past_key_values
+        return out.logits[:, -1]
+
+    def step(ids: torch.Tensor) -> torch.Tensor:
+        out = model(input_ids=ids[:, -1:], past_key_values=state["past"], use_cache=True)
+        state["past"] = out.past_key_values
+        return out.logits[:, -1]
+
+    with torch.inference_mode():  # greedy as the swarm runs below decode: argmax every step, on past an EOS
+        tokens = decode_loop(prefill, step, prompt, steps)[2]
+        result = model(torch.cat([prompt, torch.tensor([tokens])], dim=1), output_hidden_states=True)
     starts = [a for a, _ in hop_spans(path)]
-    return (out[0, prompt.shape[1]:].tolist(), result.logits[0].float(),
-            {a: result.hidden_states[a].detach().clone() for a in starts})
+    return tokens, result.logits[0].float(), {a: result.hidden_states[a].detach().clone() for a in starts}
 
 
 def hop_spans(path: Path) -> list[tuple[int, int]]:

@@ -14,7 +14,8 @@ that calls it block by block holds at most one block in 16/32 bits at a time.
 - `nf4`: `bnb.nn.Linear4bit` with the NF4 code (QLoRA, Dettmers et al. 2023), blocks of 64 weights with one absmax each,
   computing in `compute_dtype` (the server's dtype). Double quantization is on: the per-block absmax scales are
   themselves stored in 8 bits (blocks of 256, float32 scales), 4.13 bits per weight instead of 4.5 (0.37 bit, ~8%
-  of a 4-bit model) for an error the QLoRA paper measured as none and that `benchmarks/bench_quant.py` sees as noise.
+  of a 4-bit model) for an error the QLoRA paper measured as none; here too: SmolLM2-135M's 30 blocks in nf4 take
+  52.6 MiB with it, 57.1 without, and its logits differ from float32 by 0.584 (relative) with, 0.582 without.
   The CPU repacking bitsandbytes does on the first no-grad call on AVX512-BF16 machines is switched off
   (`support_avx512bf16_for_cpu = False`): once repacked, a layer computes in bfloat16 whatever the compute dtype, and
   its later calls with gradients go through a kernel without a backward (bitsandbytes 0.50 then returns no gradient
