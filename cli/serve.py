@@ -68,7 +68,8 @@ def serve(
     quant: Annotated[str, typer.Option(
         help="Weight quantization of the blocks' linear layers: none, int8 (LLM.int8, about half the bytes of "
              "16-bit weights), nf4 (4-bit NormalFloat, about a quarter), or auto: the least of these with which the "
-             "blocks asked for (--blocks, --num-blocks, else the whole model) fit in --max-memory.")] = "none",
+             "blocks asked for (--blocks, --num-blocks, else the whole model) fit in --max-memory (default: half the "
+             "available RAM).")] = "none",
     cache_tokens: Annotated[int, typer.Option(
         help="Attention-cache budget in tokens (batch x max length), shared by all sessions.")] = 8192,
     session_timeout: Annotated[float, typer.Option(help="Seconds before an idle session is closed.")] = 600.0,
