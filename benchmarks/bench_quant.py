@@ -103,7 +103,7 @@ def block_bytes(path: Path, quant: str, dtype: torch.dtype, index: int = 0) -> i
     from swarm.core.weights import ModelSource
     from swarm.quant.weights import weight_bytes
 
-    return weight_bytes(BlockSpan.load(ModelSource(path), index, index + 1, dtype, quant).blocks)
+    return weight_bytes(BlockSpan.load(ModelSource(path), index, index + 1, dtype, quant=quant).blocks)
 
 
 def block_timing(path: Path, quant: str, dtype: torch.dtype, steps: int = 16, repeats: int = 3) -> tuple[float, float]:
@@ -112,7 +112,7 @@ def block_timing(path: Path, quant: str, dtype: torch.dtype, steps: int = 16, re
     from swarm.core.server.backend import BlockSpan
     from swarm.core.weights import ModelSource
 
-    span = BlockSpan.load(ModelSource(path), 0, 1, dtype, quant)
+    span = BlockSpan.load(ModelSource(path), 0, 1, dtype, quant=quant)
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(1, FORWARD_TOKENS, span.hidden_size, generator=generator).to(dtype) * 0.1
     with torch.inference_mode():
@@ -174,8 +174,8 @@ def hop_differences(path: Path, quant: str, dtype: torch.dtype, inputs: dict[int
     source, session, against = ModelSource(path), 0.0, 0.0
     for start, end in hop_spans(path):
         hidden = inputs[start].to(dtype)
-        span = BlockSpan.load(source, start, end, dtype, quant)
-        exact = BlockSpan.load(source, start, end, torch.float32, "none")
+        span = BlockSpan.load(source, start, end, dtype, quant=quant)
+        exact = BlockSpan.load(source, start, end, torch.float32)
         with torch.inference_mode():
             forward = span(hidden)
             cache = span.new_cache(1, hidden.shape[1])

@@ -98,7 +98,7 @@ def test_linear_layers_are_replaced_and_stored_in_8_and_4_bits(qmodel, dtype):
     source = ModelSource(qmodel)
     config = source.config(dtype)
     family = source.family()
-    spans = {mode: BlockSpan.load(source, 1, 3, dtype, mode) for mode in ("none", *MODES)}
+    spans = {mode: BlockSpan.load(source, 1, 3, dtype, quant=mode) for mode in ("none", *MODES)}
     for mode, span in spans.items():
         assert span.quant == mode and quantized_mode(span.blocks) == mode
         linears = [m for m in span.blocks[0].modules() if isinstance(m, torch.nn.Linear)]
@@ -134,14 +134,14 @@ def test_linear_layers_are_replaced_and_stored_in_8_and_4_bits(qmodel, dtype):
 
 
 def test_quantized_block_keeps_its_memory_and_refuses_bad_modes(qmodel):
-    span = BlockSpan.load(ModelSource(qmodel), 0, 1, torch.float32, "nf4")
+    span = BlockSpan.load(ModelSource(qmodel), 0, 1, torch.float32, quant="nf4")
     before = weight_bytes(span.blocks)
     with torch.inference_mode():
         span(torch.randn(1, 5, 128))  # bitsandbytes keeps no float copy after a call either
     span.forward_graph(torch.randn(1, 5, 128))
     assert weight_bytes(span.blocks) == before
     with pytest.raises(ConfigError, match="none, int8, nf4"):
-        BlockSpan.load(ModelSource(qmodel), 0, 1, torch.float32, "fp4")
+        BlockSpan.load(ModelSource(qmodel), 0, 1, torch.float32, quant="fp4")
     with pytest.raises(ValueError, match="none, int8, nf4"):
         quantize_block(torch.nn.Linear(4, 4), "int4", torch.float32)
 
@@ -183,7 +183,7 @@ def test_verify_tolerances_cover_what_quantized_servers_differ_by(mode, qmodel):
     the same blocks differ by far more than float sums (0.21 for nf4 here, as much as a liar might perturb: checks are
     never made across quantizations, see test_checks_stay_within_one_quantization)."""
     source = ModelSource(qmodel)
-    exact, span = BlockSpan.load(source, 0, 4, torch.float32), BlockSpan.load(source, 0, 4, torch.float32, mode)
+    exact, span = BlockSpan.load(source, 0, 4, torch.float32), BlockSpan.load(source, 0, 4, torch.float32, quant=mode)
     hidden = load_reference(qmodel).model.embed_tokens(IDS).detach()
     with torch.inference_mode():
         forward, reference = span(hidden), exact(hidden)
@@ -202,7 +202,7 @@ def test_verify_tolerances_cover_what_quantized_servers_differ_by(mode, qmodel):
 @pytest.mark.parametrize("mode", MODES)
 def test_backward_through_quantized_blocks(mode, qmodel):
     source = ModelSource(qmodel)
-    exact, span = BlockSpan.load(source, 0, 4, torch.float32), BlockSpan.load(source, 0, 4, torch.float32, mode)
+    exact, span = BlockSpan.load(source, 0, 4, torch.float32), BlockSpan.load(source, 0, 4, torch.float32, quant=mode)
     generator = torch.Generator().manual_seed(1)
     hidden = load_reference(qmodel).model.embed_tokens(IDS).detach()
     grad_out = torch.randn(hidden.shape, generator=generator)
