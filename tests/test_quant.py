@@ -404,3 +404,46 @@ def test_status_shows_the_weight_quantization(swarms):
     cells = [_cells(ServerView(s.record(), Age(1.0, "clock"), False, None))["dtype"]
              for s in (swarms["none"][0], swarms["nf4"][0])]
     assert cells == ["float32", "float32+nf4"]
+
+
+FAMILIES = {  # the other families' tiny models: (config class name, model class name, config)
+    "bloom": ("BloomConfig", "BloomForCausalLM", dict(hidden_size=64, n_head=4, n_layer=2)),
+    "falcon": ("FalconConfig", "FalconForCausalLM", dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
+                                                         new_decoder_architecture=True, num_kv_heads=2)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                            num_attention_heads=4, num_key_value_heads=2,
+                                                            num_local_experts=4)),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_runs_quantized(family, tmp_path, caplog):
+    """Their linear layers are quantized too: a span's forward stays near float32, its session steps equal its
+    forward, backward gives finite gradients; Mixtral's experts (fused 3-D tensors, not linear layers) stay in the
+    dtype, which placement counts and the server says."""
+    import transformers
+
+    config_name, model_name, options = FAMILIES[family]
+    torch.manual_seed(0)
+    getattr(transformers, model_name)(getattr(transformers, config_name)(vocab_size=128, **options)).save_pretrained(
+        tmp_path / family)
+    source = ModelSource(tmp_path / family)
+    hidden = torch.randn(2, 6, 64, generator=torch.Generator().manual_seed(0))
+    exact = BlockSpan.load(source, 0, 2, torch.float32)
+    for mode in MODES:
+        span = BlockSpan.load(source, 0, 2, torch.float32, quant=mode)
+        assert span.quant == mode
+        with torch.inference_mode():
+            out, want = span(hidden), exact(hidden)
+            cache = span.new_cache(2, 6)
+            steps = torch.cat([span.step(hidden[:, :3], cache), span.step(hidden[:, 3:], cache)], dim=1)
+        assert 1e-5 < rel(out, want) < 0.02 and rel(steps, out) < 1e-5
+        assert torch.isfinite(span.backward(hidden, torch.ones_like(hidden))[0]).all()
+        cost = block_cost(source.family(), source.config(torch.float32), torch.float32, mode).weights
+        assert weight_bytes(span.blocks) == 2 * cost
+    full = block_cost(source.family(), source.config(torch.float32), torch.float32).weights
+    assert (cost / full > 0.6) == (family == "mixtral")
+    with caplog.at_level("WARNING", logger="swarm.core.server.server"):
+        Server(ServerConfig(str(tmp_path / family), (0, 2), host="127.0.0.1", quant="nf4", throughput=1.0)
+               )._resolve_quant(source.family(), source.config(torch.float32), 2)
+    assert ("keeps" in caplog.text) == (family == "mixtral")

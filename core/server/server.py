@@ -231,12 +231,14 @@ class Server:
         config = self.config
         quant = parse_quant(config.quant)
         if quant != "auto":
+            _note_small_saving(family, model_config, quant)
             return quant
         wanted = (config.blocks[1] - config.blocks[0] if config.blocks is not None
                   else config.num_blocks if config.num_blocks is not None else total)
         memory = config.max_memory if config.max_memory is not None else available_memory(str(self.device))
         costs = {mode: block_cost(family, model_config, model_config.dtype, mode) for mode in ("none", "int8", "nf4")}
         quant = choose_quant(memory, costs, config.cache_tokens, wanted)
+        _note_small_saving(family, model_config, quant)
         log.info("--quant auto: %s (%d blocks wanted, %.1f GiB of memory; weights per block: %s)", quant, wanted,
                  memory / (1 << 30), ", ".join(f"{m} {c.weights / (1 << 20):.1f} MiB" for m, c in costs.items()))
         return quant
@@ -589,6 +591,18 @@ class Server:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _note_small_saving(family: Any, model_config: Any, quant: str) -> None:
+    """Warn when quantizing leaves most of a block's bytes as they are: only `nn.Linear` layers are quantized, so a
+    block whose weights are mostly elsewhere (fused experts, 3-D tensors) keeps them in its dtype."""
+    if quant == "none":
+        return
+    full = block_cost(family, model_config, model_config.dtype).weights
+    kept = block_cost(family, model_config, model_config.dtype, quant).weights
+    if kept > 0.6 * full:
+        log.warning("--quant %s keeps %.0f%% of this model's block weights: only linear layers are quantized, and most "
+                    "of its weights are elsewhere (fused expert tensors, for one)", quant, 100 * kept / full)
 
 
 def _close(handler: Handler | None, engine: Engine | None, adapters: AdapterStore | None, timeout: float) -> None:
