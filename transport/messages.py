@@ -19,9 +19,13 @@ Requests (type: fields [tensors]; `?` optional):
   [attention_mask?, prompts?]
 - `push`: {session, ticket, names} [hidden]
 - `cancel`: {session, ticket} and `close`: {session}
-(`gossip` is transport/gossip.py's own.) `names` lists the tensors' names in order; absent, the tensors are the
-type's required ones in order. Unknown header fields are ignored (a newer peer may add some); an unknown tensor name
-is refused, since a tensor left out would change the result.
+(`gossip` is transport/gossip.py's own; a step's `push` is {peer, session, ticket, compress?}.) `names` lists the
+tensors' names in order; absent, the tensors are the type's required ones in order. Unknown header fields are
+ignored (a newer peer may add some); an unknown tensor name is refused, since a tensor left out would change the
+result.
+Hidden states and gradients (hidden, grad_output, and the replies' hidden and grad_input) may travel compressed: the
+header fields `packed` and `compress` and the `X#PART` tensor names of transport/packing.py, decoded before a message
+reaches `from_wire` (the types here see plain tensors).
 
 Tensors: hidden float [batch, length, hidden]; attention_mask integer (or bool) [batch, length] of 0 and 1; prompts
 float [blocks, batch or 1, prompt_length <= length, hidden] (deep prompts, one per block); grad_output float, the shape
@@ -166,7 +170,10 @@ class _Reader:
         except PeerUnreachable:
             raise self.bad(f"bad relay address {value['peer'][:100]!r} in relay push: expected tcp://HOST:PORT"
                            ) from None
-        return PushTarget(peer, value["session"], value["ticket"])
+        compress = value.get("compress")
+        if compress is not None and (not isinstance(compress, str) or not 0 < len(compress) <= MAX_ID_CHARS):
+            raise self.bad(f"relay push's compress must be a codec name, got {_short(compress)}")
+        return PushTarget(peer, value["session"], value["ticket"], compress)
 
     def tensors(self, required: tuple[str, ...], optional: tuple[str, ...] = (), lora: bool = False
                 ) -> dict[str, torch.Tensor]:
@@ -344,9 +351,11 @@ class PushTarget:
     peer: str  # tcp://HOST:PORT, normalized
     session: str
     ticket: str
+    compress: str | None = None  # the codec the push's hidden states travel in (None: plain; see packing.py)
 
     def to_wire(self) -> Fields:
-        return {"peer": self.peer, "session": self.session, "ticket": self.ticket}
+        return {"peer": self.peer, "session": self.session, "ticket": self.ticket,
+                **_optional(compress=self.compress)}
 
 
 @dataclass(frozen=True, eq=False)

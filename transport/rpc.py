@@ -111,7 +111,7 @@ class RpcServerConfig:
 class Request:
     """One request received by the server; answer it exactly once with `reply` or `fail` (from any thread)."""
 
-    __slots__ = ("_server", "_identity", "message", "_answered", "_lock", "_frame", "_peer")
+    __slots__ = ("_server", "_identity", "message", "_answered", "_lock", "_frame", "_peer", "encode_reply")
 
     def __init__(self, server: RpcServer, identity: bytes, message: Message, frame: Any = None):
         self._server = server
@@ -121,6 +121,10 @@ class Request:
         self._lock = threading.Lock()
         self._frame = frame  # a received frame, for the connection's properties (see `peer`)
         self._peer: str | None = None
+        # what the receiver may set to turn a reply's fields and tensors into what goes on the wire (the server
+        # compresses the reply's tensors with it when the request asked: packing.py)
+        self.encode_reply: Callable[[dict[str, Any], list[torch.Tensor]],
+                                    tuple[dict[str, Any], list[torch.Tensor]]] | None = None
 
     @property
     def client(self) -> bytes:
@@ -154,6 +158,8 @@ class Request:
 
     def reply(self, fields: dict[str, Any] | None = None, tensors: Sequence[torch.Tensor] = ()) -> None:
         if self._claim():
+            if self.encode_reply is not None:
+                fields, tensors = self.encode_reply(dict(fields or {}), list(tensors))
             self._server.send(self._identity, encode(RESULT, self.message.id, fields, tensors), self.peer)
 
     def fail(self, code: str, message: str) -> None:

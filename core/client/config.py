@@ -6,6 +6,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from ...quant.codecs import SETTINGS
 from ...transport.errors import ConfigError
 from ...transport.keys import SwarmKey
 
@@ -29,10 +30,15 @@ class ClientConfig:
     verify_ban_time: float = 86400.0  # seconds a server caught answering wrong outputs is avoided (not forgiven)
     server_quant: frozenset[str] | None = None  # weight quantizations of the servers to use, of none, int8, nf4
     #                                             (any iterable; e.g. {"none"}: avoid quantized servers); None: any
+    # hidden states and gradients on the wire (each way, and pushed between servers): none | float16 | bfloat16 |
+    # int8 | auto (each server's own dtype when it computes in 16 bits: no value changes; float32 servers: none)
+    compression: str = "auto"
 
     def __post_init__(self) -> None:
         if self.server_quant is not None:
             object.__setattr__(self, "server_quant", check_server_quant(self.server_quant))
+        if self.compression not in SETTINGS:
+            raise ConfigError(f"compression must be one of {', '.join(SETTINGS)}, got {self.compression!r}")
         verify = self.verify
         if isinstance(verify, bool) or not isinstance(verify, (int, float)) or not math.isfinite(verify) \
                 or not 0.0 <= verify <= 1.0:

@@ -31,6 +31,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from ...quant.codecs import choose
+from ...quant.compression import WireCodecs
 from ...transport.codec import PROTOCOL_VERSION, Message
 from ...transport.discovery import Discovery
 from ...transport.errors import (
@@ -45,7 +47,8 @@ from ...transport.errors import (
     UnknownSession,
     WrongBlocks,
 )
-from ...transport.messages import Close, Info, Open, Ping, RequestMessage, Step
+from ...transport.messages import Backward, Close, Forward, Info, Open, Ping, RequestMessage, Step
+from ...transport.packing import COMPRESS, announced, pack, unpack
 from ...transport.records import ServerRecord
 from ...transport.rpc import CurveClient, RpcClient, RpcClientConfig
 from .config import ClientConfig
@@ -76,6 +79,7 @@ RECOVERABLE = (HopFailed, PeerTimeout, PeerUnreachable, UnknownSession, ServerBu
                UnknownAdapter, AccessDenied)
 
 _Reply = TypeVar("_Reply")
+COMPRESSED = (Forward.TYPE, Backward.TYPE, Step.TYPE)  # requests whose tensors (and replies') may travel compressed
 
 
 class Peers:
@@ -94,6 +98,7 @@ class Peers:
                                     curve=None if key is None else CurveClient.of(key))
         self._clients: dict[str, RpcClient] = {}  # peer (or peer#channel) -> its connection
         self._clients_lock = threading.Lock()
+        self.codecs = WireCodecs()  # what this client encodes and decodes (quant/compression.py)
         self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="swarm-client")  # parallel requests
         self._clock = clock  # what bans are timed with
         self._lock = threading.Lock()  # guards the state below
@@ -310,6 +315,29 @@ class Peers:
                     f"has {self.num_blocks} blocks of hidden size {self.hidden_size}")
         return None
 
+    # --- compression on the wire ----------------------------------------------------------------------------------
+
+    def _record_of(self, peer: str) -> ServerRecord | None:
+        return next((r for r in self.discovery.records(self._model_filter) if r.addresses[0] == peer), None)
+
+    def codec_for(self, peer: str) -> str:
+        """The codec of the hidden states and gradients sent to `peer` and asked of it (`ClientConfig.compression`,
+        when the peer announced it; "none" for a peer that announced no compression or that no record describes)."""
+        setting = self.config.compression
+        record = None if setting == "none" else self._record_of(peer)
+        if record is None:
+            return "none"
+        return choose(setting, record.dtype, announced(record.capabilities))
+
+    def push_codec(self, sender: str, receiver: str) -> str | None:
+        """The codec `sender` pushes a relayed step's output to `receiver` in: `receiver`'s codec when `sender`
+        announced it too (None: plain)."""
+        codec = self.codec_for(receiver)
+        record = None if codec == "none" else self._record_of(sender)
+        if record is None or codec not in announced(record.capabilities):
+            return None
+        return codec
+
     def covered(self, adapter: str | None = None) -> bool:
         return not missing_ranges([_span(r) for r in self.servers(adapter)], 0, self.num_blocks)
 
@@ -410,15 +438,26 @@ class Peers:
         """One request as wire parts (every request of this client goes through here); a recoverable failure of the
         server is raised as HopFailed."""
         try:
-            reply = self._client(hop.peer, channel).call(msg_type, fields, tensors, timeout=timeout)
+            reply = unpack(self._client(hop.peer, channel).call(msg_type, fields, tensors, timeout=timeout),
+                           self.codecs)
         except RECOVERABLE as e:
             raise HopFailed(hop, e) from e
         self._forgive(hop.peer)
         return reply
 
     def send(self, hop: Hop, request: RequestMessage, timeout: float | None = None, channel: str = "") -> Message:
-        """Send one request message to `hop`'s server and wait for its reply."""
-        return self.call(hop, *request.to_wire(), timeout=timeout, channel=channel)
+        """Send one request message to `hop`'s server and wait for its reply (hidden states and gradients
+        compressed both ways with `codec_for` the server)."""
+        return self.call(hop, *self.wire(hop.peer, request), timeout=timeout, channel=channel)
+
+    def wire(self, peer: str, request: RequestMessage) -> tuple[str, dict[str, Any], list[torch.Tensor]]:
+        """`request`'s wire parts for `peer`: its hidden states and gradients packed with `codec_for(peer)`, which
+        the request also asks its reply in."""
+        msg_type, fields, tensors = request.to_wire()
+        codec = self.codec_for(peer) if msg_type in COMPRESSED else "none"
+        if codec == "none":
+            return msg_type, fields, tensors
+        return (msg_type, *pack({**fields, COMPRESS: codec}, tensors, codec, self.codecs))
 
     def submit(self, hop: Hop, request: RequestMessage, timeout: float | None = None, channel: str = "") -> Future:
         """`send` on a background thread; the future holds the reply or the error."""

@@ -292,7 +292,8 @@ class InferenceSession:
             push = None
             if k + 1 < len(chain):
                 after = chain[k + 1]
-                push = PushTarget(after.hop.peer, after.session_id, f"{ticket}.{k + 1}")
+                push = PushTarget(after.hop.peer, after.session_id, f"{ticket}.{k + 1}",
+                                  self.peers.push_codec(hop_session.hop.peer, after.hop.peer))
             if k == 0:
                 first = Step(hop_session.session_id, hidden, mask, sub_prompts[0], start=self.position, push=push)
                 continue

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from ...quant.compression import WireCodecs
 from ...transport.codec import PROTOCOL_VERSION
 from ...transport.errors import ProtocolError, SwarmError
 from ...transport.messages import (
@@ -58,6 +59,7 @@ from ...transport.messages import (
     parse_request,
     require_finite,
 )
+from ...transport.packing import asked, capabilities, pack, read_codec, unpack
 from ...transport.rpc import Request
 from ..adapters import Task, lora_from_stacked
 from .adapters import AdapterStore
@@ -129,8 +131,10 @@ class Handler:
                  limits: HandlerLimits | None = None, extra_info: dict[str, Any] | None = None,
                  on_gossip: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
                  relay: Relay | None = None, relay_allowed: Callable[[str], bool] = lambda peer: False,
-                 adapters: AdapterStore | None = None, peer_limits: dict[str, int] | None = None):
+                 adapters: AdapterStore | None = None, peer_limits: dict[str, int] | None = None,
+                 codecs: WireCodecs | None = None):
         self.span, self.engine, self.budget = span, engine, budget
+        self.codecs = codecs or WireCodecs()  # the compressions this server decodes and sends (announced)
         self._peer_limits = peer_limits or {}  # limits per peer kept elsewhere (the socket's), for `info`
         self.adapters = adapters
         self.model_name = model_name
@@ -150,7 +154,8 @@ class Handler:
     @property
     def capabilities(self) -> tuple[str, ...]:
         """What this server does, announced in `info` and its record ("batching": steps of sessions share passes)."""
-        return (*CAPABILITIES, "batching") if self.engine.limits.max_requests > 1 else CAPABILITIES
+        batching = ("batching",) if self.engine.limits.max_requests > 1 else ()
+        return (*CAPABILITIES, *batching, *capabilities(self.codecs.names))
 
     # --- the I/O thread's entry points -------------------------------------------------------------------------
 
@@ -158,7 +163,7 @@ class Handler:
         if request.message.type == "gossip" and self.on_gossip is not None:
             request.reply(self.on_gossip(dict(request.message.fields)))
             return
-        message = parse_request(request.message)
+        message = parse_request(self._unpacked(request))
         if isinstance(message, Ping):
             request.reply()
         elif isinstance(message, Info):
@@ -181,6 +186,16 @@ class Handler:
             self._forward(request, message)
         elif isinstance(message, Backward):
             self._backward(request, message)
+
+    def _unpacked(self, request: Request) -> Any:
+        """The request's message with its compressed tensors decoded; when it asks for a compressed reply, its reply
+        is packed so (packing.py). A malformed compressed tensor or an unknown codec is a ProtocolError."""
+        codec = asked(request.message, self.codecs)
+        message = unpack(request.message, self.codecs)
+        if codec is not None:
+            codecs = self.codecs
+            request.encode_reply = lambda fields, tensors: pack(fields, tensors, codec, codecs)
+        return message
 
     def tick(self) -> None:
         """Close sessions idle for longer than the session timeout; drop relayed steps and kept graphs that waited
@@ -341,6 +356,7 @@ class Handler:
             if not self.relay_allowed(message.push.peer):
                 raise Refused("relay_refused", f"will not relay to {message.push.peer}: it is not a server of this "
                                                "swarm known here")
+            read_codec(message.push.compress, self.codecs, "step: relay push's compress")
         if not message.relayed:
             self._submit_step(request, message, session, message.hidden)
             return

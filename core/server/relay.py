@@ -11,7 +11,8 @@ hop plus one back instead of a round trip per hop.
 comes first, and forgets halves that wait too long. What it holds is bounded for the server and, at a quarter of
 that, for each peer that sent the halves (`Request.peer`), so one peer that parks steps whose input never comes
 cannot make everyone else's relayed steps busy. Pushing runs on its own threads, so the compute worker never
-waits on another server. A server only pushes to servers of its model that its discovery knows.
+waits on another server. A server only pushes to servers of its model that its discovery knows, with the
+compression the step's `push` names (transport/packing.py; the client chose one both servers announced).
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ...quant.compression import WireCodecs
 from ...transport.errors import SwarmError
 from ...transport.messages import Push, PushTarget
+from ...transport.packing import pack
 from ...transport.rpc import CurveClient, Request, RpcClient, RpcClientConfig
 
 log = logging.getLogger(__name__)
@@ -164,11 +167,13 @@ class Relay:
     """Pushes outputs to the next servers of chains, on its own threads."""
 
     def __init__(self, timeout: float = 60.0, threads: int = 8, link_delay: float = 0.0,
-                 curve: CurveClient | None = None):
+                 curve: CurveClient | None = None, link_bandwidth: float | None = None):
+        self.codecs = WireCodecs()  # what pushes may be compressed with (the step's push says which)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="swarm-relay")
         self._clients: dict[str, RpcClient] = {}
         self._lock = threading.Lock()
-        self._config = RpcClientConfig(timeout=timeout, link_delay=link_delay, curve=curve)
+        self._config = RpcClientConfig(timeout=timeout, link_delay=link_delay, link_bandwidth=link_bandwidth,
+                                       curve=curve)
 
     def push(self, target: PushTarget, out: torch.Tensor) -> None:
         self._pool.submit(self._push, target, out)
@@ -182,7 +187,8 @@ class Relay:
 
     def _push(self, target: PushTarget, out: torch.Tensor) -> None:
         try:
-            self._client(target.peer).call(*Push(target.session, target.ticket, out).to_wire())
+            msg_type, fields, tensors = Push(target.session, target.ticket, out).to_wire()
+            self._client(target.peer).call(msg_type, *pack(fields, tensors, target.compress, self.codecs))
         except SwarmError as e:  # the client learns it from the next server (gone, or timing out on its input)
             log.info("relay to %s failed: %s", target.peer, e)
         except Exception:

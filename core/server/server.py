@@ -43,6 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from ... import __version__
+from ...quant.codecs import CODECS
+from ...quant.compression import WireCodecs
 from ...quant.weights import weight_bytes
 from ...transport.discovery import Announcement, Discovery, DiscoveryConfig, local_endpoints
 from ...transport.errors import ConfigError
@@ -108,6 +110,8 @@ class ServerConfig:
     drain_timeout: float = 10.0  # seconds to finish queued work at shutdown
     poll_ms: int = 100  # I/O loop tick (session expiry granularity)
     link_delay: float = 0.0  # simulated one-way latency on this server's links to other servers (benchmarks)
+    link_bandwidth: float | None = None  # simulated speed of those links (relay pushes), bytes/s (benchmarks)
+    compression: tuple[str, ...] = CODECS[1:]  # codecs of hidden states it decodes and sends (announced); (): none
     passes: PassLimits = field(default_factory=PassLimits)  # tokens and requests per pass, starvation bound
     queue: QueueLimits = field(default_factory=QueueLimits)  # requests and bytes waiting, per client too
     batching: bool = True  # False: one request per pass, whole (the old one-at-a-time engine, for comparisons)
@@ -165,7 +169,12 @@ class Server:
         elif config.allowed_keys is not None:
             raise ConfigError("--allowed-keys needs --swarm-key: only a private swarm admits keys")
         curve = None if self.swarm_key is None else CurveClient.of(self.swarm_key)
-        self._relay = Relay(timeout=config.limits.session_timeout, link_delay=config.link_delay, curve=curve)
+        self._relay = Relay(timeout=config.limits.session_timeout, link_delay=config.link_delay, curve=curve,
+                            link_bandwidth=config.link_bandwidth)
+        try:
+            self._codecs = WireCodecs(tuple(config.compression))  # a wrong name fails here, at once
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self._stopped = threading.Event()
 
     def start(self) -> Server:
@@ -325,7 +334,8 @@ class Server:
                                                                                span.head_dim, dtype)
             handler = Handler(span, engine, budget, self.model_id, config.limits, extra_info=self._info,
                               on_gossip=self._on_gossip, relay=self._relay, relay_allowed=self._known_peer,
-                              adapters=adapters, peer_limits={"unread_reply_bytes": config.unread_bytes})
+                              adapters=adapters, peer_limits={"unread_reply_bytes": config.unread_bytes},
+                              codecs=self._codecs)
         except BaseException:
             if engine is not None:
                 engine.stop(0)
