@@ -12,6 +12,7 @@ from ..core.aliases import matches
 from ..core.coverage import models_served
 from ..transport.errors import SwarmError
 from .common import (
+    CompressionOption,
     InitialPeersOption,
     LogLevelOption,
     MdnsInterfaceOption,
@@ -19,6 +20,7 @@ from .common import (
     ServerQuantOption,
     SwarmKeyOption,
     UsageError,
+    check_compression,
     err_console,
     listener,
     load_swarm_key,
@@ -42,11 +44,13 @@ def bench(
     length: Annotated[int, typer.Option(help="Sequence length of the forward measurement.")] = 128,
     all_routes: Annotated[bool, typer.Option(help="Also measure every alternative route.")] = False,
     server_quant: ServerQuantOption = None,
+    compression: CompressionOption = "auto",
     json_: Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of tables.")] = False,
     log_level: LogLevelOption = None,
 ) -> None:
     """Measure pings, per-server step latency, and steps/s and tokens/s through the routes a client would use."""
     setup_logging(log_level, default="WARNING")
+    check_compression(compression)
     model, peers = model_and_peers(model, initial_peers, list(ctx.args))
     if steps < 1 or batch < 1 or length < 1 or wait < 0:
         raise UsageError("--steps, --batch and --length must be at least 1 and --wait 0 or more")
@@ -67,7 +71,7 @@ def bench(
     records = [r for r in records if matches(model, r.model)]
     if not records:
         raise SwarmError(f"found no server of {model!r} ({searched(peers, mdns, mdns_interface, wait, discovery)})")
-    runner = Bench(records, swarm_key=key)
+    runner = Bench(records, swarm_key=key, compression=compression)
     try:
         with err_console.status(f"measuring {len(records)} servers of {records[0].model}..."):
             servers = runner.servers(steps)
@@ -76,7 +80,8 @@ def bench(
         runner.close()
     if json_:
         print(json.dumps({"model": records[0].model, "servers": as_dicts(servers), "routes": as_dicts(routes),
-                          "batch": batch, "length": length, "steps": steps}, indent=2))
+                          "batch": batch, "length": length, "steps": steps, "compression": compression},
+                         indent=2))
         return
     table = Table(title=f"servers of {records[0].model}", title_justify="left")
     for column in ("server", "blocks", "ping ms", "step ms"):

@@ -20,6 +20,7 @@ from ..core.coverage import models_served
 from ..transport.errors import ConfigError
 from ..transport.mdns import MdnsSettings
 from .common import (
+    CompressionOption,
     DeviceOption,
     InitialPeersOption,
     LogLevelOption,
@@ -29,6 +30,7 @@ from .common import (
     SwarmKeyOption,
     UsageError,
     VerifyOption,
+    check_compression,
     check_verify,
     err_console,
     load_swarm_key,
@@ -118,6 +120,7 @@ def chat(
     verify: VerifyOption = 0.0,
     device: DeviceOption = "auto",
     server_quant: ServerQuantOption = None,
+    compression: CompressionOption = "auto",
     log_level: LogLevelOption = None,
 ) -> None:
     """Chat with a model served by the swarm."""
@@ -127,6 +130,7 @@ def chat(
     setup_logging(log_level, default="WARNING")
     check_verify(verify)
     allowed = parse_server_quant(server_quant)
+    check_compression(compression)
     model, peers = model_and_peers(model, initial_peers, list(ctx.args))
     if demo not in DEMOS:
         raise UsageError(f"--demo must be one of {', '.join(DEMOS)}; got {demo!r}")
@@ -139,7 +143,7 @@ def chat(
     key = load_swarm_key(swarm_key)
     options = dict(system=system, max_length=max_length, max_new_tokens=max_new_tokens, temperature=temperature,
                    top_p=top_p, seed=seed, config=ClientConfig(relay=relay, swarm_key=key, verify=verify,
-                                                                    server_quant=allowed),
+                                                                    server_quant=allowed, compression=compression),
                    prompts=prompts, adapter=adapter, device=device)
     settings = MdnsSettings.from_options(mdns, mdns_interface)
     discovery: Discovery | None = None

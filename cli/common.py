@@ -152,6 +152,21 @@ def parse_server_quant(text: str | None) -> frozenset[str] | None:
         raise UsageError(str(e).replace("server_quant", "--server-quant")) from None
 
 
+CompressionOption = Annotated[str, typer.Option(
+    help="Hidden states and gradients on the wire: none, float16, bfloat16, int8 (blockwise 8-bit, ~1% error), or "
+         "auto (each server's own dtype when it computes in 16 bits, which changes no value; float32 servers get "
+         "none). Servers relay with what the request asked; a server that does not announce a codec gets none.")]
+
+
+def check_compression(value: str) -> str:
+    """`--compression`'s value; anything but a known setting is a usage error."""
+    from ..quant.codecs import SETTINGS
+
+    if value not in SETTINGS:
+        raise UsageError(f"--compression must be one of {', '.join(SETTINGS)}, got {value!r}")
+    return value
+
+
 def check_verify(value: float) -> float:
     """`--verify`'s value, a fraction in [0, 1]; anything else is a usage error."""
     if not (math.isfinite(value) and 0.0 <= value <= 1.0):

@@ -23,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ..core.aliases import resolve_alias
 from ..transport.errors import ConfigError
 from .common import (
+    CompressionOption,
     DeviceOption,
     InitialPeersOption,
     LogLevelOption,
@@ -32,6 +33,7 @@ from .common import (
     SwarmKeyOption,
     UsageError,
     VerifyOption,
+    check_compression,
     check_verify,
     collect_peers,
     err_console,
@@ -87,12 +89,14 @@ def tune(
     verify: VerifyOption = 0.0,
     device: DeviceOption = "auto",
     server_quant: ServerQuantOption = None,
+    compression: CompressionOption = "auto",
     log_level: LogLevelOption = None,
 ) -> None:
     """Prompt-tune a model through the swarm (the servers' weights never change)."""
     setup_logging(log_level, default="WARNING")
     check_verify(verify)
     allowed = parse_server_quant(server_quant)
+    check_compression(compression)
     peers = collect_peers(initial_peers, list(ctx.args))
     from ..core.tune import Trainer, TuneConfig, load_data
     from ..core.tune.train import DEFAULT_LR
@@ -118,7 +122,7 @@ def tune(
     with err_console.status("connecting to the swarm..."):
         lora = dict(lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets) if mode == "lora" else {}
         net = _connect(model, task, mode, prompt_length, data, prompts, peers, mdns, mdns_interface, seed, lora,
-                       key, verify, device, allowed)
+                       key, verify, device, allowed, compression)
     stop = threading.Event()
     with net, _stop_on_ctrl_c(stop):
         trainer = Trainer(net, tokenizer, data, config, stop=stop)
@@ -140,7 +144,8 @@ def tune(
 def _connect(model: str, task: str, mode: str, prompt_length: int, data: Any, prompts: Path | None,
              peers: list[str], mdns: bool | None, mdns_interface: str | None, seed: int,
              lora: dict[str, Any] | None = None, swarm_key: Any = None, verify: float = 0.0,
-             device: str = "cpu", server_quant: frozenset[str] | None = None) -> Any:
+             device: str = "cpu", server_quant: frozenset[str] | None = None,
+             compression: str = "auto") -> Any:
     import torch
 
     from ..core.client.config import ClientConfig
@@ -149,7 +154,8 @@ def _connect(model: str, task: str, mode: str, prompt_length: int, data: Any, pr
     torch.manual_seed(seed)  # the initial prompts (or LoRA) and head
     common: dict[str, Any] = dict(initial_peers=peers, mdns=mdns, mdns_interface=mdns_interface,
                                   config=ClientConfig(swarm_key=swarm_key, verify=verify,
-                                                      server_quant=server_quant), device=device)
+                                                      server_quant=server_quant, compression=compression),
+                                  device=device)
     if prompts is not None:
         common["prompts"] = str(prompts)
     elif mode == "lora":

@@ -8,13 +8,13 @@ _swarm_completion() {
         return
     fi
     case "$cmd" in
-        bench) opts="--all-routes --batch --help --initial-peers --json --length --log-level --mdns --mdns-interface --server-quant --steps --swarm-key --wait" ;;
-        chat) opts="--adapter --demo --device --help --initial-peers --log-level --max-length --max-new-tokens --mdns --mdns-interface --prompt --prompts --relay --seed --server-quant --show-route --swarm-key --system --temperature --top-p --verify" ;;
+        bench) opts="--all-routes --batch --compression --help --initial-peers --json --length --log-level --mdns --mdns-interface --server-quant --steps --swarm-key --wait" ;;
+        chat) opts="--adapter --compression --demo --device --help --initial-peers --log-level --max-length --max-new-tokens --mdns --mdns-interface --prompt --prompts --relay --seed --server-quant --show-route --swarm-key --system --temperature --top-p --verify" ;;
         completions) opts="--help --write" ;;
         keygen) opts="--help --log-level --member-of --out" ;;
         serve) opts="--adapter-dir --adapter-memory --adapters --allowed-keys --balance-period --balance-quality --bandwidth --batching --blocks --cache-tokens --device --dtype --gossip-period --help --host --identity --initial-peers --log-level --max-adapters --max-memory --mdns --mdns-interface --min-move-interval --mix-adapters --model-id --move-drain --num-blocks --pass-tokens --peer-sessions --peer-share --port --quant --rebalance --record-ttl --session-timeout --simulate-rtt-ms --swarm-key --throughput" ;;
         status) opts="--help --initial-peers --json --log-level --mdns --mdns-interface --swarm-key --wait --watch" ;;
-        tune) opts="--batch-size --dataset --device --epochs --eval-every --help --initial-peers --json --label-field --log-level --lora-alpha --lora-rank --lora-targets --lr --max-examples --max-length --max-steps --mdns --mdns-interface --mode --output --prompt-length --prompts --seed --server-quant --swarm-key --task --text-field --validation-file --validation-split --verify" ;;
+        tune) opts="--batch-size --compression --dataset --device --epochs --eval-every --help --initial-peers --json --label-field --log-level --lora-alpha --lora-rank --lora-targets --lr --max-examples --max-length --max-steps --mdns --mdns-interface --mode --output --prompt-length --prompts --seed --server-quant --swarm-key --task --text-field --validation-file --validation-split --verify" ;;
         *) opts="" ;;
     esac
     if [[ "$cur" == -* ]]; then

@@ -4,6 +4,7 @@ complete -c swarm -n '__fish_use_subcommand' -l help
 complete -c swarm -n '__fish_use_subcommand' -l version
 complete -c swarm -n '__fish_seen_subcommand_from bench' -l all-routes
 complete -c swarm -n '__fish_seen_subcommand_from bench' -l batch
+complete -c swarm -n '__fish_seen_subcommand_from bench' -l compression
 complete -c swarm -n '__fish_seen_subcommand_from bench' -l help
 complete -c swarm -n '__fish_seen_subcommand_from bench' -l initial-peers
 complete -c swarm -n '__fish_seen_subcommand_from bench' -l json
@@ -16,6 +17,7 @@ complete -c swarm -n '__fish_seen_subcommand_from bench' -l steps
 complete -c swarm -n '__fish_seen_subcommand_from bench' -l swarm-key
 complete -c swarm -n '__fish_seen_subcommand_from bench' -l wait
 complete -c swarm -n '__fish_seen_subcommand_from chat' -l adapter
+complete -c swarm -n '__fish_seen_subcommand_from chat' -l compression
 complete -c swarm -n '__fish_seen_subcommand_from chat' -l demo
 complete -c swarm -n '__fish_seen_subcommand_from chat' -l device
 complete -c swarm -n '__fish_seen_subcommand_from chat' -l help
@@ -90,6 +92,7 @@ complete -c swarm -n '__fish_seen_subcommand_from status' -l swarm-key
 complete -c swarm -n '__fish_seen_subcommand_from status' -l wait
 complete -c swarm -n '__fish_seen_subcommand_from status' -l watch
 complete -c swarm -n '__fish_seen_subcommand_from tune' -l batch-size
+complete -c swarm -n '__fish_seen_subcommand_from tune' -l compression
 complete -c swarm -n '__fish_seen_subcommand_from tune' -l dataset
 complete -c swarm -n '__fish_seen_subcommand_from tune' -l device
 complete -c swarm -n '__fish_seen_subcommand_from tune' -l epochs

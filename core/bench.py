@@ -15,10 +15,13 @@ from typing import TypeVar
 
 import torch
 
+from ..quant.codecs import choose
+from ..quant.compression import WireCodecs
 from ..transport.codec import Message
 from ..transport.errors import ProtocolError, SwarmError
 from ..transport.keys import SwarmKey
 from ..transport.messages import Close, Forward, ForwardReply, Open, OpenReply, Ping, RequestMessage, Step, StepReply
+from ..transport.packing import COMPRESS, announced, pack, unpack
 from ..transport.records import ServerRecord
 from ..transport.rpc import CurveClient, RpcClient, RpcClientConfig
 from .client.routing import Hop, SpanInfo, missing_ranges, plan_forward, plan_inference
@@ -65,8 +68,10 @@ def all_chains(spans: Sequence[SpanInfo], start: int, end: int, limit: int = 20)
 
 
 class Bench:
-    def __init__(self, records: Sequence[ServerRecord], timeout: float = 30.0, swarm_key: SwarmKey | None = None):
+    def __init__(self, records: Sequence[ServerRecord], timeout: float = 30.0, swarm_key: SwarmKey | None = None,
+                 compression: str = "auto"):
         self.records = list(records)
+        self.compression, self.codecs = compression, WireCodecs()  # hidden states on the wire, as a client sends
         self.hidden = self.records[0].hidden_size
         self.num_blocks = self.records[0].num_blocks
         config = RpcClientConfig(timeout=timeout, curve=None if swarm_key is None else CurveClient.of(swarm_key))
@@ -78,7 +83,13 @@ class Bench:
             client.close()
 
     def _send(self, peer: str, request: RequestMessage) -> Message:
-        return self._clients[peer].call(*request.to_wire())
+        """`request` to `peer`, its hidden states compressed (and its reply's asked so) as a client would."""
+        msg_type, fields, tensors = request.to_wire()
+        record = next(r for r in self.records if r.addresses[0] == peer)
+        codec = choose(self.compression, record.dtype, announced(record.capabilities))
+        if codec != "none" and msg_type in ("forward", "backward", "step"):
+            fields, tensors = pack({**fields, COMPRESS: codec}, tensors, codec, self.codecs)
+        return unpack(self._clients[peer].call(msg_type, fields, tensors), self.codecs)
 
     def _read(self, parse: Callable[[Message], _Reply], peer: str, request: RequestMessage) -> _Reply:
         """`request`'s reply, read by `parse` (a reply type's from_wire); a malformed one is a SwarmError naming the

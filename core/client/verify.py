@@ -15,7 +15,9 @@ training path, sequence.py) and each hop of each inference step (session.py) is 
 
 Outputs are compared by relative norm difference, ||a - b|| / max(||a||, ||b||), over the real (unpadded) positions,
 against a tolerance set by the dtypes and weight quantization involved (`tolerance`: the loosest of the client's and
-both servers'). Two honest servers of one dtype differ only by the order of floating-point sums (batching, chunked
+both servers'), plus what the compression of the hidden states on the wire adds (`COMPRESSION_TOLERANCE`: the inputs
+and outputs of both servers may travel compressed, so a server may lie by that much more unseen). Two honest
+servers of one dtype differ only by the order of floating-point sums (batching, chunked
 prefill, a step's cache against a whole-sequence forward): ~1e-6 in float32, ~1e-3..1e-2 in 16-bit floats, more with
 8-bit and 4-bit weights (whose kernels and outlier handling differ by hardware). Measured on the real demo model
 (SmolLM2-135M, one hop of 15 blocks, float32, this CPU): an int8 server's session steps and a forward of the same
@@ -69,6 +71,9 @@ log = logging.getLogger(__name__)
 # relative norm differences two honest servers stay within, by compute dtype and by weight quantization
 DTYPE_TOLERANCE = {"float64": 1e-3, "float32": 1e-3, "float16": 2e-2, "bfloat16": 5e-2}
 QUANT_TOLERANCE = {"none": 0.0, "int8": 0.1, "8bit": 0.1, "nf4": 0.2, "fp4": 0.2, "4bit": 0.2}
+# what compressed hidden states add (the checked input and both outputs travel compressed; measured in
+# benchmarks/bench_compression.py: a relative difference of ~1e-4 for float16, ~1e-3 for bfloat16, ~1e-2 for int8)
+COMPRESSION_TOLERANCE = {"none": 0.0, "float16": 5e-3, "bfloat16": 2e-2, "int8": 8e-2}
 UNKNOWN_DTYPE_TOLERANCE = 5e-2  # a dtype this table does not know: as loose as bfloat16
 UNKNOWN_QUANT_TOLERANCE = 0.2  # a quantization this table does not know: as loose as 4-bit
 MIXED_QUANT_TOLERANCE = 0.25  # two servers of different quantizations (or one quantized, one not)
@@ -92,10 +97,12 @@ class VerifyStats:
         return asdict(self)
 
 
-def tolerance(dtypes: Iterable[str], quants: Iterable[str]) -> float:
-    """The relative norm difference allowed between outputs computed in `dtypes` with weights quantized as `quants`."""
+def tolerance(dtypes: Iterable[str], quants: Iterable[str], codecs: Iterable[str] = ()) -> float:
+    """The relative norm difference allowed between outputs computed in `dtypes` with weights quantized as `quants`,
+    that travelled compressed with `codecs` (their errors add to the dtypes')."""
     quants = [q or "none" for q in quants]
     tol = max((DTYPE_TOLERANCE.get(d, UNKNOWN_DTYPE_TOLERANCE) for d in dtypes), default=UNKNOWN_DTYPE_TOLERANCE)
+    tol += max((COMPRESSION_TOLERANCE.get(c, COMPRESSION_TOLERANCE["int8"]) for c in codecs), default=0.0)
     tol = max([tol, *(QUANT_TOLERANCE.get(q, UNKNOWN_QUANT_TOLERANCE) for q in quants)])
     if len(set(quants)) > 1:
         tol = max(tol, MIXED_QUANT_TOLERANCE)
@@ -250,7 +257,8 @@ class Verifier:
         records = self._records()
         found = [records[p] for p in peers if p in records]
         dtypes = [str(got.dtype).removeprefix("torch."), *(r.dtype for r in found)]
-        return tolerance(dtypes, [r.quant for r in found] or ["none"])
+        codecs = [self.peers.codec_for(p) for p in peers]  # what the inputs and outputs travelled in
+        return tolerance(dtypes, [r.quant for r in found] or ["none"], codecs)
 
     def _records(self) -> dict[str, ServerRecord]:
         return {r.addresses[0]: r for r in self.peers.discovery.records(self.peers._model_filter)}
