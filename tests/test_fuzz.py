@@ -44,6 +44,7 @@ from swarm.core.server.adapters import AdapterConfig
 from swarm.core.server.handler import HandlerLimits
 from swarm.core.tune.data import TuneData, load_data
 from swarm.core.weights import ModelSource
+from swarm.quant.compression import WireCodecs
 from swarm.transport.codec import PROTOCOL_VERSION, Message, decode, decode_header, encode
 from swarm.transport.errors import REMOTE_ERRORS, ConfigError, ProtocolError
 from swarm.transport.gossip import GossipConfig, GossipNode, Membership
@@ -57,6 +58,7 @@ from swarm.transport.messages import (
     StepReply,
     parse_request,
 )
+from swarm.transport.packing import PACKED, pack, unpack
 from swarm.transport.records import (
     ServerRecord,
     normalize_endpoint,
@@ -312,8 +314,50 @@ def relay_pair(draw) -> list[tuple[str, dict[str, Any], list[torch.Tensor]]]:
     return pair if draw(st.booleans()) else pair[::-1]
 
 
+CODECS = (st.sampled_from(["float16", "bfloat16", "int8"]),
+          st.one_of(st.sampled_from(["none", "int4", "INT8", "float32", "", "int8 "]), JUNK))
+
+
+@st.composite
+def compressed(draw, request: st.SearchStrategy) -> tuple[str, dict[str, Any], list[torch.Tensor]]:
+    """A request whose hidden states and gradients travel compressed (transport/packing.py), asking its reply so;
+    when hostile, with parts or descriptions that do not fit: codes or scales too few or too many, NaN, infinite or
+    negative scales, codes of -128, shapes that are too big or do not match, unknown codecs, parts left over."""
+    kind, fields, tensors_ = draw(request)
+    level = draw(LEVELS)
+    codec = draw(st.sampled_from(["float16", "bfloat16", "int8"]))
+    fields, tensors_ = pack(fields, tensors_, codec, WireCodecs())
+    fields = {**fields, "compress": draw(pick(level, *CODECS))}
+    packed = fields.get(PACKED)
+    if level == 0 or not packed:
+        return kind, fields, tensors_
+    names = list(fields["names"])
+    index = draw(st.sampled_from([i for i, n in enumerate(names) if "#" in n]))
+    part = tensors_[index]
+    tensors_ = list(tensors_)
+    tensors_[index] = draw(st.sampled_from([
+        part[:-1], torch.cat([part, part[:1]]), part.to(torch.float32), torch.full_like(part, math.nan)
+        if part.is_floating_point() else torch.full_like(part, -128),
+        torch.full_like(part, math.inf) if part.is_floating_point() else part, -part.float().abs() - 1,
+        part * 1e38 if part.is_floating_point() else part]))
+    name = names[index].split("#")[0]
+    spec = dict(packed[name])
+    change = draw(st.sampled_from(["shape", "codec", "dtype", "drop", "none"]))
+    if change == "shape":
+        spec["shape"] = draw(st.sampled_from([[1 << 40, 1 << 40], [1, 1, 1], [], [-1, 3], "x", [1, 2, 3, 4, 5, 6, 7,
+                                                                                               8, 9]]))
+    elif change == "codec":
+        spec["codec"] = draw(CODECS[1])
+    elif change == "dtype":
+        spec["dtype"] = draw(st.sampled_from(["int8", "bool", "complex", None, 3]))
+    fields[PACKED] = {} if change == "drop" else {**packed, name: spec}
+    return kind, fields, tensors_
+
+
 REQUESTS = st.one_of(compute_request("forward"), compute_request("backward"), open_request(), step_request(),
-                     step_request(), small_request())
+                     step_request(), small_request(), compressed(compute_request("forward")),
+                     compressed(compute_request("backward")), compressed(step_request()),
+                     compressed(small_request()))
 
 
 # --- gossip and records ---------------------------------------------------------------------------------------------
@@ -731,7 +775,7 @@ def test_codec_and_request_parsing_refuse_with_protocol_errors_only(frames) -> N
     if message.type == "gossip":
         return
     try:
-        request = parse_request(message)
+        request = parse_request(unpack(message, WireCodecs()))  # compressed tensors decoded first, as servers do
     except ProtocolError:  # UnknownMethod included
         return
     assert request.TYPE == message.type
@@ -749,6 +793,9 @@ def reply_frames(draw) -> list[bytes]:
         BackwardReply(h, torch.randn(3, 1, 2, HIDDEN), {"lora_a.q": torch.randn(3, 2, HIDDEN)}), BackwardReply(h),
         CancelReply(True)]))
     fields, tensors_ = reply.to_wire()
+    if draw(st.booleans()):  # compressed, as a server asked so answers
+        fields, tensors_ = pack(fields, tensors_, draw(st.sampled_from(["float16", "bfloat16", "int8"])),
+                                WireCodecs())
     for _ in range(draw(st.integers(0, 2))):
         fields[draw(st.sampled_from(["session", "position", "kept", "names", "cancelled", "cache_tokens_free"]))] = \
             draw(JUNK)
@@ -761,6 +808,10 @@ def test_reply_parsing_refuses_with_protocol_errors_only(frames) -> None:
     """What a client reads from a hostile server: each reply type gives its reply or a ProtocolError."""
     try:
         message = decode(frames)
+    except ProtocolError:
+        return
+    try:
+        message = unpack(message, WireCodecs())  # what a client does first (peers.py)
     except ProtocolError:
         return
     for cls in REPLIES:
