@@ -194,7 +194,6 @@ def measure(path: Path, endpoints: Sequence[str], setting: str, prompts: Sequenc
             bandwidth: float | None = None) -> Figures:
     """The figures of one compression setting (teacher-forced on `reference`'s tokens, compared to its logits)."""
     figures = Figures(label, setting)
-    hops = len(endpoints)
     with client(path, endpoints, setting) as model:
         decode(model, prompts[0], 2)  # warm-up: connections, allocator
         del model.wire[:]
@@ -211,7 +210,8 @@ def measure(path: Path, endpoints: Sequence[str], setting: str, prompts: Sequenc
         figures.step_ms = statistics.median(times) * 1000
         del model.wire[:]
         forward_batch(model, batch, length, 1)
-        figures.forward_bytes_per_hop = sum(size for kind, size in model.wire if kind == "forward") / hops
+        forwards = [size for kind, size in model.wire if kind == "forward"]  # one call per hop (more if retried)
+        figures.forward_bytes_per_hop = sum(forwards) / len(forwards)
     if reference is not None:
         compare(figures, reference)
     if bandwidth is not None:

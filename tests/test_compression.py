@@ -23,6 +23,7 @@ from swarm.transport.packing import PACKED, announced, pack, unpack
 from swarm.transport.rpc import RpcClient
 
 PROMPTS = [torch.tensor([[7, 3, 9, 1, 4, 4, 2]]), torch.tensor([[5, 60, 2, 2, 17, 90, 33, 1, 8]])]
+INT8_PARTS = ("codes", "scales", "outliers", "positions")
 INT8_LOGITS = 0.05  # relative logits error through 2 servers with int8 hops (measured ~1e-2 on this model)
 
 
@@ -52,9 +53,14 @@ def test_round_trip_stays_within_the_codec_bound(codec, case):
     if codec == "int8":  # the bound of each value is its own block's: small blocks keep their precision
         flat, back = x.reshape(-1), y.reshape(-1)
         for start in range(0, flat.numel(), BLOCK):
-            block = flat[start:start + BLOCK]
-            assert (back[start:start + BLOCK] - block).abs().max() <= block.abs().max() / 254 * (1 + 1e-5)
-        assert parts["codes"].numel() == x.numel() and parts["scales"].numel() == math.ceil(x.numel() / BLOCK)
+            block, got = flat[start:start + BLOCK], back[start:start + BLOCK]
+            largest = block.abs().argmax()
+            assert got[largest] == block[largest]  # each block's largest value travels as it is
+            second = block.abs().sort(descending=True).values[1] if block.numel() > 1 else 0.0
+            assert (got - block).abs().max() <= second / 254 * (1 + 1e-5)
+        blocks = math.ceil(x.numel() / BLOCK)
+        assert parts["codes"].numel() == x.numel()
+        assert [parts[p].numel() for p in ("scales", "outliers", "positions")] == [blocks] * 3
     else:  # relative rounding of a 16-bit float (absolute below its normal range)
         info = torch.finfo(getattr(torch, codec))
         assert torch.allclose(y, x, rtol=info.eps, atol=info.smallest_normal)
@@ -66,7 +72,7 @@ def test_codes_take_a_half_and_about_a_quarter_of_float32():
     x = torch.randn(4, 16, 576)
     sizes = {c: sum(p.nbytes for p in encode(c, x).values()) for c in ("float16", "bfloat16", "int8")}
     assert sizes["float16"] == sizes["bfloat16"] == x.nbytes // 2
-    assert sizes["int8"] == x.numel() + 4 * x.numel() // BLOCK  # 1 byte a value + 4 per block of 64
+    assert sizes["int8"] == x.numel() + 9 * x.numel() // BLOCK  # 1 byte a value + 9 per block of 64
 
 
 def test_nothing_to_encode_is_sent_plain():
@@ -93,6 +99,14 @@ def int8_parts(n: int = 100):
     ("int8", {**int8_parts(), "codes": torch.full((100,), -128, dtype=torch.int8)}, [100], torch.float32, "-127"),
     ("int8", {**int8_parts(), "codes": torch.zeros(100, dtype=torch.int16)}, [100], torch.float32, "codes"),
     ("int8", {"codes": int8_parts()["codes"]}, [100], torch.float32, "needs parts"),
+    ("int8", {**int8_parts(), "outliers": torch.tensor([1.0, math.inf])}, [100], torch.float32, "outliers"),
+    ("int8", {**int8_parts(), "outliers": torch.tensor([1.0, 1e5])}, [100], torch.float16, "beyond"),
+    ("int8", {**int8_parts(), "outliers": torch.ones(3)}, [100], torch.float32, "outliers"),
+    ("int8", {**int8_parts(), "positions": torch.tensor([64, 0], dtype=torch.uint8)}, [100], torch.float32,
+     "positions"),
+    ("int8", {**int8_parts(), "positions": torch.tensor([0, 36], dtype=torch.uint8)}, [100], torch.float32,
+     "positions"),  # the last block holds 36 values
+    ("int8", {**int8_parts(), "positions": torch.tensor([0, 1])}, [100], torch.float32, "positions"),
     ("int8", int8_parts(), [10, 10], torch.int64, "float dtype"),
     ("int8", int8_parts(), [1 << 20, 1 << 20], torch.float32, "more than"),
     ("int8", int8_parts(), [10, -10], torch.float32, "bad shape"),
@@ -120,7 +134,7 @@ def packed_message(codec: str = "int8", hidden: torch.Tensor | None = None, **ch
 def test_pack_then_unpack_gives_the_tensors_back_in_place():
     hidden = torch.randn(2, 5, 64)
     message = packed_message("int8", hidden)
-    assert message.get("names") == ["hidden#codes", "hidden#scales", "attention_mask"]
+    assert message.get("names") == [*(f"hidden#{p}" for p in INT8_PARTS), "attention_mask"]
     back = unpack(message, WireCodecs())
     assert back.get("names") == ["hidden", "attention_mask"] and PACKED not in back.fields
     assert (back.tensors[0] - hidden).abs().max() <= max_error("int8", hidden)
@@ -138,7 +152,7 @@ def test_pack_then_unpack_gives_the_tensors_back_in_place():
     ({PACKED: {"other": {"codec": "int8", "dtype": "float32", "shape": [3]}}}, "does not describe"),
     ({PACKED: []}, "must map"),
     ({PACKED: {"hidden": "int8"}}, "description"),
-    ({"names": ["hidden#codes", "hidden#codes", "attention_mask"]}, "twice"),
+    ({"names": ["hidden#codes", "hidden#codes", "hidden#outliers", "hidden#positions", "attention_mask"]}, "twice"),
 ])
 def test_unpack_refuses_hostile_descriptions(changes, match):
     with pytest.raises(ProtocolError, match=match):
@@ -184,19 +198,20 @@ def test_hostile_compressed_frames_get_a_protocol_error_and_the_server_still_ser
     server = start_server(model_dir, (0, 4))
     hidden = torch.randn(1, 3, 64)
     good_fields, good = pack({"names": ["hidden"]}, [hidden], "int8", WireCodecs())
-    codes, scales = good
-    describe = good_fields[PACKED]["hidden"]
+    codes, scales, outliers, positions = good
+    describe, names = good_fields[PACKED]["hidden"], good_fields["names"]
     bad = [
-        ({"names": ["hidden#codes", "hidden#scales"], PACKED: {"hidden": {**describe, "codec": "int3"}}}, good, "int3"),
-        ({**good_fields}, [codes[:-1], scales], "codes"),
-        ({**good_fields}, [codes, torch.cat([scales, scales])], "scales"),
-        ({**good_fields}, [codes, torch.full_like(scales, math.nan)], "finite"),
-        ({**good_fields}, [codes, torch.full_like(scales, math.inf)], "finite"),
-        ({**good_fields}, [codes, -scales], "non-negative"),
-        ({"names": ["hidden#codes", "hidden#scales"],
-          PACKED: {"hidden": {**describe, "shape": [1 << 20, 1 << 20, 64]}}}, good, "bytes decoded"),
+        ({"names": names, PACKED: {"hidden": {**describe, "codec": "int3"}}}, good, "int3"),
+        (good_fields, [codes[:-1], scales, outliers, positions], "codes"),
+        (good_fields, [codes, torch.cat([scales, scales]), outliers, positions], "scales"),
+        (good_fields, [codes, torch.full_like(scales, math.nan), outliers, positions], "finite"),
+        (good_fields, [codes, torch.full_like(scales, math.inf), outliers, positions], "finite"),
+        (good_fields, [codes, -scales - 1, outliers, positions], "non-negative"),
+        (good_fields, [codes, scales, torch.full_like(outliers, math.nan), positions], "finite"),
+        (good_fields, [codes, scales, outliers, positions + 200], "positions"),
+        ({"names": names, PACKED: {"hidden": {**describe, "shape": [1 << 20, 1 << 20, 64]}}}, good, "bytes decoded"),
         ({"names": ["hidden#codes"], PACKED: {"hidden": describe}}, [codes], "parts"),
-        ({"names": ["hidden#codes", "hidden#scales"]}, good, "expected tensors"),  # parts without a description
+        ({"names": names}, good, "expected tensors"),  # parts without a description
         ({**good_fields, "compress": "int5"}, good, "int5"),  # an unknown codec asked for the reply
     ]
     for fields, tensors, match in bad:
@@ -204,7 +219,7 @@ def test_hostile_compressed_frames_get_a_protocol_error_and_the_server_still_ser
             call(server, fields, tensors)
     # after all that, it serves: a compressed forward asked to answer compressed
     reply = call(server, {**good_fields, "compress": "int8"}, good)
-    assert reply.get("names") == ["hidden#codes", "hidden#scales"]
+    assert reply.get("names") == [f"hidden#{p}" for p in INT8_PARTS]
     out = unpack(reply, WireCodecs()).tensors[0]
     assert out.shape == hidden.shape and torch.isfinite(out).all()
 
@@ -389,4 +404,4 @@ def test_frames_of_a_compressed_step_are_smaller():
     for codec in ("float16", "int8"):
         fields, tensors = pack({"names": ["hidden"]}, [hidden], codec, WireCodecs())
         size[codec] = sum(len(f) for f in encode_frames("step", 1, fields, tensors))
-    assert size["float16"] < 0.52 * size["none"] and size["int8"] < 0.28 * size["none"]
+    assert size["float16"] < 0.52 * size["none"] and size["int8"] < 0.3 * size["none"]
