@@ -405,3 +405,34 @@ def test_frames_of_a_compressed_step_are_smaller():
         fields, tensors = pack({"names": ["hidden"]}, [hidden], codec, WireCodecs())
         size[codec] = sum(len(f) for f in encode_frames("step", 1, fields, tensors))
     assert size["float16"] < 0.52 * size["none"] and size["int8"] < 0.3 * size["none"]
+
+
+@pytest.mark.slow
+def test_verify_allows_for_compression_and_still_catches_a_liar(model_dir, start_server, monkeypatch):
+    """With int8 hops, two honest servers' outputs differ by the compression error (one of them takes no compression):
+    within verify's tolerance (no ban), which still catches a server that perturbs its outputs by 20% of their size."""
+    from test_verify import favour, perturb
+
+    import swarm.core.client.verify as verify
+
+    diffs = []
+    real = verify.relative_difference
+    monkeypatch.setattr(verify, "relative_difference", lambda *a: diffs.append(real(*a)) or diffs[-1])
+    # one of them takes no compression: its inputs and outputs are exact where the others' are int8
+    servers = [start_server(model_dir, (0, 4), compression=() if i == 1 else ("int8",)) for i in range(3)]
+    config = ClientConfig(gossip_period=0.1, compression="int8", verify=1.0)
+    model = AutoDistributedModelForCausalLM.from_pretrained(str(model_dir), config=config,
+                                                            initial_peers=[s.endpoint for s in servers])
+    with model:
+        assert model.blocks.discovery.wait(lambda _: len(model.blocks.servers()) == 3, 15)
+        model.generate(PROMPTS[1], max_new_tokens=6, do_sample=False)
+        model.blocks(torch.randn(2, 9, 64))
+        stats = model.blocks.verifier.stats
+        assert stats.checks >= 3 and stats.mismatches == 0 and stats.bans == 0
+        # more than float32's own tolerance: without the compression's allowance an honest server would be banned
+        assert verify.DTYPE_TOLERANCE["float32"] < max(diffs) < verify.COMPRESSION_TOLERANCE["int8"] / 2, max(diffs)
+        liar = servers[2]  # honest until now
+        perturb(liar)
+        favour(model.blocks, liar.endpoint)
+        model.generate(PROMPTS[0], max_new_tokens=3, do_sample=False)
+        assert model.blocks.distrusted(liar.endpoint) and stats.bans == 1
