@@ -19,7 +19,8 @@ for these float32 servers). Per setting:
 * `step ms`: median decode step on loopback;
 * at `--mbit` Mbit/s (default 100), simulated on the client's links (`ClientConfig.link_bandwidth`: each message
   waits its size / bandwidth on the way out and on the way back), decode steps/s and batch forwards/s, and their gain
-  over `none`.
+  over `none`; `link ms` is what the link adds to one step or forward through all hops (its bytes / bandwidth), the
+  part compression saves whatever the machine's load does to the compute.
 
 The measurement functions (`serve`, `measure`, `Figures`) are importable: benchmarks/bench_quant.py can run them on
 its own servers.
@@ -78,6 +79,8 @@ class Figures:
     step_ms: float = 0.0  # median decode step on loopback
     slow_steps_per_s: float | None = None  # decode steps/s on the simulated link
     slow_forwards_per_s: float | None = None  # batch forwards/s on the simulated link
+    link_ms_step: float | None = None  # what the simulated link adds to a decode step: its bytes / bandwidth
+    link_ms_forward: float | None = None  # the same for a batch forward
     logits: list[torch.Tensor] = field(default_factory=list, repr=False)  # per prompt [steps, vocab]
     tokens: list[list[int]] = field(default_factory=list, repr=False)
 
@@ -215,6 +218,8 @@ def measure(path: Path, endpoints: Sequence[str], setting: str, prompts: Sequenc
     if reference is not None:
         compare(figures, reference)
     if bandwidth is not None:
+        figures.link_ms_step = figures.bytes_per_hop * len(endpoints) / bandwidth * 1000
+        figures.link_ms_forward = figures.forward_bytes_per_hop * len(endpoints) / bandwidth * 1000
         with client(path, endpoints, setting, link_bandwidth=bandwidth) as slow:
             decode(slow, prompts[0], 2)
             figures.slow_steps_per_s = 1 / statistics.median(decode(slow, prompts[0], steps)[2])
@@ -264,7 +269,7 @@ def print_table(results: Sequence[Figures], mbit: float | None) -> None:
     table = Table(title=f"hidden-state compression, {SERVERS} float32 servers", title_justify="left")
     columns = ["model", "setting", "bytes/hop", "fwd KB/hop", "logits err", "rel norm", "greedy", "equal", "step ms"]
     if mbit is not None:
-        columns += [f"steps/s @{mbit:g}Mb", "gain", f"fwd/s @{mbit:g}Mb", "gain "]
+        columns += ["link ms/step", f"steps/s @{mbit:g}Mb", "gain", "link ms/fwd", f"fwd/s @{mbit:g}Mb", "gain "]
     for column in columns:
         table.add_column(column, justify="left" if column in ("model", "setting", "equal") else "right")
     base: dict[str, Figures] = {}
@@ -275,8 +280,9 @@ def print_table(results: Sequence[Figures], mbit: float | None) -> None:
                f"{f.logits_error:.2e}", f"{f.relative_norm:.2e}", f"{f.greedy_agreement:.0%}",
                "yes" if f.tokens_equal else "no", f"{f.step_ms:.1f}"]
         if mbit is not None:
-            row += [f"{f.slow_steps_per_s:.1f}", f"{f.slow_steps_per_s / b.slow_steps_per_s:.2f}x",
-                    f"{f.slow_forwards_per_s:.2f}", f"{f.slow_forwards_per_s / b.slow_forwards_per_s:.2f}x"]
+            row += [f"{f.link_ms_step:.2f}", f"{f.slow_steps_per_s:.1f}", f"{f.slow_steps_per_s / b.slow_steps_per_s:.2f}x",
+                    f"{f.link_ms_forward:.0f}", f"{f.slow_forwards_per_s:.2f}",
+                    f"{f.slow_forwards_per_s / b.slow_forwards_per_s:.2f}x"]
         table.add_row(*row)
     console.print(table)
 
