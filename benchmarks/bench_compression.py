@@ -280,8 +280,9 @@ def print_table(results: Sequence[Figures], mbit: float | None) -> None:
                f"{f.logits_error:.2e}", f"{f.relative_norm:.2e}", f"{f.greedy_agreement:.0%}",
                "yes" if f.tokens_equal else "no", f"{f.step_ms:.1f}"]
         if mbit is not None:
-            row += [f"{f.link_ms_step:.2f}", f"{f.slow_steps_per_s:.1f}", f"{f.slow_steps_per_s / b.slow_steps_per_s:.2f}x",
-                    f"{f.link_ms_forward:.0f}", f"{f.slow_forwards_per_s:.2f}",
+            row += [f"{f.link_ms_step:.2f}", f"{f.slow_steps_per_s:.1f}",
+                    f"{f.slow_steps_per_s / b.slow_steps_per_s:.2f}x", f"{f.link_ms_forward:.0f}",
+                    f"{f.slow_forwards_per_s:.2f}",
                     f"{f.slow_forwards_per_s / b.slow_forwards_per_s:.2f}x"]
         table.add_row(*row)
     console.print(table)
