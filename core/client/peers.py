@@ -11,7 +11,9 @@
   allows, when it is set) that the pure planners of routing.py turn into chains (`plan`,
   `plan_or_wait`, which waits, bounded, for blocks no live server covers);
 - requests: `send` one wire message (types of transport/messages.py) to a hop, `submit` it on a background thread, and
-  `retry` an attempt on other routes while servers fail.
+  `retry` an attempt on other routes while servers fail. Hidden states and gradients travel compressed both ways
+  with `codec_for` the server (`ClientConfig.compression`, among the codecs its record announces: transport/packing.py);
+  every reply's compressed tensors are decoded before anyone reads it, and a malformed one fails the hop.
 - owners: a signed record is used only once its address has answered `info` with the record's peer id and run one
   timed step of one token through its first block (both asked in the background the first time the record is seen),
   so a record cannot send clients to someone else's server, nor to one that does not answer steps, and the

@@ -11,6 +11,10 @@ backend.py); a step may carry them only at position 0.
 `adapter` (open, forward, backward) names an adapter the server holds or loads on first use (adapters.py); a session's
 steps run with the adapter it opened with, which stays loaded while the session lives. A client's own LoRA (`lora`)
 comes with forward/backward (its gradients go back with the backward) or with `open` (kept with the session).
+Hidden states and gradients may come compressed and a request may ask its reply compressed (transport/packing.py,
+with the codecs of quant/compression.py this server accepts: `ServerConfig.compression`, announced as capabilities
+`compress.NAME`): they are decoded on arrival, before any other check (which then sees plain tensors), and the reply is
+packed as asked; a relayed step's `push` names the codec its output is pushed to the next server in.
 Nothing a peer sends can stop the server or touch another client's session. A step that is refused or fails does not
 count as activity of its session (only answered steps keep a session from expiring).
 
