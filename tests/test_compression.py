@@ -353,14 +353,15 @@ def test_auto_on_16_bit_servers_sends_their_dtype_and_changes_no_value(model_dir
 @pytest.mark.slow
 def test_an_older_peer_gets_and_sends_plain_tensors(model_dir, ref, start_server):
     """The second server does not compress: the client sends it plain and asks nothing of it, the first server is
-    not asked to push compressed to it, and the tokens are exact; the first still gets int8."""
+    not asked to push compressed to it, and the first still gets int8 (the greedy tokens of this model stay those of
+    transformers)."""
     first, old = two_servers(start_server, model_dir, second={"compression": ()})
     model = client(model_dir, first, "int8", relay=True)
     log = wire_log(model)
     with model:
         expected = ref.generate(PROMPTS[0], max_new_tokens=4, do_sample=False)
         got = model.generate(PROMPTS[0], max_new_tokens=4, do_sample=False)
-    assert got.shape == expected.shape
+    assert got.tolist() == expected.tolist()  # int8 on one hop of this model keeps its greedy tokens
     to_old = [f for t, f, _, _, _ in log if t == "step" and "ticket" in f]
     to_first = [f for t, f, _, _, _ in log if t == "step" and "ticket" not in f]
     assert to_old and all("compress" not in f and PACKED not in f for f in to_old)
