@@ -69,7 +69,7 @@ def encode_int8(flat: torch.Tensor, block: int = BLOCK) -> dict[str, torch.Tenso
     outliers' places) times `scales` float32 [blocks] (the largest magnitude left / 127)."""
     n = flat.numel()
     blocks = -(-n // block)
-    padded = torch.zeros(blocks * block, dtype=torch.float32)
+    padded = torch.zeros(blocks * block, dtype=torch.float32, device=flat.device)
     padded[:n] = flat.to(torch.float32)
     rows = padded.view(blocks, block)
     positions = rows.abs().argmax(dim=1, keepdim=True)  # a real value's place (padding is 0, the first wins ties)
@@ -86,7 +86,7 @@ def decode_int8(parts: Mapping[str, torch.Tensor], block: int = BLOCK) -> torch.
     """float32 values of `encode_int8`'s parts (no checks: see `decode`)."""
     codes, scales = parts["codes"], parts["scales"]
     n, blocks = codes.numel(), scales.numel()
-    padded = torch.zeros(blocks * block, dtype=torch.float32)
+    padded = torch.zeros(blocks * block, dtype=torch.float32, device=codes.device)
     padded[:n] = codes.to(torch.float32)
     rows = padded.view(blocks, block) * scales[:, None]
     rows.scatter_(1, parts["positions"].long()[:, None], parts["outliers"][:, None])
