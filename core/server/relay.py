@@ -167,13 +167,12 @@ class Relay:
     """Pushes outputs to the next servers of chains, on its own threads."""
 
     def __init__(self, timeout: float = 60.0, threads: int = 8, link_delay: float = 0.0,
-                 curve: CurveClient | None = None, link_bandwidth: float | None = None):
+                 curve: CurveClient | None = None):
         self.codecs = WireCodecs()  # what pushes may be compressed with (the step's push says which)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="swarm-relay")
         self._clients: dict[str, RpcClient] = {}
         self._lock = threading.Lock()
-        self._config = RpcClientConfig(timeout=timeout, link_delay=link_delay, link_bandwidth=link_bandwidth,
-                                       curve=curve)
+        self._config = RpcClientConfig(timeout=timeout, link_delay=link_delay, curve=curve)
 
     def push(self, target: PushTarget, out: torch.Tensor) -> None:
         self._pool.submit(self._push, target, out)

@@ -110,7 +110,6 @@ class ServerConfig:
     drain_timeout: float = 10.0  # seconds to finish queued work at shutdown
     poll_ms: int = 100  # I/O loop tick (session expiry granularity)
     link_delay: float = 0.0  # simulated one-way latency on this server's links to other servers (benchmarks)
-    link_bandwidth: float | None = None  # simulated speed of those links (relay pushes), bytes/s (benchmarks)
     compression: tuple[str, ...] = CODECS[1:]  # codecs of hidden states it decodes and sends (announced); (): none
     passes: PassLimits = field(default_factory=PassLimits)  # tokens and requests per pass, starvation bound
     queue: QueueLimits = field(default_factory=QueueLimits)  # requests and bytes waiting, per client too
@@ -169,8 +168,7 @@ class Server:
         elif config.allowed_keys is not None:
             raise ConfigError("--allowed-keys needs --swarm-key: only a private swarm admits keys")
         curve = None if self.swarm_key is None else CurveClient.of(self.swarm_key)
-        self._relay = Relay(timeout=config.limits.session_timeout, link_delay=config.link_delay, curve=curve,
-                            link_bandwidth=config.link_bandwidth)
+        self._relay = Relay(timeout=config.limits.session_timeout, link_delay=config.link_delay, curve=curve)
         try:
             self._codecs = WireCodecs(tuple(config.compression))  # a wrong name fails here, at once
         except ValueError as e:
