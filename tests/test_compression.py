@@ -426,6 +426,8 @@ def test_verify_allows_for_compression_and_still_catches_a_liar(model_dir, start
                                                             initial_peers=[s.endpoint for s in servers])
     with model:
         assert model.blocks.discovery.wait(lambda _: len(model.blocks.servers()) == 3, 15)
+        real_spans = model.blocks.spans
+        favour(model.blocks, servers[1].endpoint)  # checked: the plain one; its checker: an int8 one
         model.generate(PROMPTS[1], max_new_tokens=6, do_sample=False)
         model.blocks(torch.randn(2, 9, 64))
         stats = model.blocks.verifier.stats
@@ -434,6 +436,7 @@ def test_verify_allows_for_compression_and_still_catches_a_liar(model_dir, start
         assert verify.DTYPE_TOLERANCE["float32"] < max(diffs) < verify.COMPRESSION_TOLERANCE["int8"] / 2, max(diffs)
         liar = servers[2]  # honest until now
         perturb(liar)
+        model.blocks.spans = real_spans
         favour(model.blocks, liar.endpoint)
         model.generate(PROMPTS[0], max_new_tokens=3, do_sample=False)
         assert model.blocks.distrusted(liar.endpoint) and stats.bans == 1
