@@ -32,7 +32,12 @@ random "mid" model (std 0.1 weights) are an upper bound of what quantization doe
 ones to read for quality. Speed on this CPU: bitsandbytes 0.50 quantizes activations (int8) or dequantizes weights
 (nf4) in plain torch ops here, so quantized blocks cost more time than float ones; they save memory.
 
-Run (from the repository root, no network needed; about 5 minutes on 2 cores for mid):
+Then, per wire-compression setting (`--compression`, default none,float16,bfloat16,int8; "" leaves it out), the
+measurements of `bench_compression.py` on the same models with 2 float32 servers: bytes per hop of a decode step and
+of a 4x128-token forward, the logits error and greedy agreement each codec adds, and the steps/s and forwards/s gained
+on a link simulated at `--mbit` Mbit/s (default 100).
+
+Run (from the repository root, no network needed; about 5 minutes on 2 cores for mid, plus 3 for compression):
 
     .venv/bin/python benchmarks/bench_quant.py
     .venv/bin/python benchmarks/bench_quant.py --models mid,smollm2 --json bench-quant.json
@@ -283,9 +288,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="timed decode steps (default: 32)")
     parser.add_argument("--repeats", type=int, default=2, help="timed sequences per setting, best reported (2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (default: 1)")
+    parser.add_argument("--compression", default="none,float16,bfloat16,int8",
+                        help="comma-separated wire compression settings to measure after the weights (\"\": none)")
+    parser.add_argument("--mbit", type=float, default=100.0, help="simulated link for compression, Mbit/s (0: none)")
     parser.add_argument("--json", type=Path, default=None, help="write every figure to this JSON file")
     args = parser.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
+    codecs = [c.strip() for c in args.compression.split(",") if c.strip()]
     if any(m not in MODELS for m in models):
         parser.error(f"--models: choose from {', '.join(MODELS)}")
     try:
@@ -312,8 +321,18 @@ def main(argv: list[str] | None = None) -> int:
                 console.print(f"[bold]{name}[/]: {quant} {dtype}", highlight=False)
                 rows.append(measure_setting(name, path, quant, dtype, prompt, ref_tokens, ref_logits, ref_hidden,
                                             args.steps, args.repeats, args.threads))
+        wire = []
+        if codecs:
+            import bench_compression
+
+            mbit = args.mbit or None
+            for name in models:
+                console.print(f"[bold]{name}[/]: wire compression {', '.join(codecs)}", highlight=False)
+                wire += bench_compression.bench_model(name, Path(tmp), codecs, min(args.steps, 16), 3, mbit, 4, 128)
     elapsed = time.perf_counter() - started
     print_table(rows, args.threads)
+    if wire:
+        bench_compression.print_table(wire, mbit)
     load_after = os.getloadavg()
     console.print(f"total {elapsed:.0f} s; 1-minute load average {load_before[0]:.2f} before, {load_after[0]:.2f} "
                   f"after on {os.cpu_count()} CPUs (other work on the machine skews the speed figures)")
@@ -325,7 +344,10 @@ def main(argv: list[str] | None = None) -> int:
                   "torch": torch.__version__, "bitsandbytes": bitsandbytes.__version__,
                   "platform": platform.platform(), "cpu_count": os.cpu_count(), "elapsed_s": elapsed,
                   "load_average_before": list(load_before), "load_average_after": list(load_after),
-                  "rows": [asdict(r) for r in rows]}
+                  "rows": [asdict(r) for r in rows],
+                  "compression": {"mbit": args.mbit or None,
+                                  "rows": [{k: v for k, v in asdict(f).items() if k not in ("logits", "tokens")}
+                                           for f in wire]}}
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         console.print(f"wrote {args.json}")
     return 0
