@@ -49,6 +49,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -182,11 +183,9 @@ def best_of(runs: list[Run]) -> Run:
     return best
 
 
-def bench_local(name: str, path: Path, steps: int, repeats: int) -> Run:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    prompt = prompt_ids(path, model.config.vocab_size)
+def local_decoder(model: Any) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+    """`prefill(ids)` and `step(ids)` of plain transformers with its own cache: each gives the last position's logits
+    (step feeds only the last of `ids`), as `decode_loop` wants them."""
     state: dict[str, object] = {}
 
     def prefill(ids: torch.Tensor) -> torch.Tensor:
@@ -198,6 +197,16 @@ def bench_local(name: str, path: Path, steps: int, repeats: int) -> Run:
         out = model(input_ids=ids[:, -1:], past_key_values=state["past"], use_cache=True)
         state["past"] = out.past_key_values
         return out.logits[:, -1]
+
+    return prefill, step
+
+
+def bench_local(name: str, path: Path, steps: int, repeats: int) -> Run:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompt = prompt_ids(path, model.config.vocab_size)
+    prefill, step = local_decoder(model)
 
     with torch.inference_mode():
         decode_loop(prefill, step, prompt, 2)  # warm the allocator and kernels on a throwaway sequence

@@ -62,7 +62,16 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from bench_inference import REAL, WARMUP_STEPS, best_of, checkpoint, decode_loop, make_run, prompt_ids  # noqa: E402
+from bench_inference import (  # noqa: E402
+    REAL,
+    WARMUP_STEPS,
+    best_of,
+    checkpoint,
+    decode_loop,
+    local_decoder,
+    make_run,
+    prompt_ids,
+)
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -143,17 +152,7 @@ def reference(path: Path, prompt: torch.Tensor, steps: int) -> tuple[list[int], 
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    state: dict[str, object] = {}
-
-    def prefill(ids: torch.Tensor) -> torch.Tensor:
-        out = model(input_ids=ids, use_cache=True)
-        state["past"] = out.past_key_values
-        return out.logits[:, -1]
-
-    def step(ids: torch.Tensor) -> torch.Tensor:
-        out = model(input_ids=ids[:, -1:], past_key_values=state["past"], use_cache=True)
-        state["past"] = out.past_key_values
-        return out.logits[:, -1]
+    prefill, step = local_decoder(model)
 
     with torch.inference_mode():  # greedy as the swarm runs below decode: argmax every step, on past an EOS
         tokens = decode_loop(prefill, step, prompt, steps)[2]

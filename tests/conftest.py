@@ -89,6 +89,25 @@ def reference_answer(path: Path, message: str, max_new_tokens: int) -> str:
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
+_CLIENTS: list = []  # clients made by `client`, closed when their test ends (sockets do not wait for the collector)
+
+
+def client(path: Path, endpoints: list[str], **kwargs):
+    """A distributed causal LM of `path` through `endpoints`, closed when the test that made it ends."""
+    from swarm import AutoDistributedModelForCausalLM
+
+    model = AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=endpoints, **kwargs)
+    _CLIENTS.append(model)
+    return model
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while _CLIENTS:
+        _CLIENTS.pop().close()
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("models") / "llama", layers=6)

@@ -12,10 +12,10 @@ from pathlib import Path
 import peft
 import pytest
 import torch
+from conftest import client
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from swarm import AutoDistributedModelForCausalLM
 from swarm.core.adapters import model_linears
 from swarm.core.models import family_for
 from swarm.core.models.bloom import BloomFamily, alibi_slopes
@@ -58,22 +58,6 @@ def make_tiny_bloom(path: Path, layers: int = 6, seed: int = 0, base_layout: boo
 
 def reference(path: Path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
-_CLIENTS: list = []  # the clients a test made, closed when it ends (their sockets do not wait for the collector)
-
-
-@pytest.fixture(autouse=True)
-def _close_clients():
-    yield
-    while _CLIENTS:
-        _CLIENTS.pop().close()
-
-
-def client(path: Path, endpoints: list[str], **kwargs) -> AutoDistributedModelForCausalLM:
-    model = AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=endpoints, **kwargs)
-    _CLIENTS.append(model)
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from conftest import load_reference
+from conftest import client, load_reference
 from safetensors import safe_open
 from safetensors.torch import save_file
 from test_batching import WORK, _expected, _generate_together
@@ -27,7 +27,6 @@ from test_ptune import leaf, local_hidden
 from test_ptune import randomize as randomize_prompts
 from test_recovery import FAST, KillDuring, connect, start_all
 
-from swarm import AutoDistributedModelForCausalLM
 from swarm.cli.app import run
 from swarm.core.adapters import check_peft, read_peft
 from swarm.core.client.config import ClientConfig
@@ -63,22 +62,6 @@ def make_tiny_mixtral(path: Path, layers: int = 4, seed: int = 0, fused: bool = 
             layer.mlp.gate.weight.normal_(0.0, 0.5)
     model.save_pretrained(path, save_original_format=not fused)
     return path
-
-
-_CLIENTS: list = []  # the clients a test made, closed when it ends (their sockets do not wait for the collector)
-
-
-@pytest.fixture(autouse=True)
-def _close_clients():
-    yield
-    while _CLIENTS:
-        _CLIENTS.pop().close()
-
-
-def client(path: Path, endpoints: list[str], **kwargs) -> AutoDistributedModelForCausalLM:
-    model = AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=endpoints, **kwargs)
-    _CLIENTS.append(model)
-    return model
 
 
 def start_servers(path: Path, spans) -> list[Server]:

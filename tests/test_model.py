@@ -7,30 +7,13 @@ import threading
 
 import pytest
 import torch
-from conftest import load_reference, make_tiny_model
+from conftest import client, load_reference, make_tiny_model
 
-from swarm import AutoDistributedModelForCausalLM
 from swarm.core.client.config import ClientConfig
 from swarm.core.client.routing import MissingBlocks
 from swarm.transport.errors import CacheFull, ConfigError
 
 PROMPTS = [[5, 17, 99, 3], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [42]]
-
-
-_CLIENTS: list = []  # the clients a test made, closed when it ends (their sockets do not wait for the collector)
-
-
-@pytest.fixture(autouse=True)
-def _close_clients():
-    yield
-    while _CLIENTS:
-        _CLIENTS.pop().close()
-
-
-def client(path, endpoints, **kwargs):
-    model = AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=endpoints, **kwargs)
-    _CLIENTS.append(model)
-    return model
 
 
 @pytest.fixture(scope="module")
