@@ -112,6 +112,10 @@ def serve(
     peer_share: Annotated[float, typer.Option(
         help="What one peer may hold of the cache budget and of the request queue (0..1], so that others find "
              "room; a peer may always hold 4096 cache tokens when the budget has them.")] = 0.5,
+    metrics_port: Annotated[int | None, typer.Option(
+        help="Serve Prometheus metrics at http://METRICS_HOST:PORT/metrics (0 picks a free port, shown when "
+             "serving). Default: no metrics, no port opened.")] = None,
+    metrics_host: Annotated[str, typer.Option(help="Interface the metrics listen on.")] = "127.0.0.1",
     log_level: LogLevelOption = None,
 ) -> None:
     """Serve a span of transformer blocks of MODEL to the swarm."""
@@ -145,6 +149,8 @@ def serve(
         raise UsageError(f"--bandwidth must be a positive number of Mbit/s, got {bandwidth}")
     if not 0 <= port < 65536:
         raise UsageError(f"--port must be in 0..65535, got {port}")
+    if metrics_port is not None and not 0 <= metrics_port < 65536:
+        raise UsageError(f"--metrics-port must be in 0..65535, got {metrics_port}")
     if cache_tokens < 0:
         raise UsageError("--cache-tokens must be 0 or more")
     if session_timeout <= 0:
@@ -176,7 +182,7 @@ def serve(
                           adapters=adapter_config, identity=identity, swarm_key=swarm_key,
                           allowed_keys=allowed_keys, num_blocks=num_blocks, max_memory=memory,
                           throughput=throughput_mode, throughput_cache=str(cache_path()), bandwidth=bandwidth,
-                          balance=balance)
+                          balance=balance, metrics_port=metrics_port, metrics_host=metrics_host)
     server = Server(config)
     total = server.num_blocks()  # reads the model's config only
     if span is not None and span[1] > total:
@@ -222,10 +228,11 @@ def serve(
         if server.swarm_key is not None:
             members = f", {len(server.admission.keys)} member keys" if allowed_keys is not None else ""
             private = f", private swarm{members}"
+        metrics_text = "" if server.metrics is None else f", metrics at {server.metrics.url}"
         err_console.print(f"[green]serving[/] blocks {span_text} of {server.model_id} at [bold]{server.endpoint}[/] "
                           f"({dtype_text} on {server.device}, cache {cache_tokens} tokens, "
                           f"{server.throughput:,.0f} tokens/s"
-                          f"{adapters_text}{private}); "
+                          f"{adapters_text}{private}{metrics_text}); "
                           "Ctrl-C to stop", highlight=False)
         while not stop.wait(0.5):
             pass

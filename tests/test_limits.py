@@ -139,6 +139,9 @@ class _Socket:
     def send(self, identity: bytes, frames: list, peer: str | None = None) -> None:
         self.replies.append((identity, decode([bytes(f) for f in frames])))
 
+    def answered(self, msg_type: str, code: str | None, received: float) -> None:
+        """What an RpcServer counts (nothing here)."""
+
 
 def test_queued_requests_are_bounded_per_peer_not_per_connection(tiny_llama):
     """Two connections from one remote address are one peer: they share its part of the queue; a third connection

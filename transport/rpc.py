@@ -111,10 +111,12 @@ class RpcServerConfig:
 class Request:
     """One request received by the server; answer it exactly once with `reply` or `fail` (from any thread)."""
 
-    __slots__ = ("_server", "_identity", "message", "_answered", "_lock", "_frame", "_peer", "encode_reply")
+    __slots__ = ("_server", "_identity", "message", "_answered", "_lock", "_frame", "_peer", "encode_reply",
+                 "received")
 
     def __init__(self, server: RpcServer, identity: bytes, message: Message, frame: Any = None):
         self._server = server
+        self.received = time.monotonic()  # when it arrived (the server's `on_answer` gets the time to its answer)
         self._identity = identity
         self.message = message
         self._answered = False
@@ -161,21 +163,29 @@ class Request:
             if self.encode_reply is not None:
                 fields, tensors = self.encode_reply(dict(fields or {}), list(tensors))
             self._server.send(self._identity, encode(RESULT, self.message.id, fields, tensors), self.peer)
+            self._server.answered(self.message.type, None, self.received)
 
     def fail(self, code: str, message: str) -> None:
         if self._claim():
             self._server.send(self._identity, encode(ERROR, self.message.id, {"code": code, "message": message}),
                               self.peer)
+            self._server.answered(self.message.type, code, self.received)
 
 
 class RpcServer:
     """A ROUTER socket served by one I/O thread; `handler(request)` is called there for each decoded request."""
 
     def __init__(self, handler: Callable[[Request], None], config: RpcServerConfig | None = None,
-                 tick: Callable[[], None] | None = None, context: zmq.Context | None = None):
+                 tick: Callable[[], None] | None = None, context: zmq.Context | None = None,
+                 on_answer: Callable[[str, str | None, float], None] | None = None):
         self.config = config or RpcServerConfig()
         self._handler = handler
         self._tick = tick
+        # called once per answered request, from the thread that answers: (type, error code or None, seconds since
+        # it arrived); a malformed message that has no readable type is answered as type ""
+        self._on_answer = on_answer
+        self.bytes_in = 0  # bytes of the messages received (the I/O thread counts them; read them from anywhere)
+        self.bytes_out = 0  # bytes of the replies written to the socket (replies dropped unsent are not counted)
         self._own_context = context is None
         self._ctx = context or zmq.Context()
         self._router = self._ctx.socket(zmq.ROUTER)
@@ -266,6 +276,15 @@ class RpcServer:
             self._unread.setdefault(key, deque()).append((zmq.MessageTracker(*tracked), size))
             self._unread_total += size
 
+    def answered(self, msg_type: str, code: str | None, received: float) -> None:
+        """A request was answered (with error `code`, or None for a result): tell `on_answer`, when there is one."""
+        if self._on_answer is None:
+            return
+        try:
+            self._on_answer(msg_type, code, time.monotonic() - received)
+        except Exception:  # counting must never stop an answer
+            log.exception("on_answer failed")
+
     def _sweep(self, key: str | bytes | None = None) -> None:
         """Forget the replies ZeroMQ is done with: of `key`, or of every peer (call with `_push_lock` held)."""
         for k in [key] if key is not None else list(self._unread):
@@ -320,6 +339,7 @@ class RpcServer:
                 frames = self._pull.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            self.bytes_out += _size(frames[1:])
             self._router.send_multipart(frames, copy=False)
 
     def _receive(self) -> None:
@@ -329,6 +349,7 @@ class RpcServer:
             except zmq.Again:
                 return
             identity, body = frames[0].bytes, frames[1:]
+            self.bytes_in += _size(body)
             try:
                 message = decode(body)
             except ProtocolError as e:
@@ -342,12 +363,18 @@ class RpcServer:
             try:
                 self._handler(request)
             except SwarmError as e:
-                self._router.send_multipart([identity, *encode(ERROR, message.id, {"code": e.code,
-                                                                                   "message": str(e)})])
+                self._send_error(identity, message.id, e.code, str(e), message.type, request.received)
             except Exception as e:
                 log.exception("handler failed on %s", message.type)
-                self._router.send_multipart([identity, *encode(ERROR, message.id, {"code": "internal",
-                                                                                   "message": repr(e)})])
+                self._send_error(identity, message.id, "internal", repr(e), message.type, request.received)
+
+    def _send_error(self, identity: bytes, request_id: int, code: str, text: str, msg_type: str,
+                    received: float) -> None:
+        """An error reply sent from the I/O thread itself (the request never reached anyone who could answer)."""
+        frames = encode(ERROR, request_id, {"code": code, "message": text})
+        self.bytes_out += _size(frames)
+        self._router.send_multipart([identity, *frames])
+        self.answered(msg_type, code, received)
 
     def _admitted(self, request: Request) -> bool:
         """Whether the key that sent `request` is still admitted (an allow-list may have shrunk since its handshake)."""
@@ -355,9 +382,10 @@ class RpcServer:
         return key is not None and self.config.curve.admit(key.encode())
 
     def _reject(self, identity: bytes, body: list[Any], error: ProtocolError) -> None:
-        request_id = 0
+        request_id, msg_type, received = 0, "", time.monotonic()
         try:  # answer under the request id when the header at least parses
-            request_id = decode_header(body[0])["id"] if body else 0
+            header = decode_header(body[0]) if body else {"id": 0}
+            request_id, msg_type = header["id"], str(header.get("type", ""))
         except ProtocolError:
             pass
         if error.code not in self._warned:
@@ -365,8 +393,7 @@ class RpcServer:
             log.warning("malformed message from a peer: %s", error)
         else:
             log.debug("malformed message from a peer: %s", error)
-        self._router.send_multipart([identity, *encode(ERROR, request_id, {"code": error.code,
-                                                                          "message": str(error)})])
+        self._send_error(identity, request_id, error.code, str(error), msg_type, received)
 
 
 @dataclass(frozen=True)
@@ -771,6 +798,11 @@ def _peer_of(frame: Any, identity: bytes, shared: str | None = None) -> str:
         if value and value not in ("anonymous", shared) and not (prefix == "ip:" and _loopback(value)):
             return prefix + value
     return "conn:" + identity.hex()
+
+
+def _size(frames: Sequence[Any]) -> int:
+    """Bytes of a message's frames (ZeroMQ frames or bytes)."""
+    return sum(f.nbytes if isinstance(f, memoryview) else len(f) for f in frames)
 
 
 def _frame_property(frame: Any, name: str) -> str | None:

@@ -145,8 +145,11 @@ class Engine:
     """Runs submitted jobs in passes on its own thread."""
 
     def __init__(self, span: BlockSpan, limits: PassLimits | None = None, queue: QueueLimits | None = None,
-                 budget: CacheBudget | None = None, name: str = "swarm-engine"):
+                 budget: CacheBudget | None = None, name: str = "swarm-engine",
+                 observe: Callable[[str, float, int, int], None] | None = None):
         self.span = span
+        # told of each pass on the engine thread: (kind: step | forward | backward | mixed, seconds, requests, tokens)
+        self.observe = observe
         self.budget = budget  # long forwards borrow cache tokens from it to run in chunks
         self.limits = limits or PassLimits()
         self.queue_limits = queue or QueueLimits()
@@ -294,6 +297,9 @@ class Engine:
             with torch.inference_mode():
                 outs = self.span.run([w for _, w, _ in works], works[0][0].blocks)
             self._pass_seconds = time.monotonic() - started
+            if self.observe is not None:
+                kinds = {job.kind for job, _, _ in works}
+                self._observed(kinds.pop() if len(kinds) == 1 else "mixed", self._pass_seconds, len(works), tokens)
         except Exception as e:
             if len(works) == 1:
                 job = works[0][0]
@@ -391,13 +397,17 @@ class Engine:
             job.request.fail(e.code, str(e))
 
     def _alone(self, job: Job) -> None:
-        self._note(1, 0, job.hidden.shape[0] * job.hidden.shape[1])
+        tokens = job.hidden.shape[0] * job.hidden.shape[1]
+        self._note(1, 0, tokens)
         self._remove(job)
+        started = time.monotonic()
         try:
             if isinstance(job, BackwardJob):
                 result = job.run_alone(job)
             else:
                 result = self.run_forward_alone(job)
+            if self.observe is not None:
+                self._observed(job.kind, time.monotonic() - started, 1, tokens)
         except SwarmError as e:
             job.request.fail(e.code, str(e))
         except Exception as e:
@@ -420,6 +430,12 @@ class Engine:
         if isinstance(job, ForwardJob) and job.reserved and self.budget is not None:
             self.budget.release(job.reserved)
             job.reserved, job.cache = 0, None
+
+    def _observed(self, kind: str, seconds: float, requests: int, tokens: int) -> None:
+        try:
+            self.observe(kind, seconds, requests, tokens)
+        except Exception:  # counting must never fail a pass
+            log.exception("observing a pass failed")
 
     def _note(self, requests: int, sessions: int, tokens: int) -> None:
         with self._cond:

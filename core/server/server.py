@@ -28,6 +28,8 @@ Weights. `quant` (none | int8 | nf4) quantizes the blocks' linear layers as they
 chooses at start, before placement, the least compression with which the blocks asked for fit in memory
 (placement.py's `choose_quant`). Placement counts blocks at their quantized size, the throughput is measured on a
 quantized block (and cached under its own key), and the record and `info` announce the quantization (`quant`).
+
+Metrics. With `metrics_port`, the server serves Prometheus metrics over HTTP (metrics.py), from its start to its stop.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ... import __version__
 from ...quant.codecs import CODECS
@@ -73,6 +75,9 @@ from .placement import (
 from .relay import Relay
 from .scheduler import PassLimits
 from .throughput import DEFAULT_BANDWIDTH, Throughput, resolve
+
+if TYPE_CHECKING:
+    from .metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +131,9 @@ class ServerConfig:
     #                                     measured at every start, nothing written
     bandwidth: float = DEFAULT_BANDWIDTH  # Mbit/s of the link to other servers (bounds the announced throughput)
     balance: BalanceSettings = field(default_factory=BalanceSettings)  # listening, rebalancing, moves
+    metrics_port: int | None = None  # Prometheus metrics at http://metrics_host:PORT/metrics (0: any free port;
+    #                                  None: off, no port opened): metrics.py
+    metrics_host: str = "127.0.0.1"  # interface the metrics listen on
 
 
 class Server:
@@ -174,6 +182,7 @@ class Server:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self._stopped = threading.Event()
+        self.metrics: ServerMetrics | None = None  # with `metrics_port`: its registry and listener (metrics.py)
 
     def start(self) -> Server:
         try:
@@ -193,9 +202,14 @@ class Server:
         # bind before anything slow; until the blocks are loaded, the I/O loop answers gossip only (`_dispatch`)
         key = self.swarm_key
         curve = None if key is None else CurveServer(key.public, key.secret, self._admission)
+        if config.metrics_port is not None:  # bound before anything slow too (prometheus_client imported only then)
+            from .metrics import ServerMetrics
+
+            self.metrics = ServerMetrics(self, lambda: self._rpc).start(config.metrics_host, config.metrics_port)
         self._rpc = RpcServer(self._dispatch, RpcServerConfig(host=config.host, port=config.port,
                                                               poll_ms=config.poll_ms, curve=curve,
-                                                              max_unread_bytes=config.unread_bytes), tick=self._tick)
+                                                              max_unread_bytes=config.unread_bytes), tick=self._tick,
+                              on_answer=None if self.metrics is None else self.metrics.answered)
         model_config = self.source.config(config.dtype, self.device)
         dtype, family = model_config.dtype, self.source.family()
         total = family.num_blocks(model_config)
@@ -326,7 +340,8 @@ class Server:
             adapters = AdapterStore(span, config.adapters)
             adapters.load_preloaded()  # a bad adapter stops the start with a clear error
             budget = CacheBudget(cache_tokens)
-            engine = Engine(span, passes, config.queue, budget).start()
+            observe = None if self.metrics is None else self.metrics.pass_observer((start, end))
+            engine = Engine(span, passes, config.queue, budget, observe=observe).start()
             self._info["weight_bytes"] = weight_bytes(span.blocks)
             self._info["cache_bytes_per_token"] = SessionCache.bytes_per_token(len(span.blocks), span.kv_heads,
                                                                                span.head_dim, dtype)
@@ -590,6 +605,8 @@ class Server:
             adapters.close()
         if handler is not None:
             handler.close_all()
+        if self.metrics is not None:
+            self.metrics.stop()
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._stopped.wait(timeout)
