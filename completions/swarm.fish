@@ -66,6 +66,8 @@ complete -c swarm -n '__fish_seen_subcommand_from serve' -l max-adapters
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l max-memory
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l mdns
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l mdns-interface
+complete -c swarm -n '__fish_seen_subcommand_from serve' -l metrics-host
+complete -c swarm -n '__fish_seen_subcommand_from serve' -l metrics-port
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l min-move-interval
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l mix-adapters
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l model-id

@@ -162,14 +162,15 @@ class Request:
         if self._claim():
             if self.encode_reply is not None:
                 fields, tensors = self.encode_reply(dict(fields or {}), list(tensors))
-            self._server.send(self._identity, encode(RESULT, self.message.id, fields, tensors), self.peer)
-            self._server.answered(self.message.type, None, self.received)
+            frames = encode(RESULT, self.message.id, fields, tensors)
+            self._server.answered(self.message.type, None, self.received)  # before: the peer may ask for figures
+            self._server.send(self._identity, frames, self.peer)
 
     def fail(self, code: str, message: str) -> None:
         if self._claim():
+            self._server.answered(self.message.type, code, self.received)
             self._server.send(self._identity, encode(ERROR, self.message.id, {"code": code, "message": message}),
                               self.peer)
-            self._server.answered(self.message.type, code, self.received)
 
 
 class RpcServer:
@@ -181,8 +182,8 @@ class RpcServer:
         self.config = config or RpcServerConfig()
         self._handler = handler
         self._tick = tick
-        # called once per answered request, from the thread that answers: (type, error code or None, seconds since
-        # it arrived); a malformed message that has no readable type is answered as type ""
+        # called once per answered request, from the thread that answers, just before the answer is sent: (type,
+        # error code or None, seconds since it arrived); a malformed message with no readable type has type ""
         self._on_answer = on_answer
         self.bytes_in = 0  # bytes of the messages received (the I/O thread counts them; read them from anywhere)
         self.bytes_out = 0  # bytes of the replies written to the socket (replies dropped unsent are not counted)
@@ -372,9 +373,9 @@ class RpcServer:
                     received: float) -> None:
         """An error reply sent from the I/O thread itself (the request never reached anyone who could answer)."""
         frames = encode(ERROR, request_id, {"code": code, "message": text})
+        self.answered(msg_type, code, received)
         self.bytes_out += _size(frames)
         self._router.send_multipart([identity, *frames])
-        self.answered(msg_type, code, received)
 
     def _admitted(self, request: Request) -> bool:
         """Whether the key that sent `request` is still admitted (an allow-list may have shrunk since its handshake)."""
