@@ -74,6 +74,7 @@ class ServerMetrics:
         self._pass_tokens = Histogram("swarm_pass_tokens", "New tokens one engine pass held.", LABELS,
                                       buckets=TOKENS_PER_PASS, registry=registry)
         registry.register(_ServerCollector(server, rpc))
+        self._children: dict[tuple[Any, str], tuple[Any, Any]] = {}
 
     def start(self, host: str, port: int) -> ServerMetrics:
         self.endpoint.start(host, port)
@@ -90,17 +91,18 @@ class ServerMetrics:
     def url(self) -> str:
         return self.endpoint.url
 
-    def _labels(self) -> tuple[str, str]:
-        return self.server.model_id, span_label(self.server.blocks)
-
     def answered(self, msg_type: str, code: str | None, seconds: float) -> None:
         """One request answered (RpcServer's `on_answer`): counted, with its error code, and its time."""
         kind = msg_type if msg_type in REQUEST_TYPES else "other"
-        labels = self._labels()
-        self._requests.labels(*labels, kind).inc()
-        self._latency.labels(*labels, kind).observe(seconds)
+        blocks = self.server.blocks
+        children = self._children.get((blocks, kind))  # labels() looked up once per span and type (a few of them)
+        labels = (self.server.model_id, span_label(blocks), kind)
+        if children is None:
+            children = self._children[blocks, kind] = (self._requests.labels(*labels), self._latency.labels(*labels))
+        children[0].inc()
+        children[1].observe(seconds)
         if code is not None:
-            self._errors.labels(*labels, kind, code).inc()
+            self._errors.labels(*labels, code).inc()
 
     def pass_observer(self, blocks: tuple[int, int]) -> Callable[[str, float, int, int], None]:
         """What the engine of span `blocks` calls after each pass (Engine's `observe`)."""
