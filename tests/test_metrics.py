@@ -17,6 +17,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from swarm.core.metrics import MetricsEndpoint
+from swarm.core.server.metrics import REQUEST_TYPES
 from swarm.transport.errors import BadRequest, ConfigError
 from swarm.transport.rpc import RpcClient
 
@@ -121,6 +122,27 @@ def test_metrics_count_what_the_server_did(tiny_llama, tiny_llama_ref, start_ser
     assert value(samples, "swarm_server_info", peer_id=server.peer_id, quant="none", **labels) == 1
     assert value(samples, "swarm_adapters_loaded", **labels) == 0
     assert value(samples, "swarm_moves_total", **labels) == 0
+
+
+def test_unknown_types_and_garbage_are_counted_without_new_labels(tiny_llama, start_server):
+    """A request type the server does not know counts as `other` (a peer cannot grow the label set), and a message
+    that does not decode is counted with its error code."""
+    server = start_server(tiny_llama, (0, 2), metrics_port=0)
+    rpc = RpcClient(server.endpoint)
+    try:
+        for i in range(3):
+            with pytest.raises(BadRequest):
+                rpc.call(f"made-up-{i}")
+        rpc.send_raw([b"\xc1 not msgpack"])
+        assert rpc.recv_raw(timeout=10) is not None
+    finally:
+        rpc.close()
+    samples = scrape(server.metrics.url)
+    types = {lab["type"] for n, lab, _ in samples if n == "swarm_requests_total"}
+    assert types <= REQUEST_TYPES | {"other"} and not any(t.startswith("made-up") for t in types)
+    assert value(samples, "swarm_request_errors_total", type="other", code="unknown_method") == 3
+    assert value(samples, "swarm_request_errors_total", type="other", code="bad_request") == 1
+    assert value(samples, "swarm_requests_total", type="other") == 4
 
 
 def test_metrics_are_off_by_default(tiny_llama, start_server):
