@@ -15,7 +15,7 @@ What it shows, from one snapshot of what discovery learned (the same for the tab
   watches), and each record's own `moves` counter when its server announces one.
 
 Data goes to stdout only with `--json` (one object; with `--watch`, one object per line per refresh); tables go to
-stderr.
+stderr. `--web` serves the same view as a live web page instead (`web.py`), and prints its address on stdout.
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ from .common import (
 if TYPE_CHECKING:
     from ..transport.discovery import Discovery
     from ..transport.gossip import Heard
+    from .web import WebConfig
 
 STATE_STYLE = {"online": "green", "joining": "cyan", "draining": "yellow", "offline": "red", "suspected": "magenta"}
 SHADES = "▁▂▃▄▅▆▇█"  # a block's throughput against the strongest block's
@@ -440,6 +441,37 @@ def watch(discovery: Discovery, model: str | None, show: Callable[[Snapshot], No
         done += 1
 
 
+def _web_config(web: bool, port: int | None, host: str | None, json_: bool, watch_: bool) -> WebConfig | None:
+    """The web view's settings from the options (None without --web); usage errors for options that do not mix."""
+    if not web:
+        if port is not None or host is not None:
+            raise UsageError("--port and --host are for --web")
+        return None
+    if json_ or watch_:
+        raise UsageError("--web is live already and serves its JSON at /api/status: drop --json and --watch")
+    from .web import WebConfig
+
+    defaults = WebConfig()
+    port = defaults.port if port is None else port
+    if not 0 <= port <= 65535:
+        raise UsageError("--port must be between 0 and 65535")
+    return WebConfig(host=defaults.host if host is None else host, port=port)
+
+
+def _serve_web(discovery: Discovery, model: str | None, config: WebConfig) -> None:
+    from .web import is_loopback, serve_status
+
+    def started(url: str) -> None:
+        print(url, flush=True)  # data on stdout: where the page is
+        err_console.print(f"[green]web view[/] of the swarm at [bold]{url}[/] (refreshed every {config.poll:g} s; "
+                          "Ctrl-C to stop)")
+        if not is_loopback(config.host):
+            err_console.print(f"[yellow]served on {config.host}: anyone who can reach it can read the swarm's "
+                              "status[/]")
+
+    serve_status(discovery, model, config, MoveLog(MOVES_SHOWN), on_start=started)
+
+
 def status(
     ctx: typer.Context,
     model: Annotated[str | None, typer.Argument(help="Show only this model (id, alias or directory).")] = None,
@@ -452,6 +484,13 @@ def status(
         "--json", help="Print JSON on stdout instead of tables (with --watch: one object per line per refresh).")
     ] = False,
     watch_: Annotated[bool, typer.Option("--watch", help="Refresh the view live until Ctrl-C.")] = False,
+    web: Annotated[bool, typer.Option(
+        "--web", help="Serve the view as a live web page (and its JSON at /api/status) until Ctrl-C.")] = False,
+    port: Annotated[int | None, typer.Option(help="With --web: the TCP port to serve on (0: any free one).",
+                                             show_default="8080")] = None,
+    host: Annotated[str | None, typer.Option(help="With --web: the address to serve on (another than 127.0.0.1 "
+                                                  "lets other machines read the page).",
+                                             show_default="127.0.0.1")] = None,
     log_level: LogLevelOption = None,
 ) -> None:
     """What the swarm serves, how well, and how well its servers are arranged."""
@@ -459,8 +498,12 @@ def status(
     model, peers = model_and_peers(model, initial_peers, list(ctx.args))
     if wait < 0:
         raise UsageError("--wait must be 0 or more")
+    web_config = _web_config(web, port, host, json_, watch_)
     key = load_swarm_key(swarm_key)
     with listener(peers, mdns, mdns_interface, key) as discovery:
+        if web_config is not None:
+            _serve_web(discovery, model, web_config)
+            return
         moves = MoveLog(MOVES_SHOWN)
         gather(discovery, model, wait, moves)
         snap = take_snapshot(discovery, model, moves)

@@ -13,7 +13,7 @@ _swarm_completion() {
         completions) opts="--help --write" ;;
         keygen) opts="--help --log-level --member-of --out" ;;
         serve) opts="--adapter-dir --adapter-memory --adapters --allowed-keys --balance-period --balance-quality --bandwidth --batching --blocks --cache-tokens --device --dtype --gossip-period --help --host --identity --initial-peers --log-level --max-adapters --max-memory --mdns --mdns-interface --metrics-host --metrics-port --min-move-interval --mix-adapters --model-id --move-drain --num-blocks --pass-tokens --peer-sessions --peer-share --port --quant --rebalance --record-ttl --session-timeout --simulate-rtt-ms --swarm-key --throughput" ;;
-        status) opts="--help --initial-peers --json --log-level --mdns --mdns-interface --swarm-key --wait --watch" ;;
+        status) opts="--help --host --initial-peers --json --log-level --mdns --mdns-interface --port --swarm-key --wait --watch --web" ;;
         tune) opts="--batch-size --compression --dataset --device --epochs --eval-every --help --initial-peers --json --label-field --log-level --lora-alpha --lora-rank --lora-targets --lr --max-examples --max-length --max-steps --mdns --mdns-interface --mode --output --prompt-length --prompts --seed --server-quant --swarm-key --task --text-field --validation-file --validation-split --verify" ;;
         *) opts="" ;;
     esac

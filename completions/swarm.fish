@@ -85,14 +85,17 @@ complete -c swarm -n '__fish_seen_subcommand_from serve' -l simulate-rtt-ms
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l swarm-key
 complete -c swarm -n '__fish_seen_subcommand_from serve' -l throughput
 complete -c swarm -n '__fish_seen_subcommand_from status' -l help
+complete -c swarm -n '__fish_seen_subcommand_from status' -l host
 complete -c swarm -n '__fish_seen_subcommand_from status' -l initial-peers
 complete -c swarm -n '__fish_seen_subcommand_from status' -l json
 complete -c swarm -n '__fish_seen_subcommand_from status' -l log-level
 complete -c swarm -n '__fish_seen_subcommand_from status' -l mdns
 complete -c swarm -n '__fish_seen_subcommand_from status' -l mdns-interface
+complete -c swarm -n '__fish_seen_subcommand_from status' -l port
 complete -c swarm -n '__fish_seen_subcommand_from status' -l swarm-key
 complete -c swarm -n '__fish_seen_subcommand_from status' -l wait
 complete -c swarm -n '__fish_seen_subcommand_from status' -l watch
+complete -c swarm -n '__fish_seen_subcommand_from status' -l web
 complete -c swarm -n '__fish_seen_subcommand_from tune' -l batch-size
 complete -c swarm -n '__fish_seen_subcommand_from tune' -l compression
 complete -c swarm -n '__fish_seen_subcommand_from tune' -l dataset
