@@ -23,6 +23,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -145,7 +146,7 @@ def allowed_hosts(host: str) -> list[str]:
     return sorted(names | {f"[{n}]" for n in names if ":" in n})
 
 
-def make_app(latest: Any, host: str = "127.0.0.1") -> Any:
+def make_app(latest: Callable[[], bytes], host: str = "127.0.0.1") -> Any:
     """The Starlette app: `GET /` the page, `GET /api/status` the bytes `latest()` returns; nothing else."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
@@ -201,7 +202,7 @@ def bind(host: str, port: int) -> socket.socket:
 class WebServer:
     """The web view of `latest()` served by uvicorn in a thread; `url` once started. A context manager."""
 
-    def __init__(self, latest: Any, config: WebConfig | None = None):
+    def __init__(self, latest: Callable[[], bytes], config: WebConfig | None = None):
         self.config = config or WebConfig()
         self.latest = latest
         self._server: Any = None
@@ -251,7 +252,7 @@ class WebServer:
 
 
 def serve_status(discovery: Discovery, model: str | None, config: WebConfig, moves: MoveLog | None = None,
-                 on_start: Any = None) -> None:
+                 on_start: Callable[[str], None] | None = None) -> None:
     """Serve the web view of `discovery`'s swarm until interrupted (Ctrl-C raises KeyboardInterrupt here);
     `on_start(url)` is called once it listens."""
     with StatusFeed(discovery, model, config.refresh, config.poll, moves) as feed, \

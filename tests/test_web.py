@@ -22,10 +22,14 @@ import pytest
 from conftest import make_tiny_model, swarm_env
 
 from swarm.cli.app import run
-from swarm.cli.web import StatusFeed, WebConfig, WebServer
+from swarm.cli.status import build_snapshot
+from swarm.cli.web import StatusFeed, WebConfig, WebServer, snapshot_json
+from swarm.core.coverage import MoveLog
 from swarm.transport.discovery import Discovery, DiscoveryConfig
-from swarm.transport.gossip import GossipConfig
+from swarm.transport.gossip import GossipConfig, Heard
+from swarm.transport.keys import Identity
 from swarm.transport.mdns import MdnsSettings
+from swarm.transport.records import ServerRecord, sign_record
 
 FAST = GossipConfig(period=0.1, suspect_after=2.0, request_timeout=0.5)
 SERVER_DISCOVERY = DiscoveryConfig(mdns=MdnsSettings(enabled=False), gossip=FAST, record_ttl=5.0)
@@ -264,6 +268,64 @@ def test_page_in_chromium_shows_the_swarm_and_a_server_that_joins(model6, start_
             shot = folder / "web-view.png"
             page.screenshot(path=shot, full_page=True)
             print(f"web view screenshot: {shot}")
+            # the status server goes away: the page says so, and keeps the last view
+            web.stop()
+            expect(page.locator("#live")).to_have_class("stale", timeout=10_000)
+            expect(rows).to_have_count(4)
         finally:
             browser.close()
     assert shot.stat().st_size > 10_000
+
+
+HOSTILE = '<img src=x onerror="document.title=\'pwned\'">'
+
+
+def signed(identity: Identity, start: int, end: int, throughput: float, **changes) -> ServerRecord:
+    record = ServerRecord(identity.peer_id, HOSTILE, start, end, 10, 64, (f"tcp://10.0.0.{start + 1}:31337",),
+                          throughput=throughput, version="<b>0.1</b>", cache_tokens_free=1024,
+                          cache_tokens_total=4096, **changes)
+    return sign_record(record, identity)
+
+
+@pytest.mark.browser
+def test_page_draws_a_snapshot_with_a_gap_a_suspect_and_a_move_as_text_never_html(tmp_path):
+    """A snapshot made of records (a model whose name is markup, a gap, a suspected server, a move), drawn by the
+    page: every value shows as the text it is, nothing of it runs or loads."""
+    from playwright.sync_api import expect, sync_playwright
+
+    a, b, c = Identity(), Identity(), Identity()
+    moves = MoveLog()
+    now = time.time()
+    heard = {a.peer_id: Heard(0.2, 10.0, 3, False), b.peer_id: Heard(0.4, 10.0, 3, False),
+             c.peer_id: Heard(9.0, 10.0, 3, True)}
+    before = [signed(a, 0, 4, 500.0), signed(b, 2, 6, 300.0), signed(c, 8, 10, 200.0)]
+    build_snapshot(before, heard.get, 5.0, now - 1, moves)
+    after = [signed(a, 0, 4, 500.0), signed(b, 4, 7, 300.0, queue=3, quant="nf4"), signed(c, 8, 10, 200.0)]
+    payload = snapshot_json(build_snapshot(after, heard.get, 5.0, now, moves), poll=0.5)
+    with WebServer(lambda: payload, WebConfig(port=0)) as web, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            outside: list[str] = []
+            page.on("request", lambda r: None if r.url.startswith(web.url) else outside.append(r.url))
+            page.goto(web.url)
+            section = page.locator("section.model")
+            expect(section.locator("h2")).to_have_text(HOSTILE)
+            expect(section.locator("tr[data-peer]")).to_have_count(3)
+            expect(section.locator(f'tr[data-peer="{b.peer_id}"] td.span')).to_have_text("4:7")
+            expect(section.locator(f'tr[data-peer="{b.peer_id}"] td.dtype')).to_have_text("float32+nf4")
+            expect(section.locator(f'tr[data-peer="{b.peer_id}"] td.queue')).to_have_text("3")
+            expect(section.locator(f'tr[data-peer="{c.peer_id}"] td.state')).to_have_text("suspected")
+            expect(section.locator(f'tr[data-peer="{a.peer_id}"] td.version')).to_have_text("<b>0.1</b>")
+            cells = section.locator(".strip .cell")
+            expect(cells).to_have_count(10)
+            # the suspected server is left out of the figures: blocks 7:10 have none, 4:7 are the weakest held
+            assert [cells.nth(i).get_attribute("data-servers") for i in range(10)] == list("1111111000")
+            expect(section.locator(".strip .cell.none")).to_have_count(3)
+            expect(section.locator(".facts")).to_contain_text("no server for blocks 7:10")
+            expect(section.locator(".facts")).to_contain_text("1 suspected server not counted")
+            expect(section.locator(".moves li")).to_have_text(f"{b.peer_id[:8]} 2:6 → 4:7  now")
+            assert page.title() == "swarm status" and page.locator("main img, td b, h2 img").count() == 0
+            assert outside == []
+        finally:
+            browser.close()
