@@ -19,7 +19,7 @@ import typer.core
 
 from .. import __version__
 from ..transport.errors import SwarmError
-from . import bench, chat, completions, keygen, serve, status, tune
+from . import api, bench, chat, completions, keygen, serve, status, tune
 from .common import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError, print_error
 
 
@@ -109,6 +109,7 @@ app.command(context_settings=PEER_ARGS, cls=_Command)(command(chat.chat))
 app.command(context_settings=PEER_ARGS, cls=_Command)(command(status.status))
 app.command(context_settings=PEER_ARGS, cls=_Command)(command(bench.bench))
 app.command(context_settings=PEER_ARGS, cls=_Command)(command(tune.tune))
+app.command(context_settings=PEER_ARGS, cls=_Command)(command(api.api))
 app.command(cls=_Command)(command(keygen.keygen))
 app.command(name="completions", cls=_Command)(command(completions.make_command(app)))
 

@@ -4,7 +4,8 @@
 when it has none), sends only what the servers do not hold yet, and streams decoded text as tokens arrive. The token
 ids the servers hold are kept exactly (never re-tokenized), so each turn extends the same attention cache. A turn that
 does not complete (Ctrl-C, an error) is dropped, here and on the servers (the session rewinds to where it began).
-`printable` is what of a model's text may reach a terminal.
+`printable` is what of a model's text may reach a terminal; `render_chat` and `encode_chat` turn messages into the
+token ids a model is prompted with (the OpenAI-compatible API prompts the same way).
 """
 
 from __future__ import annotations
@@ -104,15 +105,10 @@ class ChatSession:
             self._session_cm = None
 
     def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                      add_generation_prompt=add_generation_prompt)
-        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
-        return text + ("Assistant:" if add_generation_prompt else "")
+        return render_chat(self.tokenizer, messages, add_generation_prompt)
 
     def _encode(self, text: str, first: bool) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=first and not getattr(self.tokenizer, "chat_template", None)
-                              )["input_ids"]
+        return encode_chat(self.tokenizer, text, first)
 
     def _next_input(self, user_text: str) -> list[int]:
         before = self._render(self.messages, add_generation_prompt=False) if self.messages else ""
@@ -182,6 +178,20 @@ class ChatSession:
             self._close()
             self._open()
             self.messages = [m for m in messages if m["role"] == "system"]
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    """`messages` as the model reads them: the tokenizer's chat template, or `Role: text` lines when it has none."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
+    return text + ("Assistant:" if add_generation_prompt else "")
+
+
+def encode_chat(tokenizer: Any, text: str, first: bool = True) -> list[int]:
+    """Token ids of rendered chat `text`; the tokenizer's special tokens (BOS) go in front of the `first` part of a
+    conversation only when there is no chat template (a template writes its own)."""
+    return tokenizer(text, add_special_tokens=first and not getattr(tokenizer, "chat_template", None))["input_ids"]
 
 
 _CONTROL_OK = "\n\t\u200c\u200d"  # newline, tab, and the zero-width (non-)joiners emoji and some scripts need

@@ -22,6 +22,7 @@ Only servers that hold the adapter run the model's blocks then.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -198,6 +199,14 @@ class DistributedModelForCausalLM(_Tunable, PreTrainedModel, GenerationMixin):
         finally:
             self._session = None
             session.close()
+
+    def shared_view(self) -> DistributedModelForCausalLM:
+        """This model with an inference session and an adapter of its own, sharing its modules and connections:
+        threads that each generate through their own view run at once (the servers batch their steps together).
+        A view is not closed itself: closing this model closes the connections they share."""
+        view = copy.copy(self)
+        view._session = None
+        return view
 
     @torch.no_grad()
     def generate(self, inputs: torch.Tensor | None = None, *args: Any, adapter: Any = ..., **kwargs: Any) -> Any:

@@ -1,0 +1,145 @@
+"""`swarm api`: an OpenAI-compatible HTTP API over the swarm, at http://HOST:PORT/v1.
+
+It offers every model the swarm serves (and their adapters, as `MODEL:ADAPTER`), or only the `--model`s named. With no
+model named, no peers and nothing found by mDNS, it starts the built-in demo swarm first, as `swarm chat` does.
+It prints its URL on stdout once it listens.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from ..transport.errors import ConfigError
+from ..transport.mdns import MdnsSettings
+from .chat import DEMOS, _demo_swarm
+from .common import (
+    CompressionOption,
+    DeviceOption,
+    InitialPeersOption,
+    LogLevelOption,
+    MdnsInterfaceOption,
+    MdnsOption,
+    SwarmKeyOption,
+    UsageError,
+    check_compression,
+    collect_peers,
+    err_console,
+    load_swarm_key,
+    setup_logging,
+)
+
+if TYPE_CHECKING:  # torch and starlette are imported by the command, not by `swarm --help`
+    from ..core.api.config import ApiConfig
+    from ..transport.keys import SwarmKey
+
+log = logging.getLogger("swarm.cli.api")
+
+
+def api(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8000,
+    initial_peers: InitialPeersOption = None,
+    model: Annotated[list[str] | None, typer.Option(
+        "--model", help="Offer only this model (repeatable): an id, alias or directory, or NAME=MODEL to offer it "
+                        "under NAME. Default: every model the swarm serves.")] = None,
+    api_key: Annotated[str | None, typer.Option(
+        help="Every request needs `Authorization: Bearer KEY` ($SWARM_API_KEY).", envvar="SWARM_API_KEY")] = None,
+    api_key_file: Annotated[str | None, typer.Option(help="Read the API key from this file.")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens one answer may ask for (and get, when it asks none).")
+                          ] = 4096,
+    mdns: MdnsOption = None,
+    mdns_interface: MdnsInterfaceOption = None,
+    swarm_key: SwarmKeyOption = None,
+    demo: Annotated[str, typer.Option(help="The built-in demo run when there is no model and no server: smollm2 "
+                                      "(a real chat model) or random (random weights, for tests).")] = "smollm2",
+    relay: Annotated[bool, typer.Option(help="Servers pass each step along the chain themselves.")] = False,
+    device: DeviceOption = "cpu",
+    compression: CompressionOption = "auto",
+    log_level: LogLevelOption = None,
+) -> None:
+    """Serve the swarm's models through an OpenAI-compatible HTTP API."""
+    from ..core.api.config import ApiConfig
+    from ..core.client.config import ClientConfig
+
+    setup_logging(log_level, default="WARNING")
+    check_compression(compression)
+    if demo not in DEMOS:
+        raise UsageError(f"--demo must be one of {', '.join(DEMOS)}; got {demo!r}")
+    peers = collect_peers(initial_peers, list(ctx.args))
+    key = load_swarm_key(swarm_key)
+    client = ClientConfig(relay=relay, swarm_key=key, compression=compression)
+    config = ApiConfig(host=host, port=port, api_key=_api_key(api_key, api_key_file), models=_models(model or []),
+                       max_tokens=max_tokens, device=device, client=client)
+    settings = MdnsSettings.from_options(mdns, mdns_interface)
+    from ..core.api.app import bind
+
+    sock = bind(host, port)  # before anything slow: a taken port is said at once
+    try:
+        if not config.models and not peers and not settings.enabled:
+            with _demo_swarm(demo, swarm_key) as (path, endpoints):
+                _run(config, sock, endpoints, MdnsSettings(enabled=False))
+            return
+        if not config.models and peers:
+            _check_found(peers, settings, key)
+        _run(config, sock, peers, settings)
+    finally:
+        sock.close()
+
+
+def _api_key(value: str | None, path: str | None) -> str | None:
+    if value is not None and path is not None:
+        raise UsageError("give --api-key or --api-key-file, not both")
+    if path is None:
+        return value
+    try:
+        text = open(path, encoding="utf-8").read().strip()
+    except OSError as e:
+        raise ConfigError(f"cannot read the API key file {path}: {e.strerror or e}") from None
+    if not text:
+        raise ConfigError(f"the API key file {path} is empty")
+    return text
+
+
+def _models(values: list[str]) -> dict[str, str]:
+    """`--model` values as public name -> model (NAME=MODEL, or MODEL under its announced id)."""
+    from ..core.aliases import announced_id
+
+    out: dict[str, str] = {}
+    for value in values:
+        name, _, source = value.partition("=") if "=" in value else ("", "", value)
+        if not source or (("=" in value) and not name):
+            raise UsageError(f"--model must be MODEL or NAME=MODEL, got {value!r}")
+        out[name or announced_id(source)] = source
+    return out
+
+
+def _check_found(peers: list[str], settings: MdnsSettings, key: SwarmKey | None) -> None:
+    """A clear error when the given peers serve nothing (instead of an API that offers no model)."""
+    from ..core.coverage import models_served
+    from ..transport.discovery import Discovery, DiscoveryConfig
+
+    with Discovery(peers, DiscoveryConfig(mdns=settings, swarm_key=key)).start() as discovery:
+        if not discovery.wait(lambda records: bool(models_served(records)), 5.0):
+            raise ConfigError(f"found no server through {', '.join(peers)}")
+
+
+def _run(config: ApiConfig, sock: socket.socket, peers: list[str], settings: MdnsSettings) -> None:
+    from ..core.api.app import Api, serve
+    from ..core.api.models import ModelRegistry
+    from ..transport.discovery import Discovery, DiscoveryConfig
+
+    discovery = Discovery(peers, DiscoveryConfig(mdns=settings, swarm_key=config.client.swarm_key)).start()
+    try:
+        api = Api(ModelRegistry(discovery, config), config)
+        address, port = sock.getsockname()[:2]
+        url = f"http://{'[' + address + ']' if ':' in address else address}:{port}/v1"
+        print(url, flush=True)
+        err_console.print(f"[dim]OpenAI-compatible API at {url} (Ctrl-C stops it)[/]", highlight=False)
+        serve(api, sock)
+    finally:
+        discovery.stop()
