@@ -4,10 +4,11 @@ _swarm_completion() {
     cur="${COMP_WORDS[COMP_CWORD]}"
     cmd="${COMP_WORDS[1]}"
     if [ "$COMP_CWORD" -eq 1 ]; then
-        COMPREPLY=($(compgen -W "bench chat completions keygen serve status tune --help --version" -- "$cur"))
+        COMPREPLY=($(compgen -W "api bench chat completions keygen serve status tune --help --version" -- "$cur"))
         return
     fi
     case "$cmd" in
+        api) opts="--api-key --api-key-file --compression --demo --device --help --host --initial-peers --log-level --max-tokens --mdns --mdns-interface --model --port --relay --swarm-key" ;;
         bench) opts="--all-routes --batch --compression --help --initial-peers --json --length --log-level --mdns --mdns-interface --server-quant --steps --swarm-key --wait" ;;
         chat) opts="--adapter --compression --demo --device --help --initial-peers --log-level --max-length --max-new-tokens --mdns --mdns-interface --prompt --prompts --relay --seed --server-quant --show-route --swarm-key --system --temperature --top-p --verify" ;;
         completions) opts="--help --write" ;;

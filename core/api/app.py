@@ -47,6 +47,7 @@ class Api:
         self.registry, self.config = registry, config
         self.pool = ThreadPoolExecutor(config.workers, thread_name_prefix="swarm-api")
         self.stats = {"requests": 0, "errors": 0, "tokens": 0}  # counts since start (for /health)
+        self._stats_lock = threading.Lock()  # workers add the tokens they generated
         self.observers: list[Callable[[str, dict[str, Any]], None]] = []  # told of each finished request
 
     def close(self) -> None:
@@ -59,8 +60,13 @@ class Api:
 
     # --- routes ----------------------------------------------------------------------------------------------
 
+    def count(self, name: str, amount: int = 1) -> None:
+        with self._stats_lock:
+            self.stats[name] += amount
+
     async def health(self, request: HttpRequest) -> Response:
-        return JSONResponse({"status": "ok", **self.stats})
+        with self._stats_lock:
+            return JSONResponse({"status": "ok", **self.stats})
 
     async def models(self, request: HttpRequest) -> Response:
         entries = await asyncio.to_thread(self.registry.listing)
@@ -75,7 +81,7 @@ class Api:
         return await self._answer(request, parse_completion)
 
     async def _answer(self, http: HttpRequest, parse: Callable[[Any, ApiConfig], Request]) -> Response:
-        self.stats["requests"] += 1
+        self.count("requests")
         try:
             request = parse(await _json(http, self.config.max_body_bytes), self.config)
             loaded, adapter = await asyncio.get_running_loop().run_in_executor(
@@ -83,7 +89,7 @@ class Api:
             prompt = _prompt_ids(loaded, request)
             max_tokens = _budget(loaded, request, len(prompt), self.config)
         except ApiError as e:
-            self.stats["errors"] += 1
+            self.count("errors")
             return error_response(e)
         job = _Job(self, Generation(loaded, adapter, prompt, request.sampling, max_tokens), request)
         if request.stream:
@@ -111,6 +117,8 @@ class _Job:
         except BaseException as e:
             self._put("error", e, None)
             raise
+        finally:  # what was generated counts, even for a client gone
+            self.api.count("tokens", sum(len(c.tokens) for c in self.gen.choices))
         self._put("done", result, None)
         return result
 
@@ -124,14 +132,13 @@ class _Job:
         return self.loop.run_in_executor(self.api.pool, self._run)
 
     def _noted(self, result: Result) -> None:
-        self.api.stats["tokens"] += result.completion_tokens
         elapsed = time.monotonic() - self.started
         self.api.note("answer", model=self.request.model, prompt_tokens=result.prompt_tokens,
                       completion_tokens=result.completion_tokens, seconds=elapsed,
                       first=None if self.first is None else self.first - self.started, stream=self.request.stream)
 
     def _failed(self, error: BaseException) -> ApiError:
-        self.api.stats["errors"] += 1
+        self.api.count("errors")
         self.api.note("error", model=self.request.model)
         if isinstance(error, ApiError):
             return error

@@ -22,7 +22,7 @@ class ApiConfig:
     max_stop_chars: int = 256  # longest stop string
     max_messages: int = 1024  # most messages per chat request
     workers: int = 64  # requests generating at once (more wait for a worker)
-    model_wait: float = 5.0  # seconds a request for a model not (yet) seen in the swarm waits for its servers
+    model_wait: float = 5.0  # seconds a request waits for the swarm's servers when none has been seen yet
     device: str = "cpu"  # where the clients' embeddings and heads run
     client: ClientConfig = field(default_factory=ClientConfig)  # how the clients talk to the servers
 

@@ -81,7 +81,7 @@ class ModelRegistry:
         """The client of the model `requested` names and the adapter it asks for (None: the bare model); ApiError 404
         when the swarm offers no such model. Blocks while the model's client loads (call it off the event loop)."""
         found = self._find(requested)
-        if found is None:
+        if found is None and not self.listing():  # nothing seen yet: the swarm may still be being discovered
             self.discovery.wait(lambda _: self._find(requested) is not None, self.config.model_wait)
             found = self._find(requested)
         if found is None:
