@@ -2,14 +2,14 @@
 
 It offers every model the swarm serves (and their adapters, as `MODEL:ADAPTER`), or only the `--model`s named. With no
 model named, no peers and nothing found by mDNS, it starts the built-in demo swarm first, as `swarm chat` does.
-It prints its URL on stdout once it listens.
+It prints its URL on stdout once it listens (after the URL of its metrics, with `--metrics-port`).
 """
 
 from __future__ import annotations
 
 import logging
 import socket
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -33,7 +33,9 @@ from .common import (
 )
 
 if TYPE_CHECKING:  # torch and starlette are imported by the command, not by `swarm --help`
+    from ..core.api.app import Api
     from ..core.api.config import ApiConfig
+    from ..core.api.metrics import ApiMetrics
     from ..transport.keys import SwarmKey
 
 log = logging.getLogger("swarm.cli.api")
@@ -57,6 +59,9 @@ def api(
     swarm_key: SwarmKeyOption = None,
     demo: Annotated[str, typer.Option(help="The built-in demo run when there is no model and no server: smollm2 "
                                       "(a real chat model) or random (random weights, for tests).")] = "smollm2",
+    metrics_port: Annotated[int | None, typer.Option(
+        help="Serve Prometheus metrics of the API (requests, time to first token, tokens/s) at "
+             "http://HOST:PORT/metrics (0: any free port).")] = None,
     relay: Annotated[bool, typer.Option(help="Servers pass each step along the chain themselves.")] = False,
     device: DeviceOption = "cpu",
     compression: CompressionOption = "auto",
@@ -82,11 +87,11 @@ def api(
     try:
         if not config.models and not peers and not settings.enabled:
             with _demo_swarm(demo, swarm_key) as (path, endpoints):
-                _run(config, sock, endpoints, MdnsSettings(enabled=False))
+                _run(config, sock, endpoints, MdnsSettings(enabled=False), metrics_port)
             return
         if not config.models and peers:
             _check_found(peers, settings, key)
-        _run(config, sock, peers, settings)
+        _run(config, sock, peers, settings, metrics_port)
     finally:
         sock.close()
 
@@ -128,7 +133,8 @@ def _check_found(peers: list[str], settings: MdnsSettings, key: SwarmKey | None)
             raise ConfigError(f"found no server through {', '.join(peers)}")
 
 
-def _run(config: ApiConfig, sock: socket.socket, peers: list[str], settings: MdnsSettings) -> None:
+def _run(config: ApiConfig, sock: socket.socket, peers: list[str], settings: MdnsSettings,
+         metrics_port: int | None) -> None:
     from ..core.api.app import Api, serve
     from ..core.api.models import ModelRegistry
     from ..transport.discovery import Discovery, DiscoveryConfig
@@ -136,10 +142,32 @@ def _run(config: ApiConfig, sock: socket.socket, peers: list[str], settings: Mdn
     discovery = Discovery(peers, DiscoveryConfig(mdns=settings, swarm_key=config.client.swarm_key)).start()
     try:
         api = Api(ModelRegistry(discovery, config), config)
+        metrics, metrics_server = _metrics(api, config.host, metrics_port)
         address, port = sock.getsockname()[:2]
         url = f"http://{'[' + address + ']' if ':' in address else address}:{port}/v1"
         print(url, flush=True)
         err_console.print(f"[dim]OpenAI-compatible API at {url} (Ctrl-C stops it)[/]", highlight=False)
-        serve(api, sock)
+        try:
+            serve(api, sock, metrics)
+        finally:
+            if metrics_server is not None:
+                metrics_server.shutdown()
     finally:
         discovery.stop()
+
+
+def _metrics(api: Api, host: str, port: int | None) -> tuple[ApiMetrics | None, Any]:
+    """The API's metrics and their HTTP server on `port` (None, None without one); their URL goes to stdout first."""
+    if port is None:
+        return None, None
+    from prometheus_client import CollectorRegistry
+
+    from ..core.api.metrics import ApiMetrics, serve_metrics
+
+    registry = CollectorRegistry()
+    metrics = ApiMetrics(registry)
+    api.observers.append(metrics.observe)
+    server = serve_metrics(registry, host, port)
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    print(f"http://{shown}:{server.server_port}/metrics", flush=True)
+    return metrics, server

@@ -8,7 +8,7 @@ _swarm_completion() {
         return
     fi
     case "$cmd" in
-        api) opts="--api-key --api-key-file --compression --demo --device --help --host --initial-peers --log-level --max-tokens --mdns --mdns-interface --model --port --relay --swarm-key" ;;
+        api) opts="--api-key --api-key-file --compression --demo --device --help --host --initial-peers --log-level --max-tokens --mdns --mdns-interface --metrics-port --model --port --relay --swarm-key" ;;
         bench) opts="--all-routes --batch --compression --help --initial-peers --json --length --log-level --mdns --mdns-interface --server-quant --steps --swarm-key --wait" ;;
         chat) opts="--adapter --compression --demo --device --help --initial-peers --log-level --max-length --max-new-tokens --mdns --mdns-interface --prompt --prompts --relay --seed --server-quant --show-route --swarm-key --system --temperature --top-p --verify" ;;
         completions) opts="--help --write" ;;

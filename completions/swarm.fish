@@ -14,6 +14,7 @@ complete -c swarm -n '__fish_seen_subcommand_from api' -l log-level
 complete -c swarm -n '__fish_seen_subcommand_from api' -l max-tokens
 complete -c swarm -n '__fish_seen_subcommand_from api' -l mdns
 complete -c swarm -n '__fish_seen_subcommand_from api' -l mdns-interface
+complete -c swarm -n '__fish_seen_subcommand_from api' -l metrics-port
 complete -c swarm -n '__fish_seen_subcommand_from api' -l model
 complete -c swarm -n '__fish_seen_subcommand_from api' -l port
 complete -c swarm -n '__fish_seen_subcommand_from api' -l relay

@@ -61,9 +61,11 @@ class ForkedApi:
         _FORKED.append(self)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self.proc.is_alive():
-            text = out.read_text() if out.exists() else ""
-            if text.startswith("http://") and text.endswith("\n"):
-                self.url = text.splitlines()[0].strip()
+            lines = (out.read_text() if out.exists() else "").splitlines(keepends=True)
+            urls = [line.strip() for line in lines if line.startswith("http://") and line.endswith("\n")]
+            if urls and urls[-1].endswith("/v1"):  # the metrics' URL, when there is one, comes first
+                self.url = urls[-1]
+                self.metrics_url = urls[0] if urls[0].endswith("/metrics") else None
                 return
             time.sleep(0.02)
         self.stop(signal.SIGKILL)
@@ -102,7 +104,8 @@ def servers(model_dir):
 @pytest.fixture(scope="module")
 def api(servers, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("api-run")
-    proc = ForkedApi(["--initial-peers", *(s.endpoint for s in servers), "--api-key", KEY], tmp, swarm_env(tmp))
+    proc = ForkedApi(["--initial-peers", *(s.endpoint for s in servers), "--api-key", KEY, "--metrics-port", "0"],
+                     tmp, swarm_env(tmp))
     try:
         yield proc
     finally:
@@ -295,3 +298,23 @@ def test_stream_survives_a_server_killed_mid_answer(model_dir, fork_serve, tmp_p
         assert any(at > ready and text for at, text in arrivals)  # text generated after the replacement came
     finally:
         api.stop()
+
+
+def test_metrics_count_what_was_served(api, oai, model_dir):
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    oai.chat.completions.create(model=model_dir.name, messages=MESSAGES, max_tokens=5, temperature=0, stream=True)
+    with pytest.raises(openai.BadRequestError):
+        oai.chat.completions.create(model=model_dir.name, messages=MESSAGES, logit_bias={"1": 1})
+    with urlopen(api.metrics_url, timeout=10) as reply:
+        families = {f.name: f for f in text_string_to_metric_families(reply.read().decode())}
+    requests = {(s.labels["route"], s.labels["status"]): s.value for s in families["swarm_api_requests"].samples
+                if s.name == "swarm_api_requests_total"}
+    assert requests[("/v1/chat/completions", "200")] >= 1 and requests[("/v1/chat/completions", "400")] >= 1
+    ttft = [s for s in families["swarm_api_time_to_first_token_seconds"].samples if s.name.endswith("_count")]
+    assert ttft and ttft[0].value >= 1 and ttft[0].labels["model"] == model_dir.name
+    generated = [s.value for s in families["swarm_api_generated_tokens"].samples if s.name.endswith("_total")]
+    assert generated and generated[0] >= 5
+    assert [s.value for s in families["swarm_api_tokens_per_second"].samples if s.name.endswith("_count")][0] >= 1

@@ -106,7 +106,6 @@ class _Job:
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[str, Any, Any]] = asyncio.Queue()
         self.started = time.monotonic()
-        self.first: float | None = None  # when the first text came
 
     def _put(self, *event: Any) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
@@ -135,7 +134,8 @@ class _Job:
         elapsed = time.monotonic() - self.started
         self.api.note("answer", model=self.request.model, prompt_tokens=result.prompt_tokens,
                       completion_tokens=result.completion_tokens, seconds=elapsed,
-                      first=None if self.first is None else self.first - self.started, stream=self.request.stream)
+                      first=None if self.gen.first_token is None else self.gen.first_token - self.started,
+                      stream=self.request.stream)
 
     def _failed(self, error: BaseException) -> ApiError:
         self.api.count("errors")
@@ -176,8 +176,6 @@ class _Job:
         while True:
             kind, a, b = await self.queue.get()
             if kind == "text":
-                if self.first is None:
-                    self.first = time.monotonic()
                 yield _sse(chunk(request, self.id, model, a, text=b))
             elif kind == "finish":
                 yield _sse(chunk(request, self.id, model, a, text=None if request.chat else "", reason=b))
@@ -284,15 +282,17 @@ class _Auth:
         await self.app(scope, receive, send)
 
 
-def build_app(api: Api) -> Any:
-    """The ASGI application of `api`'s routes (behind the key check when the API has a key)."""
+def build_app(api: Api, metrics: Any = None) -> Any:
+    """The ASGI application of `api`'s routes (behind the key check when the API has a key; every request counted by
+    `metrics`, an `ApiMetrics`, when given)."""
     app = Starlette(routes=[
         Route("/health", api.health, methods=["GET"]),
         Route("/v1/models", api.models, methods=["GET"]),
         Route("/v1/chat/completions", api.chat, methods=["POST"]),
         Route("/v1/completions", api.completions, methods=["POST"]),
     ], exception_handlers={404: _not_found, 405: _not_allowed})
-    return app if api.config.api_key is None else _Auth(app, api.config.api_key)
+    app = app if api.config.api_key is None else _Auth(app, api.config.api_key)
+    return app if metrics is None else metrics.middleware(app)
 
 
 async def _not_found(request: HttpRequest, exc: Exception) -> Response:
@@ -319,13 +319,13 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(api: Api, sock: socket.socket) -> None:
+def serve(api: Api, sock: socket.socket, metrics: Any = None) -> None:
     """Serve `api` on the bound `sock` until SIGINT or SIGTERM (uvicorn's handlers: answers in flight get a few
     seconds), then stop its work. uvicorn raises the signal again once it has stopped: SIGTERM is then a normal end
     here, SIGINT a KeyboardInterrupt."""
     import uvicorn
 
-    config = uvicorn.Config(build_app(api), log_level="warning", access_log=False, lifespan="off",
+    config = uvicorn.Config(build_app(api, metrics), log_level="warning", access_log=False, lifespan="off",
                             timeout_graceful_shutdown=5)
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, lambda *_: None) if main else None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,6 +95,7 @@ class Generation:
         self.on_text, self.on_finish = on_text or (lambda i, t: None), on_finish or (lambda i, r: None)
         self.choices = [Choice() for _ in range(sampling.n)]
         self.cancelled = threading.Event()
+        self.first_token: float | None = None  # time.monotonic() when the first token came
         tokenizer = loaded.tokenizer
         eos = loaded.model.generation_config.eos_token_id
         eos = tokenizer.eos_token_id if eos is None else eos
@@ -124,6 +126,8 @@ class Generation:
     def advance(self, i: int, token: int) -> None:
         """Choice `i` got `token`: note it, hand out what text is now certain, finish it when it is done."""
         choice = self.choices[i]
+        if self.first_token is None:
+            self.first_token = time.monotonic()
         choice.tokens.append(token)
         text = self.loaded.tokenizer.decode(choice.tokens, skip_special_tokens=True)
         at = _first_stop(text, self.sampling.stop)
