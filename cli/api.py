@@ -83,15 +83,15 @@ def api(
     settings = MdnsSettings.from_options(mdns, mdns_interface)
     from ..core.api.app import bind
 
+    if config.models and not peers and not settings.enabled:
+        raise UsageError("--model needs servers to find: give --initial-peers or turn mDNS on")
     sock = bind(host, port)  # before anything slow: a taken port is said at once
     try:
-        if not config.models and not peers and not settings.enabled:
-            with _demo_swarm(demo, swarm_key) as (path, endpoints):
-                _run(config, sock, endpoints, MdnsSettings(enabled=False), metrics_port)
+        if config.models or _anything_served(peers, settings, key):
+            _run(config, sock, peers, settings, metrics_port)
             return
-        if not config.models and peers:
-            _check_found(peers, settings, key)
-        _run(config, sock, peers, settings, metrics_port)
+        with _demo_swarm(demo, swarm_key) as (_, endpoints):  # nothing named, nothing found: the built-in demo
+            _run(config, sock, endpoints, MdnsSettings(enabled=False), metrics_port)
     finally:
         sock.close()
 
@@ -123,14 +123,20 @@ def _models(values: list[str]) -> dict[str, str]:
     return out
 
 
-def _check_found(peers: list[str], settings: MdnsSettings, key: SwarmKey | None) -> None:
-    """A clear error when the given peers serve nothing (instead of an API that offers no model)."""
+def _anything_served(peers: list[str], settings: MdnsSettings, key: SwarmKey | None) -> bool:
+    """Whether the peers (or mDNS) lead to any served model, as `swarm chat` looks (5 s with peers, 2 s by mDNS alone);
+    False with neither. Peers that serve nothing are an error (rather than an API that offers nothing)."""
+    if not peers and not settings.enabled:
+        return False
     from ..core.coverage import models_served
     from ..transport.discovery import Discovery, DiscoveryConfig
 
     with Discovery(peers, DiscoveryConfig(mdns=settings, swarm_key=key)).start() as discovery:
-        if not discovery.wait(lambda records: bool(models_served(records)), 5.0):
-            raise ConfigError(f"found no server through {', '.join(peers)}")
+        if discovery.wait(lambda records: bool(models_served(records)), 5.0 if peers else 2.0):
+            return True
+    if peers:
+        raise ConfigError(f"found no server through {', '.join(peers)}")
+    return False
 
 
 def _run(config: ApiConfig, sock: socket.socket, peers: list[str], settings: MdnsSettings,

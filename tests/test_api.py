@@ -318,3 +318,18 @@ def test_metrics_count_what_was_served(api, oai, model_dir):
     generated = [s.value for s in families["swarm_api_generated_tokens"].samples if s.name.endswith("_total")]
     assert generated and generated[0] >= 5
     assert [s.value for s in families["swarm_api_tokens_per_second"].samples if s.name.endswith("_count")][0] >= 1
+
+
+@pytest.mark.slow
+def test_no_model_and_no_peers_starts_the_demo_swarm(tmp_path):
+    api = ForkedApi(["--demo", "random", "--no-mdns"], tmp_path, swarm_env(tmp_path), timeout=240)
+    try:
+        with openai.OpenAI(base_url=api.url, api_key="none", max_retries=0, timeout=60) as oai:
+            (model,) = [m.id for m in oai.models.list().data]
+            answer = oai.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=6, temperature=0)
+            assert answer.usage.completion_tokens >= 1 and answer.choices[0].finish_reason in ("stop", "length")
+    finally:
+        code = api.stop()
+    assert code == 0  # SIGTERM: the API and its demo servers stop cleanly
+    assert "random" in api.log_path.read_text()
