@@ -91,6 +91,10 @@ class Api:
         except ApiError as e:
             self.count("errors")
             return error_response(e)
+        except SwarmError as e:
+            self.count("errors")
+            return error_response(ApiError(f"the swarm cannot serve this request: {e}", status=503,
+                                           type_="server_error", code="swarm_unavailable"))
         job = _Job(self, Generation(loaded, adapter, prompt, request.sampling, max_tokens), request)
         if request.stream:
             return _EventStream(job.events(), on_close=job.cancel)
@@ -240,7 +244,13 @@ def _prompt_ids(loaded: Loaded, request: Request) -> list[int]:
     completion prompt (with the tokenizer's special tokens) or its token ids."""
     tokenizer = loaded.tokenizer
     if request.chat:
-        return list(encode_chat(tokenizer, render_chat(tokenizer, list(request.messages))))
+        from jinja2 import TemplateError
+
+        try:
+            text = render_chat(tokenizer, list(request.messages))
+        except TemplateError as e:  # e.g. a template that wants user and assistant turns to alternate
+            raise ApiError(f"the model's chat template refuses these messages: {e}", param="messages") from None
+        return list(encode_chat(tokenizer, text))
     if isinstance(request.prompt, tuple):
         vocab = len(tokenizer)
         if any(t >= vocab for t in request.prompt):
