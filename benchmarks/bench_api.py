@@ -14,7 +14,8 @@ Both get the same tokens (greedy, same prompts), so the work on the servers is t
 first token (median and worst over clients: from the request's start to its first text), aggregate tokens/s (every
 client's tokens / the time until the last one finished), and the HTTP layer's overhead (api time to first token less
 python's, and the relative loss of tokens/s). One warm-up round runs first on each side; each configuration runs
-`--repeats` (2) times per side, alternating, and the best (highest tokens/s) is kept.
+`--repeats` (2) times per side, alternating, and the best (highest tokens/s) is kept. Both client sides (this
+process and `swarm api`) run torch with one thread.
 
 Run (from the repository root, no network needed; about 1-2 minutes on 2 cores):
 
@@ -159,10 +160,11 @@ def measure(side: str, n: int, work: Callable[[int], tuple[float, int]]) -> Run:
 
 
 def start_api(path: Path, peers: list[str], log: Path) -> tuple[subprocess.Popen[str], str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # as this process (the python side)
     with open(log, "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "swarm", "api", "--port", "0", "--model", str(path),
                                  "--initial-peers", *peers, "--log-level", "warning"], stdout=subprocess.PIPE,
-                                stderr=err, stdin=subprocess.DEVNULL, text=True)
+                                stderr=err, stdin=subprocess.DEVNULL, text=True, env=env)
     assert proc.stdout is not None
     url = proc.stdout.readline().strip()
     if not url.startswith("http://"):

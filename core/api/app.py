@@ -58,11 +58,17 @@ class Api:
         for observer in self.observers:
             observer(event, fields)
 
-    # --- routes ----------------------------------------------------------------------------------------------
-
     def count(self, name: str, amount: int = 1) -> None:
         with self._stats_lock:
             self.stats[name] += amount
+
+    def prepare(self, request: Request) -> tuple[Loaded, str | None, list[int], int]:
+        """The request's model client, adapter, prompt token ids and token budget (blocking: a model may load)."""
+        loaded, adapter = self.registry.resolve(request.model)
+        prompt = _prompt_ids(loaded, request)
+        return loaded, adapter, prompt, _budget(loaded, request, len(prompt), self.config)
+
+    # --- routes ----------------------------------------------------------------------------------------------
 
     async def health(self, request: HttpRequest) -> Response:
         with self._stats_lock:
@@ -84,10 +90,8 @@ class Api:
         self.count("requests")
         try:
             request = parse(await _json(http, self.config.max_body_bytes), self.config)
-            loaded, adapter = await asyncio.get_running_loop().run_in_executor(
-                self.pool, self.registry.resolve, request.model)
-            prompt = _prompt_ids(loaded, request)
-            max_tokens = _budget(loaded, request, len(prompt), self.config)
+            loaded, adapter, prompt, max_tokens = await asyncio.get_running_loop().run_in_executor(
+                self.pool, self.prepare, request)
         except ApiError as e:
             self.count("errors")
             return error_response(e)
