@@ -22,6 +22,7 @@ from conftest import _FORKED, _FORKS, _run_cli, make_tokenized_model, swarm_env
 from swarm import AutoDistributedModelForCausalLM
 from swarm.core.chat import ChatSession, encode_chat, render_chat
 from swarm.core.server import Server, ServerConfig
+from swarm.core.server.adapters import AdapterConfig
 
 KEY = "test-key-123"
 FAST = ["--host", "127.0.0.1", "--no-mdns", "--gossip-period", "0.2", "--record-ttl", "3"]
@@ -91,9 +92,21 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def servers(model_dir):
-    started = [Server(ServerConfig(str(model_dir), span, host="127.0.0.1", port=0, poll_ms=20)).start()
-               for span in ((0, 2), (2, 4))]
+def adapter(model_dir) -> Path:
+    """A LoRA of the model (PEFT's layout), served by both servers as "lora-qv"."""
+    import peft
+    from test_adapters import make_adapter
+
+    config = peft.LoraConfig(task_type="CAUSAL_LM", lora_dropout=0.0, r=4, lora_alpha=8,
+                             target_modules=["q_proj", "v_proj"])
+    return make_adapter(model_dir, model_dir.parent / "lora-qv", config, seed=5).path
+
+
+@pytest.fixture(scope="module")
+def servers(model_dir, adapter):
+    preload = AdapterConfig(preload=(str(adapter),))
+    started = [Server(ServerConfig(str(model_dir), span, host="127.0.0.1", port=0, poll_ms=20,
+                                   adapters=preload)).start() for span in ((0, 2), (2, 4))]
     try:
         yield started
     finally:
@@ -155,7 +168,8 @@ def streamed(stream):
 
 
 def test_models_health_and_key(api, oai, model_dir):
-    assert [m.id for m in oai.models.list().data] == [model_dir.name]
+    listed = [(m.id, m.parent) for m in oai.models.list().data]
+    assert listed == [(model_dir.name, None), (f"{model_dir.name}:lora-qv", model_dir.name)]
     assert health(api)["status"] == "ok"  # no key needed there
     for key in ("wrong-key", None):
         status, answer = post(api.url, json.dumps({"model": model_dir.name}).encode(), key)
@@ -202,6 +216,20 @@ def test_completions_greedy_equal_the_python_api_and_stop_strings(oai, model_dir
         texts, reasons, _ = streamed(answer) if stream else ({0: answer.choices[0].text},
                                                             {0: answer.choices[0].finish_reason}, None)
         assert texts == {0: cut} and reasons == {0: "stop"}
+
+
+def test_model_colon_adapter_answers_with_the_adapter(oai, model_dir, local):
+    model, tokenizer = local
+    ids = torch.tensor([tokenizer("With LoRA")["input_ids"]])
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                  pad_token_id=tokenizer.pad_token_id)
+    texts = {adapter: tokenizer.decode(model.generate(ids, adapter=adapter, **kwargs)[0, ids.shape[1]:],
+                                       skip_special_tokens=True) for adapter in (None, "lora-qv")}
+    assert texts[None] != texts["lora-qv"]
+    got = oai.completions.create(model=f"{model_dir.name}:lora-qv", prompt="With LoRA", max_tokens=10, temperature=0)
+    assert got.choices[0].text == texts["lora-qv"]
+    with pytest.raises(openai.NotFoundError):
+        oai.completions.create(model=f"{model_dir.name}:no-such-adapter", prompt="x", max_tokens=2)
 
 
 @pytest.mark.slow
