@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # torch and starlette are imported by the command, not by `sw
     from ..core.api.app import Api
     from ..core.api.config import ApiConfig
     from ..core.api.metrics import ApiMetrics
+    from ..core.metrics import MetricsEndpoint
     from ..transport.keys import SwarmKey
 
 log = logging.getLogger("swarm.cli.api")
@@ -157,23 +158,21 @@ def _run(config: ApiConfig, sock: socket.socket, peers: list[str], settings: Mdn
             serve(api, sock, metrics)
         finally:
             if metrics_server is not None:
-                metrics_server.shutdown()
+                metrics_server.stop()
     finally:
         discovery.stop()
 
 
-def _metrics(api: Api, host: str, port: int | None) -> tuple[ApiMetrics | None, Any]:
-    """The API's metrics and their HTTP server on `port` (None, None without one); their URL goes to stdout first."""
+def _metrics(api: Api, host: str, port: int | None) -> tuple[ApiMetrics | None, MetricsEndpoint | None]:
+    """The API's metrics and their HTTP endpoint on `port` (None, None without one); their URL goes to stdout first."""
     if port is None:
         return None, None
-    from prometheus_client import CollectorRegistry
+    from ..core.api.metrics import ApiMetrics
+    from ..core.metrics import MetricsEndpoint
 
-    from ..core.api.metrics import ApiMetrics, serve_metrics
-
-    registry = CollectorRegistry()
-    metrics = ApiMetrics(registry)
+    endpoint = MetricsEndpoint()
+    metrics = ApiMetrics(endpoint.registry)
     api.observers.append(metrics.observe)
-    server = serve_metrics(registry, host, port)
-    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    print(f"http://{shown}:{server.server_port}/metrics", flush=True)
-    return metrics, server
+    endpoint.start(host, port)
+    print(endpoint.url, flush=True)
+    return metrics, endpoint

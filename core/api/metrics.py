@@ -3,7 +3,7 @@ tokens/s per answer, and tokens generated and read.
 
 `ApiMetrics(registry)` registers them on a registry of the caller's (never prometheus_client's global one);
 `middleware(app)` wraps the ASGI application to count every request by route and status, and `observe` is an
-`Api` observer that records each answer. `serve_metrics(registry, host, port)` serves a registry over HTTP.
+`Api` observer that records each answer. `swarm api --metrics-port` serves them with `core.metrics.MetricsEndpoint`.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from ...transport.errors import ConfigError
 
 ROUTES = ("/health", "/v1/models", "/v1/chat/completions", "/v1/completions")
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -72,15 +70,3 @@ class ApiMetrics:
                 self.requests.labels(route, str(status["code"])).inc()
 
         return counted
-
-
-def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> Any:
-    """Serve `registry` at http://host:port/metrics on a thread; returns the HTTP server (its `server_port`, and
-    `shutdown()` to stop it). ConfigError when the port cannot be had."""
-    from prometheus_client import start_http_server
-
-    try:
-        server, _ = start_http_server(port, addr=host, registry=registry)
-    except OSError as e:
-        raise ConfigError(f"cannot serve metrics on {host}:{port}: {e.strerror or e}") from None
-    return server
