@@ -208,6 +208,8 @@ def _pick_model(discovery: Discovery, wait: float) -> str | None:
     A model served from a local directory is announced by the directory's name: when its servers also announce the
     directory's path and this machine has that directory with the same model, the path is returned; otherwise an
     error says to pass the path."""
+    from ..core.weights import is_local_copy
+
     discovery.wait(lambda records: bool(models_served(records)), wait)
     records = discovery.records()
     models = models_served(records)
@@ -220,29 +222,10 @@ def _pick_model(discovery: Discovery, wait: float) -> str | None:
     if not served:
         return models[0]
     for record in served:
-        if _same_model(record):
+        if is_local_copy(record):
             return record.path
     raise ConfigError(f"the swarm serves {models[0]!r} from a local directory ({served[0].path} on the servers' "
                       "machine), which this machine does not have; pass the model's path here: swarm chat PATH")
-
-
-def _same_model(record: Any) -> bool:
-    """Whether `record.path` is, on this machine, the directory of the model the record's server serves."""
-    from pathlib import Path
-
-    from ..core.aliases import announced_id
-    from ..core.weights import ModelSource
-    from ..transport.errors import SwarmError
-
-    try:
-        if not Path(record.path).is_absolute() or announced_id(record.path) != record.model:
-            return False
-        source = ModelSource(record.path)
-        config = source.config()
-        return (source.family().num_blocks(config) == record.num_blocks
-                and int(config.hidden_size) == record.hidden_size)
-    except (SwarmError, OSError, ValueError):  # not there, not a model, or another one
-        return False
 
 
 def _answer(session: ChatSession, text: str, show_route: bool = False) -> None:

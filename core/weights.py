@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from ..transport.errors import ConfigError
+from ..transport.errors import ConfigError, SwarmError
 from .device import auto_dtype
 from .gguf import SUFFIX as GGUF_SUFFIX
 from .gguf import GGUFFile, is_gguf
@@ -256,6 +256,32 @@ def _first_line(error: BaseException) -> str:
     return line if len(line) <= 200 else line[:197] + "..."
 
 
+_LOCAL_COPIES: set[tuple[str, str, int, int]] = set()  # records' directories found to hold their model here
+
+
+def is_local_copy(record: Any) -> bool:
+    """Whether `record.path` (the directory a server announces it serves from) is, on this machine too, the
+    directory of the model the record names: the same announced name, block count and hidden size. Found copies are
+    remembered; a directory that is not one yet is looked at again next time."""
+    from .aliases import announced_id
+
+    key = (record.path, record.model, record.num_blocks, record.hidden_size)
+    if key in _LOCAL_COPIES:
+        return True
+    try:
+        if not record.path or not Path(record.path).is_absolute() or announced_id(record.path) != record.model:
+            return False
+        source = ModelSource(record.path)
+        config = source.config()
+        found = (source.family().num_blocks(config) == record.num_blocks
+                 and int(config.hidden_size) == record.hidden_size)
+    except (SwarmError, OSError, ValueError):  # not there, not a model, or another one
+        return False
+    if found:
+        _LOCAL_COPIES.add(key)
+    return found
+
+
 def resolve_dtype(dtype: str | torch.dtype, config: Any = None, device: torch.device | str = "cpu") -> torch.dtype:
     """`auto` is what the checkpoint's dtype runs in on `device` (`core/device.py` `auto_dtype`: on the CPU the
     checkpoint's dtype, float32 when it says nothing or says float16; on a GPU a 16-bit dtype)."""
@@ -297,5 +323,5 @@ def assign_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], wh
     module.load_state_dict({k: tensors[k] for k in expected}, strict=True, assign=True)
 
 
-__all__: list[Any] = ["ModelSource", "hub_unreachable", "resolve_dtype", "assign_weights", "strip_prefix",
-                   "take_prefix", "DTYPES"]
+__all__: list[Any] = ["ModelSource", "hub_unreachable", "is_local_copy", "resolve_dtype", "assign_weights",
+                   "strip_prefix", "take_prefix", "DTYPES"]

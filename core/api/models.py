@@ -12,14 +12,14 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ...transport.discovery import Discovery
 from ...transport.errors import ConfigError, SwarmError
 from ...transport.records import ServerRecord
-from ..aliases import announced_id, matches
+from ..aliases import matches
 from ..coverage import SERVING_STATES
+from ..weights import is_local_copy
 from .config import ApiConfig
 from .protocol import ApiError
 
@@ -62,8 +62,9 @@ class ModelRegistry:
             return dict(self.config.models)
         offered: dict[str, str] = {}
         for record in records:
-            if record.model not in offered or _local(record):
-                offered[record.model] = record.path if _local(record) else record.model
+            local = is_local_copy(record)
+            if record.model not in offered or local:
+                offered[record.model] = record.path if local else record.model
         return offered
 
     def listing(self) -> list[Entry]:
@@ -151,11 +152,3 @@ def _splits(requested: str) -> list[tuple[str, str | None]]:
         if model and adapter:
             out.append((model, adapter))
     return out
-
-
-def _local(record: ServerRecord) -> bool:
-    """Whether the record's model directory is on this machine too (then the client loads from there)."""
-    try:
-        return bool(record.path) and Path(record.path).is_dir() and announced_id(record.path) == record.model
-    except OSError:
-        return False
